@@ -1,0 +1,1 @@
+//! Application Gateway rewrite-rule evaluator (work in progress).
