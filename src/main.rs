@@ -1,1 +1,76 @@
-fn main(){}
+//! The deployed `handler` binary: telemetry, settings, app, serve. Nothing else lives here.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use aoai_fwdproxy::{app, settings::Settings, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let started = Instant::now();
+    telemetry::init();
+
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            // Both to the log (Application Insights) and to stderr (func start, a terminal).
+            tracing::error!(setting = e.name, "refusing to start: {e}");
+            eprintln!("aoai-fwdproxy refuses to start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let addr = app::listen_addr(&settings);
+    let grace = settings.shutdown_grace;
+    let state = match app::AppState::new(settings) {
+        Ok(s) => s,
+        Err(_) => return ExitCode::FAILURE,
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot listen");
+            eprintln!("aoai-fwdproxy cannot listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        %addr,
+        ready_ms = started.elapsed().as_secs_f64() * 1000.0,
+        version = env!("CARGO_PKG_VERSION"),
+        "ready"
+    );
+    match app::serve(listener, app::router(state), shutdown_signal(), grace).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (the Functions host, App Service) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,271 @@
+//! The application: shared state, the request path in order, and the server loop.
+//!
+//! # Layer order
+//! Every request, on any path, goes through [`handle`], which runs the stages of
+//! [`crate::pipeline`] in this order and stops at the first that answers:
+//!
+//! 1. request id: taken from `x-request-id` when sane, otherwise created; returned on every answer;
+//! 2. [`route`](crate::pipeline::route): health (answered here, no key), or the AOAI target;
+//! 3. [`auth`](crate::pipeline::auth): the internal key → caller;
+//! 4. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways.
+//!
+//! Whatever happens — success, a stage's error, a panic, a client that disconnects mid-stream —
+//! exactly one log line is written per request, when its response body is finished or dropped
+//! ([`RequestLog`]). Errors become AOAI-shaped JSON through [`AppError`]'s one mapping.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{header, HeaderValue, StatusCode};
+use http_body::{Frame, SizeHint};
+use tokio::net::TcpListener;
+
+use crate::error::AppError;
+use crate::pipeline::auth::Authenticator;
+use crate::pipeline::forward::Upstream;
+use crate::pipeline::route::{self, Route};
+use crate::settings::Settings;
+
+/// What every request shares, built once at startup.
+pub struct AppState {
+    pub settings: Settings,
+    pub auth: Authenticator,
+    pub upstream: Upstream,
+}
+
+impl AppState {
+    pub fn new(settings: Settings) -> Result<Arc<Self>, AppError> {
+        let upstream = Upstream::new(&settings).map_err(|e| {
+            tracing::error!(error = %e, "cannot build the upstream client");
+            AppError::Internal
+        })?;
+        Ok(Arc::new(AppState {
+            auth: Authenticator::new(&settings.callers),
+            upstream,
+            settings,
+        }))
+    }
+}
+
+/// The router: one handler for every path, so our own parser sees the raw path (axum's path
+/// extraction would decode `%2F` before we could refuse it).
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves, then stop accepting, let in-flight
+/// requests and streams finish for at most `grace`, and return.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let notify = signalled.clone();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            notify.notify_one();
+        })
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        _ = signalled.notified() => {
+            tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining in-flight requests");
+            match tokio::time::timeout(grace, server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("shutdown grace period over: dropping the remaining requests");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// The per-request context and its one log line, written when the response body ends.
+#[derive(Debug)]
+pub struct RequestLog {
+    pub request_id: HeaderValue,
+    pub method: http::Method,
+    pub caller: Option<String>,
+    pub deployment: Option<String>,
+    pub operation: Option<&'static str>,
+    pub status: u16,
+    pub error: Option<&'static str>,
+    pub upstream_latency: Option<Duration>,
+    started: Instant,
+    completed: bool,
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        let total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let upstream_ms = self.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
+        tracing::info!(
+            target: "request",
+            request_id = self.request_id.to_str().unwrap_or(""),
+            method = self.method.as_str(),
+            caller = self.caller.as_deref(),
+            deployment = self.deployment.as_deref(),
+            operation = self.operation,
+            status = self.status,
+            error = self.error,
+            upstream_ms,
+            total_ms,
+            completed = self.completed,
+        );
+    }
+}
+
+/// Run the request path for one request.
+async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let request_id = request_id(request.headers());
+    let mut log = RequestLog {
+        request_id: request_id.clone(),
+        method: request.method().clone(),
+        caller: None,
+        deployment: None,
+        operation: None,
+        status: 0,
+        error: None,
+        upstream_latency: None,
+        started: Instant::now(),
+        completed: false,
+    };
+
+    let outcome = AssertUnwindSafe(pipeline(&state, request, &mut log))
+        .catch_unwind()
+        .await;
+    let mut response = match outcome {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            log.error = Some(e.code());
+            e.into_response()
+        }
+        Err(_) => {
+            tracing::error!(
+                request_id = log.request_id.to_str().unwrap_or(""),
+                "panic in the request path"
+            );
+            log.error = Some(AppError::Internal.code());
+            AppError::Internal.into_response()
+        }
+    };
+    response.headers_mut().insert("x-request-id", request_id);
+    log.status = response.status().as_u16();
+    log.completed = http_body::Body::is_end_stream(response.body());
+    response.map(|inner| Body::new(LoggedBody { inner, log }))
+}
+
+async fn pipeline(
+    state: &AppState,
+    request: Request,
+    log: &mut RequestLog,
+) -> Result<Response, AppError> {
+    let (parts, body) = request.into_parts();
+    let target = match route::resolve(&parts.method, parts.uri.path(), parts.uri.query())? {
+        Route::Health => return Ok(health()),
+        Route::Upstream(target) => target,
+    };
+    log.deployment = target.deployment.clone();
+    log.operation = Some(target.operation.name());
+
+    let caller = state.auth.authenticate(&parts.headers)?;
+    log.caller = Some(caller.to_string());
+
+    state
+        .upstream
+        .forward(
+            &target,
+            &parts,
+            body,
+            &log.request_id,
+            &mut log.upstream_latency,
+        )
+        .await
+}
+
+fn health() -> Response {
+    let body = concat!(
+        r#"{"status":"ok","service":"aoai-fwdproxy","version":""#,
+        env!("CARGO_PKG_VERSION"),
+        r#""}"#
+    );
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// The client's `x-request-id` when it is a sane token, a fresh UUID otherwise.
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get("x-request-id") {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+        {
+            return v.clone();
+        }
+    }
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(id).expect("a UUID is a valid header value")
+}
+
+/// A response body that writes the request's log line when it ends or is dropped.
+struct LoggedBody {
+    inner: Body,
+    log: RequestLog,
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.log.completed = true,
+            Poll::Ready(Some(Err(_))) => self.log.error = Some("stream_aborted"),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Address the handler listens on: loopback only, as the Functions host expects.
+pub fn listen_addr(settings: &Settings) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], settings.port))
+}

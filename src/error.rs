@@ -1,0 +1,125 @@
+//! The one error type of the handler and its AOAI-shaped response.
+//!
+//! Every answer the handler produces itself (as opposed to AOAI's answers, which pass through
+//! unchanged) comes from an [`AppError`]. The status mapping lives in [`AppError::status`] and the
+//! body shape in [`AppError::into_response`], so a client sees the same
+//! `{"error":{"code":"…","message":"…"}}` document that Azure OpenAI itself sends, and SDKs that
+//! already parse AOAI errors parse ours.
+
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
+use serde_json::json;
+
+/// Errors the handler answers with itself.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The path is malformed (bad characters, `..`, encoded slashes, empty segments).
+    #[error("{0}")]
+    BadPath(String),
+    /// A required query parameter is missing or malformed.
+    #[error("{0}")]
+    BadQuery(String),
+    /// The path is well-formed but names nothing we serve.
+    #[error("Resource not found")]
+    NotFound,
+    /// The route exists but not for this method.
+    #[error("The requested method is not allowed for this resource")]
+    MethodNotAllowed,
+    /// No internal key, or a wrong one.
+    #[error("Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.")]
+    Unauthorized,
+    /// The request body exceeds the configured limit.
+    #[error("The request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    /// The upstream could not be reached or broke the exchange before answering.
+    #[error("The upstream Azure OpenAI service could not be reached")]
+    BadGateway,
+    /// The upstream did not answer within the configured time.
+    #[error("The upstream Azure OpenAI service did not answer in time")]
+    GatewayTimeout,
+    /// A failure inside the handler; details go to the log, not to the client.
+    #[error("The proxy failed to process the request")]
+    Internal,
+}
+
+impl AppError {
+    /// The one status mapping.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::BadPath(_) | AppError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::BadGateway => StatusCode::BAD_GATEWAY,
+            AppError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The machine-readable `error.code`. Where AOAI has a code for the same condition we use it
+    /// (`401`, `404`, `DeploymentNotFound`-style codes are numeric strings or names in AOAI; we
+    /// keep names stable and documented in the README).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AppError::BadPath(_) => "invalid_path",
+            AppError::BadQuery(_) => "invalid_query",
+            AppError::NotFound => "404",
+            AppError::MethodNotAllowed => "method_not_allowed",
+            AppError::Unauthorized => "401",
+            AppError::PayloadTooLarge { .. } => "request_too_large",
+            AppError::BadGateway => "upstream_unreachable",
+            AppError::GatewayTimeout => "upstream_timeout",
+            AppError::Internal => "internal_error",
+        }
+    }
+
+    /// The AOAI-shaped JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({ "error": { "code": self.code(), "message": self.to_string() } })
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = serde_json::to_vec(&self.body()).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_aoai_shaped() {
+        let all = [
+            AppError::BadPath("x".into()),
+            AppError::BadQuery("x".into()),
+            AppError::NotFound,
+            AppError::MethodNotAllowed,
+            AppError::Unauthorized,
+            AppError::PayloadTooLarge { limit: 1 },
+            AppError::BadGateway,
+            AppError::GatewayTimeout,
+            AppError::Internal,
+        ];
+        for e in all {
+            let body = e.body();
+            assert!(body["error"]["code"].is_string(), "{e:?}");
+            assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+            assert!(e.status().is_client_error() || e.status().is_server_error());
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! Stage 1, **route**: runs first, for every request.
+//!
+//! Turns the raw request path and query into a [`Route`]: the health check, or an
+//! [`UpstreamTarget`] naming the deployment, the operation and the exact AOAI path and query to
+//! call. It reads the *raw* (still percent-encoded) path, so an encoded slash or dot can never
+//! smuggle a different upstream path past the checks.
+//!
+//! Short-circuits with 400 (malformed path or query), 404 (well-formed but not served) and 405
+//! (served, but not for this method). Adds to the request context: deployment, operation,
+//! upstream path and query.
+//!
+//! Accepted forms, all under `/api/FwdProxy/openai/`:
+//! - `deployments/health/check` (GET/HEAD): the AppGW probe, no key, no upstream call;
+//! - `deployments/{deployment}/chatcompletions` and `…/extensionschatcompletions`: the short
+//!   names the AppGW rewrite rules produce;
+//! - `deployments/{deployment}/{operation}` in native AOAI form (`chat/completions`, …);
+//! - `v1/{…}`: the v1 surface, where the deployment travels in the body as `model`.
+
+use http::Method;
+
+use crate::error::AppError;
+
+/// Prefix the Functions host keeps on forwarded paths (route prefix `api`, function `FwdProxy`).
+pub const PREFIX: &str = "/api/FwdProxy/openai/";
+/// The health path the AppGW probe calls.
+pub const HEALTH_PATH: &str = "/api/FwdProxy/openai/deployments/health/check";
+/// AOAI caps deployment names at 64 characters.
+const MAX_DEPLOYMENT_LEN: usize = 64;
+/// Longest id segment we pass on (response and model ids are far shorter).
+const MAX_SEGMENT_LEN: usize = 256;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Upstream(UpstreamTarget),
+}
+
+/// The AOAI call a request maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// Deployment from the path (`None` on the v1 surface, where it is the body's `model`).
+    pub deployment: Option<String>,
+    pub operation: Operation,
+    /// Upstream path, e.g. `/openai/deployments/gpt-4o/chat/completions`.
+    pub path: String,
+    /// Upstream query rebuilt from parsed pairs, without `?`; may be empty.
+    pub query: String,
+}
+
+/// The data-plane operations we forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    ExtensionsChatCompletions,
+    Completions,
+    Embeddings,
+    ImageGenerations,
+    AudioTranscriptions,
+    AudioTranslations,
+    AudioSpeech,
+    V1ChatCompletions,
+    V1Completions,
+    V1Embeddings,
+    V1Responses,
+    /// `v1/responses/{id}` and its sub-resources (`input_items`, `cancel`).
+    V1ResponseItem,
+    V1Models,
+}
+
+impl Operation {
+    /// Stable name for logs and records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat/completions",
+            Operation::ExtensionsChatCompletions => "extensions/chat/completions",
+            Operation::Completions => "completions",
+            Operation::Embeddings => "embeddings",
+            Operation::ImageGenerations => "images/generations",
+            Operation::AudioTranscriptions => "audio/transcriptions",
+            Operation::AudioTranslations => "audio/translations",
+            Operation::AudioSpeech => "audio/speech",
+            Operation::V1ChatCompletions => "v1/chat/completions",
+            Operation::V1Completions => "v1/completions",
+            Operation::V1Embeddings => "v1/embeddings",
+            Operation::V1Responses => "v1/responses",
+            Operation::V1ResponseItem => "v1/responses/item",
+            Operation::V1Models => "v1/models",
+        }
+    }
+
+    /// Operations whose body is a JSON document carrying the prompt (and a `user` field).
+    pub fn carries_prompt(self) -> bool {
+        matches!(
+            self,
+            Operation::ChatCompletions
+                | Operation::ExtensionsChatCompletions
+                | Operation::Completions
+                | Operation::Embeddings
+                | Operation::V1ChatCompletions
+                | Operation::V1Completions
+                | Operation::V1Embeddings
+                | Operation::V1Responses
+        )
+    }
+}
+
+/// Deployment operations: (path segments after the deployment, upstream operation path, op).
+const DEPLOYMENT_OPS: &[(&[&str], &str, Operation)] = &[
+    (
+        &["chatcompletions"],
+        "chat/completions",
+        Operation::ChatCompletions,
+    ),
+    (
+        &["extensionschatcompletions"],
+        "extensions/chat/completions",
+        Operation::ExtensionsChatCompletions,
+    ),
+    (
+        &["chat", "completions"],
+        "chat/completions",
+        Operation::ChatCompletions,
+    ),
+    (
+        &["extensions", "chat", "completions"],
+        "extensions/chat/completions",
+        Operation::ExtensionsChatCompletions,
+    ),
+    (&["completions"], "completions", Operation::Completions),
+    (&["embeddings"], "embeddings", Operation::Embeddings),
+    (
+        &["images", "generations"],
+        "images/generations",
+        Operation::ImageGenerations,
+    ),
+    (
+        &["audio", "transcriptions"],
+        "audio/transcriptions",
+        Operation::AudioTranscriptions,
+    ),
+    (
+        &["audio", "translations"],
+        "audio/translations",
+        Operation::AudioTranslations,
+    ),
+    (&["audio", "speech"], "audio/speech", Operation::AudioSpeech),
+];
+
+/// Resolve a request to a [`Route`]. `path` is the raw request path, `query` the raw query.
+pub fn resolve(method: &Method, path: &str, query: Option<&str>) -> Result<Route, AppError> {
+    let rest = strip_prefix_ci(path, PREFIX).ok_or(AppError::NotFound)?;
+    let segments = check_segments(rest)?;
+
+    match segments.as_slice() {
+        ["deployments", "health", "check"] => {
+            return if method == Method::GET || method == Method::HEAD {
+                Ok(Route::Health)
+            } else {
+                Err(AppError::MethodNotAllowed)
+            };
+        }
+        ["deployments", deployment, op @ ..] if !op.is_empty() => {
+            check_deployment(deployment)?;
+            let (_, upstream_op, operation) = DEPLOYMENT_OPS
+                .iter()
+                .find(|(segs, _, _)| *segs == op)
+                .ok_or(AppError::NotFound)?;
+            require_method(method, &[Method::POST])?;
+            let query = rebuild_query(query, true)?;
+            Ok(Route::Upstream(UpstreamTarget {
+                deployment: Some((*deployment).to_string()),
+                operation: *operation,
+                path: format!("/openai/deployments/{deployment}/{upstream_op}"),
+                query,
+            }))
+        }
+        ["v1", op @ ..] => {
+            let (operation, methods): (Operation, &[Method]) = match op {
+                ["chat", "completions"] => (Operation::V1ChatCompletions, &[Method::POST]),
+                ["completions"] => (Operation::V1Completions, &[Method::POST]),
+                ["embeddings"] => (Operation::V1Embeddings, &[Method::POST]),
+                ["responses"] => (Operation::V1Responses, &[Method::POST]),
+                ["responses", _id] => (Operation::V1ResponseItem, &[Method::GET, Method::DELETE]),
+                ["responses", _id, "input_items"] => (Operation::V1ResponseItem, &[Method::GET]),
+                ["responses", _id, "cancel"] => (Operation::V1ResponseItem, &[Method::POST]),
+                ["models"] | ["models", _] => (Operation::V1Models, &[Method::GET]),
+                _ => return Err(AppError::NotFound),
+            };
+            require_method(method, methods)?;
+            let query = rebuild_query(query, false)?;
+            Ok(Route::Upstream(UpstreamTarget {
+                deployment: None,
+                operation,
+                path: format!("/openai/v1/{}", op.join("/")),
+                query,
+            }))
+        }
+        _ => Err(AppError::NotFound),
+    }
+}
+
+/// The prefix is matched case-insensitively: the Functions host matches routes that way.
+fn strip_prefix_ci<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = path.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &path[prefix.len()..])
+}
+
+fn require_method(method: &Method, allowed: &[Method]) -> Result<(), AppError> {
+    if allowed.contains(method) {
+        Ok(())
+    } else {
+        Err(AppError::MethodNotAllowed)
+    }
+}
+
+/// Every segment must be non-empty, not `.`/`..`, and made only of URL-unreserved characters.
+/// That rules out percent-encoding (encoded slashes, dots, control characters) wholesale: no
+/// AOAI deployment, operation, model or response id needs it.
+fn check_segments(rest: &str) -> Result<Vec<&str>, AppError> {
+    let mut segments = Vec::with_capacity(4);
+    for seg in rest.split('/') {
+        if seg.is_empty() {
+            return Err(AppError::BadPath("The path has an empty segment".into()));
+        }
+        if seg == "." || seg == ".." {
+            return Err(AppError::BadPath(
+                "The path must not contain '.' or '..' segments".into(),
+            ));
+        }
+        if seg.len() > MAX_SEGMENT_LEN {
+            return Err(AppError::BadPath("A path segment is too long".into()));
+        }
+        if let Some(c) = seg.chars().find(|c| !is_unreserved(*c)) {
+            let what = match c {
+                '%' => "percent-encoded characters (such as encoded slashes)".to_string(),
+                c if c.is_control() => "control characters".to_string(),
+                c => format!("the character {c:?}"),
+            };
+            return Err(AppError::BadPath(format!(
+                "The path must not contain {what}"
+            )));
+        }
+        segments.push(seg);
+    }
+    Ok(segments)
+}
+
+fn is_unreserved(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~')
+}
+
+/// AOAI deployment names: 1–64 of letters, digits, `-`, `_`, `.`.
+fn check_deployment(name: &str) -> Result<(), AppError> {
+    let ok = name.len() <= MAX_DEPLOYMENT_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::BadPath(format!(
+            "The deployment name must be 1-{MAX_DEPLOYMENT_LEN} letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+/// Parse the query into pairs and serialise them again, so what reaches AOAI is exactly the
+/// pairs we parsed (an encoded `&` or `=` stays inside its value). Drops `code` (a Functions
+/// key must never reach AOAI). `api-version` must appear once and be sane where AOAI requires it.
+fn rebuild_query(raw: Option<&str>, api_version_required: bool) -> Result<String, AppError> {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    let mut api_versions = 0;
+    for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        if key.chars().any(char::is_control) || value.chars().any(char::is_control) {
+            return Err(AppError::BadQuery(
+                "The query string must not contain control characters".into(),
+            ));
+        }
+        if key.eq_ignore_ascii_case("code") {
+            continue;
+        }
+        if key == "api-version" {
+            api_versions += 1;
+            let ok = !value.is_empty()
+                && value.len() <= 32
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !ok {
+                return Err(AppError::BadQuery(
+                    "The api-version query parameter is malformed".into(),
+                ));
+            }
+        }
+        out.append_pair(&key, &value);
+    }
+    if api_versions > 1 {
+        return Err(AppError::BadQuery(
+            "The api-version query parameter must appear once".into(),
+        ));
+    }
+    if api_version_required && api_versions == 0 {
+        return Err(AppError::BadQuery(
+            "Missing required query parameter: api-version".into(),
+        ));
+    }
+    Ok(out.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(method: Method, path: &str, query: Option<&str>) -> UpstreamTarget {
+        match resolve(&method, path, query) {
+            Ok(Route::Upstream(t)) => t,
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+
+    fn status(method: Method, path: &str, query: Option<&str>) -> u16 {
+        resolve(&method, path, query).unwrap_err().status().as_u16()
+    }
+
+    const Q: Option<&str> = Some("api-version=2024-10-21");
+
+    #[test]
+    fn short_names_map_to_native_paths() {
+        let t = up(
+            Method::POST,
+            "/api/FwdProxy/openai/deployments/gpt-4o/chatcompletions",
+            Q,
+        );
+        assert_eq!(t.path, "/openai/deployments/gpt-4o/chat/completions");
+        assert_eq!(t.query, "api-version=2024-10-21");
+        assert_eq!(t.deployment.as_deref(), Some("gpt-4o"));
+        let t = up(
+            Method::POST,
+            "/api/FwdProxy/openai/deployments/gpt-4o/extensionschatcompletions",
+            Q,
+        );
+        assert_eq!(
+            t.path,
+            "/openai/deployments/gpt-4o/extensions/chat/completions"
+        );
+    }
+
+    #[test]
+    fn native_operations_keep_their_path() {
+        for op in [
+            "chat/completions",
+            "completions",
+            "embeddings",
+            "images/generations",
+            "audio/transcriptions",
+            "audio/translations",
+            "audio/speech",
+            "extensions/chat/completions",
+        ] {
+            let t = up(
+                Method::POST,
+                &format!("/api/FwdProxy/openai/deployments/my.model_v2-1/{op}"),
+                Q,
+            );
+            assert_eq!(t.path, format!("/openai/deployments/my.model_v2-1/{op}"));
+        }
+    }
+
+    #[test]
+    fn v1_surface() {
+        let t = up(
+            Method::POST,
+            "/api/FwdProxy/openai/v1/chat/completions",
+            None,
+        );
+        assert_eq!(t.path, "/openai/v1/chat/completions");
+        assert_eq!(t.deployment, None);
+        assert_eq!(t.query, "");
+        assert_eq!(
+            up(Method::GET, "/api/FwdProxy/openai/v1/models/gpt-4o", None).path,
+            "/openai/v1/models/gpt-4o"
+        );
+        assert_eq!(
+            up(
+                Method::POST,
+                "/api/FwdProxy/openai/v1/responses",
+                Some("api-version=preview")
+            )
+            .query,
+            "api-version=preview"
+        );
+        assert_eq!(
+            status(Method::POST, "/api/FwdProxy/openai/v1/models", None),
+            405
+        );
+        assert_eq!(
+            status(Method::POST, "/api/FwdProxy/openai/v1/files", None),
+            404
+        );
+    }
+
+    #[test]
+    fn health() {
+        assert_eq!(
+            resolve(&Method::GET, HEALTH_PATH, None).unwrap(),
+            Route::Health
+        );
+        assert_eq!(
+            resolve(&Method::HEAD, HEALTH_PATH, None).unwrap(),
+            Route::Health
+        );
+        assert_eq!(status(Method::POST, HEALTH_PATH, None), 405);
+    }
+
+    #[test]
+    fn bad_paths_are_400() {
+        for p in [
+            "/api/FwdProxy/openai/deployments/../chatcompletions",
+            "/api/FwdProxy/openai/deployments/a%2Fb/chatcompletions",
+            "/api/FwdProxy/openai/deployments/a%2fb/chatcompletions",
+            "/api/FwdProxy/openai/deployments//chatcompletions",
+            "/api/FwdProxy/openai/deployments/x/chatcompletions/",
+            "/api/FwdProxy/openai/deployments/x%00/chatcompletions",
+            "/api/FwdProxy/openai/deployments/x\u{1}/chatcompletions",
+            "/api/FwdProxy/openai/deployments/x/./chatcompletions",
+            "/api/FwdProxy/openai/deployments/a~b/chatcompletions",
+        ] {
+            assert_eq!(status(Method::POST, p, Q), 400, "{p}");
+        }
+        let long = format!(
+            "/api/FwdProxy/openai/deployments/{}/chatcompletions",
+            "a".repeat(65)
+        );
+        assert_eq!(status(Method::POST, &long, Q), 400);
+    }
+
+    #[test]
+    fn unknown_is_404() {
+        for p in [
+            "/",
+            "/api/other",
+            "/api/FwdProxy/openai/deployments/x/fine_tunes",
+            "/api/FwdProxy/openai/deployments/x",
+            "/api/FwdProxy/openai/models",
+        ] {
+            assert_eq!(status(Method::POST, p, Q), 404, "{p}");
+        }
+    }
+
+    #[test]
+    fn query_is_rebuilt_not_copied() {
+        let t = up(
+            Method::POST,
+            "/api/FwdProxy/openai/deployments/x/chatcompletions",
+            Some("api-version=2024-10-21&code=fnkey&x=a%26api-version%3D1"),
+        );
+        assert_eq!(t.query, "api-version=2024-10-21&x=a%26api-version%3D1");
+        let path = "/api/FwdProxy/openai/deployments/x/chatcompletions";
+        assert_eq!(status(Method::POST, path, None), 400);
+        assert_eq!(status(Method::POST, path, Some("api-version=")), 400);
+        assert_eq!(
+            status(Method::POST, path, Some("api-version=a&api-version=b")),
+            400
+        );
+        assert_eq!(
+            status(Method::POST, path, Some("api-version=1%0d%0aX:1")),
+            400
+        );
+        assert_eq!(status(Method::GET, path, Q), 405);
+    }
+}
