@@ -86,6 +86,12 @@ pub struct SettingsError {
     pub problem: String,
 }
 
+impl SettingsError {
+    pub fn new(name: &'static str, problem: impl Into<String>) -> Self {
+        err(name, problem)
+    }
+}
+
 fn err(name: &'static str, problem: impl Into<String>) -> SettingsError {
     SettingsError {
         name,
@@ -126,7 +132,7 @@ impl Source {
 
     /// A non-empty value, trimmed; an empty value counts as unset (App Service shows unset
     /// settings as empty strings in some tools).
-    fn get(&self, name: &'static str) -> Result<Option<&str>, SettingsError> {
+    pub fn get(&self, name: &'static str) -> Result<Option<&str>, SettingsError> {
         match self.values.get(name).map(|v| v.trim()) {
             None | Some("") => Ok(None),
             Some(v) if v.starts_with("@Microsoft.KeyVault(") => Err(err(
@@ -138,11 +144,11 @@ impl Source {
         }
     }
 
-    fn require(&self, name: &'static str) -> Result<&str, SettingsError> {
+    pub fn require(&self, name: &'static str) -> Result<&str, SettingsError> {
         self.get(name)?.ok_or_else(|| err(name, "is required"))
     }
 
-    fn number<T: std::str::FromStr>(
+    pub fn number<T: std::str::FromStr>(
         &self,
         name: &'static str,
         default: T,
@@ -152,6 +158,18 @@ impl Source {
             Some(v) => v
                 .parse()
                 .map_err(|_| err(name, format!("must be a whole number, got {v:?}"))),
+        }
+    }
+}
+
+impl Source {
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`), default when unset.
+    pub fn flag(&self, name: &'static str, default: bool) -> Result<bool, SettingsError> {
+        match self.get(name)?.map(|v| v.to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) if matches!(v.as_str(), "true" | "1" | "yes" | "on") => Ok(true),
+            Some(v) if matches!(v.as_str(), "false" | "0" | "no" | "off") => Ok(false),
+            Some(v) => Err(err(name, format!("must be true or false, got {v:?}"))),
         }
     }
 }

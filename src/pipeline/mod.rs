@@ -9,6 +9,7 @@
 //! Each stage's `//!` doc says when it runs, what it may short-circuit, and what it adds to the
 //! per-request context ([`crate::app::RequestLog`]).
 
+pub mod audit;
 pub mod auth;
 pub mod forward;
 pub mod route;
