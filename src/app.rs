@@ -7,7 +7,12 @@
 //! 1. request id: taken from `x-request-id` when sane, otherwise created; returned on every answer;
 //! 2. [`route`](crate::pipeline::route): health (answered here, no key), or the AOAI target;
 //! 3. [`auth`](crate::pipeline::auth): the internal key → caller;
-//! 4. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways.
+//! 4. [`policy`](crate::pipeline::policy): only for prompt-carrying operations when the user
+//!    check or screening is on — buffers the body, checks `user`;
+//! 5. [`content_safety`](crate::pipeline::content_safety): screens the prompt when configured;
+//! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, off the
+//!    request path;
+//! 7. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways.
 //!
 //! Whatever happens — success, a stage's error, a panic, a client that disconnects mid-stream —
 //! exactly one log line is written per request, when its response body is finished or dropped
@@ -32,9 +37,12 @@ use http_body::{Frame, SizeHint};
 use tokio::net::TcpListener;
 
 use crate::error::AppError;
+use crate::pipeline::audit::{AbuseRecord, Audit, Reason, NO_USER};
 use crate::pipeline::auth::Authenticator;
-use crate::pipeline::forward::Upstream;
-use crate::pipeline::route::{self, Route};
+use crate::pipeline::content_safety::{ContentSafety, Verdict};
+use crate::pipeline::forward::{content_length, UpBody, Upstream};
+use crate::pipeline::policy::{self, Inspected, UserCheck, UserRegistry};
+use crate::pipeline::route::{self, Route, UpstreamTarget};
 use crate::settings::Settings;
 
 /// What every request shares, built once at startup.
@@ -42,6 +50,9 @@ pub struct AppState {
     pub settings: Settings,
     pub auth: Authenticator,
     pub upstream: Upstream,
+    pub registry: UserRegistry,
+    pub content_safety: Option<ContentSafety>,
+    pub audit: Audit,
 }
 
 impl AppState {
@@ -50,11 +61,26 @@ impl AppState {
             tracing::error!(error = %e, "cannot build the upstream client");
             AppError::Internal
         })?;
+        let content_safety = match settings.content_safety.clone() {
+            None => None,
+            Some(cs) => Some(ContentSafety::new(cs).map_err(|e| {
+                tracing::error!(error = %e, "cannot build the Content Safety client");
+                AppError::Internal
+            })?),
+        };
         Ok(Arc::new(AppState {
             auth: Authenticator::new(&settings.callers),
             upstream,
+            registry: UserRegistry::new(settings.policy.registered_users.clone()),
+            content_safety,
+            audit: Audit::new(settings.audit.clone()),
             settings,
         }))
+    }
+
+    /// Whether prompt-carrying bodies must be buffered and inspected at all.
+    fn inspects(&self) -> bool {
+        self.settings.policy.user_check != UserCheck::Off || self.content_safety.is_some()
     }
 }
 
@@ -187,6 +213,12 @@ async fn pipeline(
     let caller = state.auth.authenticate(&parts.headers)?;
     log.caller = Some(caller.to_string());
 
+    let body = if target.operation.carries_prompt() && state.inspects() {
+        UpBody::Full(gate(state, &target, &parts, body, log).await?)
+    } else {
+        UpBody::Stream(body)
+    };
+
     state
         .upstream
         .forward(
@@ -197,6 +229,135 @@ async fn pipeline(
             &mut log.upstream_latency,
         )
         .await
+}
+
+/// Policy and content safety on a buffered body; every refusal is audited. Returns the
+/// client's bytes, unchanged, for forwarding.
+async fn gate(
+    state: &AppState,
+    target: &UpstreamTarget,
+    parts: &http::request::Parts,
+    body: Body,
+    log: &RequestLog,
+) -> Result<Bytes, AppError> {
+    let limit = state.settings.max_body_bytes;
+    if content_length(&parts.headers).is_some_and(|n| n > limit) {
+        return Err(AppError::PayloadTooLarge { limit });
+    }
+    let bytes =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    AppError::PayloadTooLarge { limit }
+                } else {
+                    AppError::InvalidBody("The request body could not be read".into())
+                }
+            })?
+            .to_bytes();
+
+    let screening = state.content_safety.as_ref();
+    let inspected = match policy::inspect(
+        &parts.headers,
+        &bytes,
+        target.operation,
+        state.settings.policy.user_check,
+        &state.registry,
+        screening.is_some(),
+    ) {
+        Ok(i) => i,
+        Err(refusal) => {
+            let details = serde_json::json!({
+                "error": refusal.error.code(),
+                "message": refusal.error.to_string(),
+            });
+            record_abuse(
+                state,
+                target,
+                parts,
+                log,
+                refusal.reason,
+                &refusal.inspected,
+                details,
+            );
+            return Err(refusal.error);
+        }
+    };
+
+    if let Some(cs) = screening {
+        if !inspected.prompt.is_empty() {
+            match cs
+                .screen(&inspected.prompt, target.operation.shieldable())
+                .await
+            {
+                Ok(Verdict::Allowed) => {}
+                Ok(Verdict::Blocked {
+                    reason,
+                    result,
+                    details,
+                }) => {
+                    record_abuse(state, target, parts, log, reason, &inspected, details);
+                    return Err(AppError::ContentFiltered(result));
+                }
+                Ok(Verdict::TooLong) => {
+                    return Err(AppError::InvalidBody(
+                        "The prompt is too long to be screened for content safety".into(),
+                    ))
+                }
+                Err(unavailable) => {
+                    let rid = log.request_id.to_str().unwrap_or("");
+                    if let Some(e) = cs.on_unavailable(&unavailable, rid) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Build the abuse record for a refusal and hand it to the audit log (never blocks, never fails).
+fn record_abuse(
+    state: &AppState,
+    target: &UpstreamTarget,
+    parts: &http::request::Parts,
+    log: &RequestLog,
+    reason: Reason,
+    inspected: &Inspected,
+    details: serde_json::Value,
+) {
+    let client_ip = parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(256).collect::<String>());
+    let prompt = state
+        .audit
+        .capture_prompt()
+        .then(|| inspected.prompt.joined())
+        .filter(|p| !p.is_empty());
+    let timestamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    state.audit.submit(AbuseRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        timestamp,
+        request_id: log.request_id.to_str().unwrap_or("").to_string(),
+        caller: log.caller.clone().unwrap_or_default(),
+        user: inspected
+            .user
+            .clone()
+            .unwrap_or_else(|| NO_USER.to_string()),
+        deployment: target
+            .deployment
+            .clone()
+            .or_else(|| inspected.model.clone()),
+        operation: target.operation.name().to_string(),
+        reason,
+        details,
+        prompt,
+        client_ip,
+    });
 }
 
 fn health() -> Response {

@@ -31,6 +31,21 @@ pub enum AppError {
     /// The request body exceeds the configured limit.
     #[error("The request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    /// The body cannot be inspected: not JSON, wrong content type, a field of the wrong type.
+    #[error("{0}")]
+    InvalidBody(String),
+    /// The user check requires a `user` field and the body has none.
+    #[error("{0}")]
+    MissingUser(String),
+    /// The `user` is not in the registry.
+    #[error("The user is not registered to use this service")]
+    UnregisteredUser,
+    /// Content Safety blocked the prompt; the value is AOAI's `content_filter_result` object.
+    #[error("The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more about our content filtering policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766")]
+    ContentFiltered(serde_json::Value),
+    /// Screening is required but Content Safety could not answer (fail closed).
+    #[error("The prompt could not be screened for content safety right now; retry later")]
+    ScreeningUnavailable { retry_after: Option<u64> },
     /// The upstream could not be reached or broke the exchange before answering.
     #[error("The upstream Azure OpenAI service could not be reached")]
     BadGateway,
@@ -47,6 +62,11 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
             AppError::BadPath(_) | AppError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            AppError::InvalidBody(_) | AppError::MissingUser(_) | AppError::ContentFiltered(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            AppError::UnregisteredUser => StatusCode::FORBIDDEN,
+            AppError::ScreeningUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -64,6 +84,11 @@ impl AppError {
         match self {
             AppError::BadPath(_) => "invalid_path",
             AppError::BadQuery(_) => "invalid_query",
+            AppError::InvalidBody(_) => "invalid_body",
+            AppError::MissingUser(_) => "missing_user",
+            AppError::UnregisteredUser => "unregistered_user",
+            AppError::ContentFiltered(_) => "content_filter",
+            AppError::ScreeningUnavailable { .. } => "content_safety_unavailable",
             AppError::NotFound => "404",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Unauthorized => "401",
@@ -76,7 +101,27 @@ impl AppError {
 
     /// The AOAI-shaped JSON body.
     pub fn body(&self) -> serde_json::Value {
-        json!({ "error": { "code": self.code(), "message": self.to_string() } })
+        match self {
+            // AOAI's own prompt-filter error, field for field, so clients that already handle
+            // Azure's filter handle ours (`innererror`, the spelling clients read).
+            AppError::ContentFiltered(result) => json!({
+                "error": {
+                    "code": "content_filter",
+                    "message": self.to_string(),
+                    "param": "prompt",
+                    "type": null,
+                    "status": 400,
+                    "innererror": {
+                        "code": "ResponsibleAIPolicyViolation",
+                        "content_filter_result": result,
+                    }
+                }
+            }),
+            AppError::MissingUser(_) | AppError::UnregisteredUser => json!({
+                "error": { "code": self.code(), "message": self.to_string(), "param": "user" }
+            }),
+            _ => json!({ "error": { "code": self.code(), "message": self.to_string() } }),
+        }
     }
 }
 
@@ -89,6 +134,14 @@ impl IntoResponse for AppError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let AppError::ScreeningUnavailable {
+            retry_after: Some(secs),
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             response
                 .headers_mut()
@@ -111,6 +164,11 @@ mod tests {
             AppError::MethodNotAllowed,
             AppError::Unauthorized,
             AppError::PayloadTooLarge { limit: 1 },
+            AppError::InvalidBody("x".into()),
+            AppError::MissingUser("x".into()),
+            AppError::UnregisteredUser,
+            AppError::ContentFiltered(json!({})),
+            AppError::ScreeningUnavailable { retry_after: None },
             AppError::BadGateway,
             AppError::GatewayTimeout,
             AppError::Internal,

@@ -14,6 +14,10 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::pipeline::audit::AuditSettings;
+use crate::pipeline::content_safety::ContentSafetySettings;
+use crate::pipeline::policy::PolicySettings;
+
 /// Default port when `FUNCTIONS_CUSTOMHANDLER_PORT` is unset (the Functions host always sets it;
 /// 7072 sits next to the host's own 7071 so both can run side by side locally).
 pub const DEFAULT_PORT: u16 = 7072;
@@ -76,6 +80,12 @@ pub struct Settings {
     pub max_body_bytes: u64,
     /// `SHUTDOWN_GRACE_MS`: how long SIGTERM waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
+    /// `USER_CHECK`, `REGISTERED_USERS`.
+    pub policy: PolicySettings,
+    /// `CONTENT_SAFETY_*`; `None` when screening is off.
+    pub content_safety: Option<ContentSafetySettings>,
+    /// `AUDIT_*`.
+    pub audit: AuditSettings,
 }
 
 /// A setting that is missing or malformed, named so the operator can fix it.
@@ -240,6 +250,9 @@ impl Settings {
             upstream_timeout,
             max_body_bytes,
             shutdown_grace,
+            policy: PolicySettings::from_source(src)?,
+            content_safety: ContentSafetySettings::from_source(src)?,
+            audit: AuditSettings::from_source(src)?,
         })
     }
 }

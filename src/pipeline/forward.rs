@@ -35,6 +35,13 @@ const STRIP_UP: &[&str] = &[
     "content-length",
 ];
 
+/// The body to send upstream: the client's stream as it flows, or bytes an earlier stage
+/// buffered to inspect (sent as they are, with their exact length).
+pub enum UpBody {
+    Stream(Body),
+    Full(Bytes),
+}
+
 /// The pooled upstream client and what every call needs, built once at startup.
 pub struct Upstream {
     client: reqwest::Client,
@@ -79,7 +86,7 @@ impl Upstream {
         &self,
         target: &UpstreamTarget,
         parts: &http::request::Parts,
-        body: Body,
+        body: UpBody,
         request_id: &HeaderValue,
         latency: &mut Option<Duration>,
     ) -> Result<Response, AppError> {
@@ -106,17 +113,24 @@ impl Upstream {
             .client
             .request(parts.method.clone(), url)
             .headers(headers);
-        if let Some(len) = declared {
-            // Known length: say it, so AOAI sees the same framing the client used (no chunking
-            // of multipart uploads); hyper enforces that the body matches it.
-            request = request.header(header::CONTENT_LENGTH, len);
-        }
-        if declared != Some(0) && !(parts.method == http::Method::GET && declared.is_none()) {
-            request = request.body(reqwest::Body::wrap_stream(Limited {
-                inner: body.into_data_stream(),
-                seen: 0,
-                limit,
-            }));
+        match body {
+            // reqwest sets Content-Length from the bytes.
+            UpBody::Full(bytes) => request = request.body(bytes),
+            UpBody::Stream(body) => {
+                if let Some(len) = declared {
+                    // Known length: say it, so AOAI sees the same framing the client used (no
+                    // chunking of multipart uploads); hyper enforces that the body matches it.
+                    request = request.header(header::CONTENT_LENGTH, len);
+                }
+                let bodiless_get = parts.method == http::Method::GET && declared.is_none();
+                if declared != Some(0) && !bodiless_get {
+                    request = request.body(reqwest::Body::wrap_stream(Limited {
+                        inner: body.into_data_stream(),
+                        seen: 0,
+                        limit,
+                    }));
+                }
+            }
         }
 
         let started = Instant::now();
@@ -132,7 +146,7 @@ impl Upstream {
     }
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

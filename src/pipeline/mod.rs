@@ -4,6 +4,9 @@
 //! |---|---|---|
 //! | route | [`route`] | 400 bad path or query, 404 unknown, 405 wrong method |
 //! | auth | [`auth`] | 401 |
+//! | policy | [`policy`] | 400 bad body or missing user, 403 unregistered user, 413 |
+//! | content safety | [`content_safety`] | 400 content filtered, 503 screening down (fail closed) |
+//! | audit | [`audit`] | never: records every refusal above, off the request path |
 //! | forward | [`forward`] | 413, 502, 504 |
 //!
 //! Each stage's `//!` doc says when it runs, what it may short-circuit, and what it adds to the
@@ -11,5 +14,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod content_safety;
 pub mod forward;
+pub mod policy;
 pub mod route;

@@ -89,6 +89,12 @@ impl Operation {
         }
     }
 
+    /// Operations whose prompt Prompt Shields should see (embeddings are never executed as
+    /// instructions, so they get harm screening only).
+    pub fn shieldable(self) -> bool {
+        self.carries_prompt() && !matches!(self, Operation::Embeddings | Operation::V1Embeddings)
+    }
+
     /// Operations whose body is a JSON document carrying the prompt (and a `user` field).
     pub fn carries_prompt(self) -> bool {
         matches!(

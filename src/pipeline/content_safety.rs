@@ -1,0 +1,627 @@
+//! Stage 4, **content safety**: runs after policy, when `CONTENT_SAFETY_ENDPOINT` is set and the
+//! operation carries a prompt.
+//!
+//! Screens the prompt text with Azure AI Content Safety: `text:analyze` for the harm categories
+//! (Hate, SelfHarm, Sexual, Violence; a severity threshold each; optional blocklists) and
+//! `text:shieldPrompt` for jailbreaks in what the user said and indirect attacks in documents and
+//! tool output. The service takes at most 10,000 characters per text and a handful of documents
+//! per call, so long prompts are split and the parts screened concurrently.
+//!
+//! Short-circuits with 400 shaped exactly like AOAI's own prompt filter (`content_filter`,
+//! `innererror.code: ResponsibleAIPolicyViolation`, the categories and severities that tripped),
+//! or 503 when the service cannot answer and screening fails closed (the default;
+//! `CONTENT_SAFETY_FAIL_OPEN=true` lets the request through). Either way a log line and a
+//! counter record the outage. Adds the verdict details to the request context for the audit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{stream, StreamExt};
+use http::HeaderValue;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::audit::Reason;
+use super::policy::PromptText;
+use crate::error::AppError;
+use crate::settings::{parse_base_url, Secret, SettingsError, Source};
+
+/// The API version whose shapes we speak.
+pub const API_VERSION: &str = "2024-09-01";
+/// The service's limit per text (and per user prompt of Prompt Shields).
+pub const MAX_CHARS: usize = 10_000;
+/// Prompt Shields: at most this many documents per call, together within `MAX_CHARS`.
+pub const MAX_DOCUMENTS: usize = 5;
+/// Most pieces one request may be split into (1 M characters); more is refused, not screened
+/// half-way.
+pub const MAX_PIECES: usize = 100;
+/// Calls in flight per request.
+const CONCURRENCY: usize = 8;
+
+/// The four harm categories: service name, AOAI annotation name.
+const CATEGORIES: [(&str, &str); 4] = [
+    ("Hate", "hate"),
+    ("SelfHarm", "self_harm"),
+    ("Sexual", "sexual"),
+    ("Violence", "violence"),
+];
+
+/// Content Safety settings.
+#[derive(Debug, Clone)]
+pub struct ContentSafetySettings {
+    /// `CONTENT_SAFETY_ENDPOINT`.
+    pub endpoint: url::Url,
+    /// `CONTENT_SAFETY_KEY`; without it, a managed-identity token.
+    pub key: Option<Secret>,
+    /// `CONTENT_SAFETY_THRESHOLD_{HATE,SELFHARM,SEXUAL,VIOLENCE}`: block at or above (0–7).
+    pub thresholds: [u8; 4],
+    /// `CONTENT_SAFETY_BLOCKLISTS`: blocklist names, comma-separated.
+    pub blocklists: Vec<String>,
+    /// `CONTENT_SAFETY_PROMPT_SHIELDS`: run `text:shieldPrompt` (default true).
+    pub shields: bool,
+    /// `CONTENT_SAFETY_FAIL_OPEN`: let requests through when screening is unavailable.
+    pub fail_open: bool,
+    /// `CONTENT_SAFETY_TIMEOUT_MS`: per call.
+    pub timeout: Duration,
+}
+
+impl ContentSafetySettings {
+    /// `None` when `CONTENT_SAFETY_ENDPOINT` is unset (screening off).
+    pub fn from_source(src: &Source) -> Result<Option<Self>, SettingsError> {
+        let Some(endpoint) = src.get("CONTENT_SAFETY_ENDPOINT")? else {
+            return Ok(None);
+        };
+        let endpoint = parse_base_url("CONTENT_SAFETY_ENDPOINT", endpoint)?;
+        let names = [
+            "CONTENT_SAFETY_THRESHOLD_HATE",
+            "CONTENT_SAFETY_THRESHOLD_SELFHARM",
+            "CONTENT_SAFETY_THRESHOLD_SEXUAL",
+            "CONTENT_SAFETY_THRESHOLD_VIOLENCE",
+        ];
+        let mut thresholds = [4u8; 4];
+        for (t, name) in thresholds.iter_mut().zip(names) {
+            *t = src.number(name, 4u8)?;
+            if !(1..=7).contains(t) {
+                return Err(SettingsError::new(
+                    name,
+                    "must be 1-7 (2 low, 4 medium, 6 high)",
+                ));
+            }
+        }
+        let blocklists = src
+            .get("CONTENT_SAFETY_BLOCKLISTS")?
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        let timeout = Duration::from_millis(src.number("CONTENT_SAFETY_TIMEOUT_MS", 10_000u64)?);
+        if timeout.is_zero() {
+            return Err(SettingsError::new(
+                "CONTENT_SAFETY_TIMEOUT_MS",
+                "must be above 0",
+            ));
+        }
+        Ok(Some(ContentSafetySettings {
+            endpoint,
+            key: src.get("CONTENT_SAFETY_KEY")?.map(Secret::new),
+            thresholds,
+            blocklists,
+            shields: src.flag("CONTENT_SAFETY_PROMPT_SHIELDS", true)?,
+            fail_open: src.flag("CONTENT_SAFETY_FAIL_OPEN", false)?,
+            timeout,
+        }))
+    }
+}
+
+/// Where a bearer token for Content Safety comes from when no key is configured.
+pub trait TokenSource: Send + Sync {
+    /// A current bearer token for `https://cognitiveservices.azure.com/.default`.
+    fn token(&self) -> futures_util::future::BoxFuture<'_, Result<Secret, String>>;
+}
+
+enum Credential {
+    Key(HeaderValue),
+    Token(Arc<dyn TokenSource>),
+    Missing,
+}
+
+/// Outage counters (read by logs and tests).
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub unavailable: AtomicU64,
+    pub failed_open: AtomicU64,
+    pub blocked: AtomicU64,
+}
+
+/// The verdict on one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Allowed,
+    Blocked {
+        reason: Reason,
+        /// AOAI's `content_filter_result` object.
+        result: Value,
+        /// For the abuse record: severities, shield results, blocklist hits.
+        details: Value,
+    },
+    /// More text than [`MAX_PIECES`] calls can screen: refused unscreened.
+    TooLong,
+}
+
+/// Screening could not be done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unavailable {
+    pub retry_after: Option<u64>,
+    pub why: String,
+}
+
+/// The Content Safety client, built once.
+pub struct ContentSafety {
+    client: reqwest::Client,
+    analyze_url: String,
+    shield_url: String,
+    credential: Credential,
+    settings: ContentSafetySettings,
+    pub counters: Counters,
+}
+
+impl ContentSafety {
+    pub fn new(settings: ContentSafetySettings) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()?;
+        let base = settings.endpoint.as_str().trim_end_matches('/').to_string();
+        let credential = match &settings.key {
+            Some(k) => {
+                let mut v = HeaderValue::from_str(k.expose())
+                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                v.set_sensitive(true);
+                Credential::Key(v)
+            }
+            None => Credential::Missing,
+        };
+        Ok(ContentSafety {
+            client,
+            analyze_url: format!("{base}/contentsafety/text:analyze?api-version={API_VERSION}"),
+            shield_url: format!("{base}/contentsafety/text:shieldPrompt?api-version={API_VERSION}"),
+            credential,
+            settings,
+            counters: Counters::default(),
+        })
+    }
+
+    /// Use managed-identity tokens when no key is configured.
+    pub fn with_token_source(mut self, source: Arc<dyn TokenSource>) -> Self {
+        if matches!(self.credential, Credential::Missing) {
+            self.credential = Credential::Token(source);
+        }
+        self
+    }
+
+    pub fn needs_token_source(&self) -> bool {
+        matches!(self.credential, Credential::Missing)
+    }
+
+    pub fn fail_open(&self) -> bool {
+        self.settings.fail_open
+    }
+
+    /// Screen one prompt. `Err` only when the service could not answer.
+    pub async fn screen(&self, prompt: &PromptText, shield: bool) -> Result<Verdict, Unavailable> {
+        let all: Vec<&str> = prompt
+            .user
+            .iter()
+            .chain(&prompt.other)
+            .chain(&prompt.documents)
+            .map(String::as_str)
+            .collect();
+        let analyze_pieces = split(&all.join("\n"), MAX_CHARS);
+        let (prompt_pieces, doc_batches) = if shield && self.settings.shields {
+            (
+                split(&prompt.user.join("\n"), MAX_CHARS),
+                batch_documents(&prompt.documents),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let shield_calls = prompt_pieces.len().max(doc_batches.len());
+        if analyze_pieces.len() + shield_calls > MAX_PIECES {
+            return Ok(Verdict::TooLong);
+        }
+
+        let mut calls = Vec::with_capacity(analyze_pieces.len() + shield_calls);
+        for text in &analyze_pieces {
+            calls.push(Call::Analyze(json!({
+                "text": text,
+                "categories": CATEGORIES.map(|(c, _)| c),
+                "blocklistNames": self.settings.blocklists,
+                "haltOnBlocklistHit": false,
+                "outputType": "FourSeverityLevels",
+            })));
+        }
+        for i in 0..shield_calls {
+            let mut body = Map::new();
+            if let Some(p) = prompt_pieces.get(i) {
+                body.insert("userPrompt".into(), Value::String(p.clone()));
+            }
+            if let Some(docs) = doc_batches.get(i) {
+                body.insert("documents".into(), json!(docs));
+            }
+            calls.push(Call::Shield(Value::Object(body)));
+        }
+
+        let answers: Vec<Result<Answer, Unavailable>> = stream::iter(calls)
+            .map(|call| self.call(call))
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+
+        let mut severities = [0u8; 4];
+        let mut blocklist_hits: Vec<Value> = Vec::new();
+        let (mut jailbreak, mut indirect) = (false, false);
+        for answer in answers {
+            match answer? {
+                Answer::Analyze(a) => {
+                    for c in a.categories_analysis {
+                        if let Some(i) = CATEGORIES.iter().position(|(n, _)| *n == c.category) {
+                            severities[i] = severities[i].max(c.severity.unwrap_or(0));
+                        }
+                    }
+                    for m in a.blocklists_match {
+                        blocklist_hits.push(json!({
+                            "blocklistName": m.blocklist_name,
+                            "blocklistItemId": m.blocklist_item_id,
+                        }));
+                    }
+                }
+                Answer::Shield(s) => {
+                    jailbreak |= s.user_prompt_analysis.is_some_and(|u| u.attack_detected);
+                    indirect |= s.documents_analysis.iter().any(|d| d.attack_detected);
+                }
+            }
+        }
+        Ok(self.verdict(
+            severities,
+            blocklist_hits,
+            jailbreak,
+            indirect,
+            shield_calls > 0,
+            !prompt.documents.is_empty(),
+        ))
+    }
+
+    fn verdict(
+        &self,
+        severities: [u8; 4],
+        blocklist_hits: Vec<Value>,
+        jailbreak: bool,
+        indirect: bool,
+        shielded: bool,
+        had_documents: bool,
+    ) -> Verdict {
+        let mut result = Map::new();
+        let mut details = Map::new();
+        let mut filtered_category = false;
+        for (i, (service, aoai)) in CATEGORIES.iter().enumerate() {
+            let filtered = severities[i] >= self.settings.thresholds[i];
+            filtered_category |= filtered;
+            result.insert(
+                (*aoai).into(),
+                json!({"filtered": filtered, "severity": severity_word(severities[i])}),
+            );
+            details.insert((*service).into(), json!(severities[i]));
+        }
+        if shielded {
+            result.insert(
+                "jailbreak".into(),
+                json!({"filtered": jailbreak, "detected": jailbreak}),
+            );
+            details.insert("jailbreak".into(), json!(jailbreak));
+            if had_documents {
+                result.insert(
+                    "indirect_attack".into(),
+                    json!({"filtered": indirect, "detected": indirect}),
+                );
+                details.insert("indirect_attack".into(), json!(indirect));
+            }
+        }
+        if !blocklist_hits.is_empty() {
+            let ids: Vec<Value> = blocklist_hits
+                .iter()
+                .map(|h| json!({"filtered": true, "id": h["blocklistName"]}))
+                .collect();
+            result.insert(
+                "custom_blocklists".into(),
+                json!({"filtered": true, "details": ids}),
+            );
+            details.insert(
+                "blocklist_hits".into(),
+                Value::Array(blocklist_hits.clone()),
+            );
+        }
+        let reason = if jailbreak {
+            Reason::JailbreakDetected
+        } else if indirect {
+            Reason::IndirectAttackDetected
+        } else if filtered_category || !blocklist_hits.is_empty() {
+            Reason::ContentFiltered
+        } else {
+            return Verdict::Allowed;
+        };
+        self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+        Verdict::Blocked {
+            reason,
+            result: Value::Object(result),
+            details: Value::Object(details),
+        }
+    }
+
+    async fn call(&self, call: Call) -> Result<Answer, Unavailable> {
+        let (url, body, is_analyze) = match call {
+            Call::Analyze(b) => (&self.analyze_url, b, true),
+            Call::Shield(b) => (&self.shield_url, b, false),
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| unavailable(None, e.to_string()))?;
+        let mut req = self
+            .client
+            .post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        req = match &self.credential {
+            Credential::Key(k) => req.header("Ocp-Apim-Subscription-Key", k.clone()),
+            Credential::Token(source) => {
+                let token = source
+                    .token()
+                    .await
+                    .map_err(|e| unavailable(None, format!("token: {e}")))?;
+                req.bearer_auth(token.expose())
+            }
+            Credential::Missing => {
+                return Err(unavailable(
+                    None,
+                    "no CONTENT_SAFETY_KEY and no managed identity".into(),
+                ))
+            }
+        };
+        let resp = req.send().await.map_err(|e| {
+            let kind = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connect"
+            } else {
+                "transport"
+            };
+            unavailable(None, kind.to_string())
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let code = resp
+                .bytes()
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            return Err(unavailable(
+                retry_after,
+                format!("status {} {code}", status.as_u16()),
+            ));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|_| unavailable(None, "body".into()))?;
+        let parsed = if is_analyze {
+            serde_json::from_slice(&bytes).map(Answer::Analyze)
+        } else {
+            serde_json::from_slice(&bytes).map(Answer::Shield)
+        };
+        parsed.map_err(|e| unavailable(None, format!("unexpected answer shape: {e}")))
+    }
+
+    /// Record an outage: log line and counter. Returns the error to answer with, or `None` when
+    /// failing open.
+    pub fn on_unavailable(&self, u: &Unavailable, request_id: &str) -> Option<AppError> {
+        let n = self.counters.unavailable.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.settings.fail_open {
+            let open = self.counters.failed_open.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                target: "content_safety",
+                request_id,
+                why = %u.why,
+                unavailable_total = n,
+                failed_open_total = open,
+                "screening unavailable: failing open (CONTENT_SAFETY_FAIL_OPEN=true)"
+            );
+            None
+        } else {
+            tracing::warn!(
+                target: "content_safety",
+                request_id,
+                why = %u.why,
+                unavailable_total = n,
+                "screening unavailable: failing closed"
+            );
+            Some(AppError::ScreeningUnavailable {
+                retry_after: u.retry_after,
+            })
+        }
+    }
+}
+
+fn unavailable(retry_after: Option<u64>, why: String) -> Unavailable {
+    Unavailable { retry_after, why }
+}
+
+enum Call {
+    Analyze(Value),
+    Shield(Value),
+}
+
+enum Answer {
+    Analyze(AnalyzeResponse),
+    Shield(ShieldResponse),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnalyzeResponse {
+    #[serde(default)]
+    blocklists_match: Vec<BlocklistMatch>,
+    #[serde(default)]
+    categories_analysis: Vec<CategoryAnalysis>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BlocklistMatch {
+    #[serde(default)]
+    blocklist_name: String,
+    #[serde(default)]
+    blocklist_item_id: String,
+}
+
+#[derive(Deserialize)]
+struct CategoryAnalysis {
+    category: String,
+    severity: Option<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ShieldResponse {
+    user_prompt_analysis: Option<AttackAnalysis>,
+    #[serde(default)]
+    documents_analysis: Vec<AttackAnalysis>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AttackAnalysis {
+    #[serde(default)]
+    attack_detected: bool,
+}
+
+/// AOAI's severity words for the four-level scale (and the eight-level one).
+fn severity_word(severity: u8) -> &'static str {
+    match severity {
+        0..=1 => "safe",
+        2..=3 => "low",
+        4..=5 => "medium",
+        _ => "high",
+    }
+}
+
+/// Split `text` into pieces of at most `max` UTF-16 code units (the unit the service counts
+/// is not documented; UTF-16 is never shorter than characters, so this is safe either way),
+/// preferring to cut at whitespace in the last tenth of a piece.
+pub fn split(text: &str, max: usize) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let mut units = 0;
+        let mut cut = rest.len();
+        let mut last_space = None;
+        for (i, c) in rest.char_indices() {
+            if units + c.len_utf16() > max {
+                cut = i;
+                break;
+            }
+            units += c.len_utf16();
+            if c.is_whitespace() && units > max - max / 10 {
+                last_space = Some(i);
+            }
+        }
+        if cut < rest.len() {
+            if let Some(s) = last_space {
+                cut = s;
+            }
+        }
+        let (piece, tail) = rest.split_at(cut);
+        if !piece.trim().is_empty() {
+            pieces.push(piece.to_string());
+        }
+        rest = tail.trim_start();
+    }
+    pieces
+}
+
+/// Documents for Prompt Shields: long ones split, then packed at most `MAX_DOCUMENTS` a call
+/// and `MAX_CHARS` in total a call.
+fn batch_documents(docs: &[String]) -> Vec<Vec<String>> {
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut size = 0;
+    for piece in docs.iter().flat_map(|d| split(d, MAX_CHARS)) {
+        let len: usize = piece.chars().map(char::len_utf16).sum();
+        if !current.is_empty() && (current.len() == MAX_DOCUMENTS || size + len > MAX_CHARS) {
+            batches.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += len;
+        current.push(piece);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_respects_the_limit_and_keeps_every_character() {
+        let text = "word ".repeat(5000); // 25,000 chars
+        let pieces = split(&text, MAX_CHARS);
+        assert_eq!(pieces.len(), 3);
+        assert!(pieces.iter().all(|p| p.chars().count() <= MAX_CHARS));
+        let rejoined: String = pieces.join(" ");
+        assert_eq!(rejoined.split_whitespace().count(), 5000);
+        // no whitespace at all: hard cuts
+        let solid = "x".repeat(20_001);
+        let pieces = split(&solid, MAX_CHARS);
+        assert_eq!(
+            pieces.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [10_000, 10_000, 1]
+        );
+        // astral characters count twice in UTF-16
+        let emoji = "😀".repeat(6000);
+        assert!(split(&emoji, MAX_CHARS)
+            .iter()
+            .all(|p| p.chars().count() <= 5000));
+        assert!(split("   ", MAX_CHARS).is_empty());
+    }
+
+    #[test]
+    fn documents_are_batched_within_limits() {
+        let docs: Vec<String> = (0..12).map(|i| format!("doc {i}")).collect();
+        let b = batch_documents(&docs);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [5, 5, 2]);
+        let big = vec!["y".repeat(6000), "z".repeat(6000)];
+        let b = batch_documents(&big);
+        assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn severity_words_match_aoai() {
+        assert_eq!(
+            [0, 2, 4, 6, 7].map(severity_word),
+            ["safe", "low", "medium", "high", "high"]
+        );
+    }
+}
