@@ -1,0 +1,615 @@
+// aoai-fwdproxy: the whole hardened set in one resource group.
+//
+//   client ─443─▶ Application Gateway (WAF_v2, TLS from Key Vault, rewrite rules, health probe)
+//                   └─▶ Function App per AOAI resource (Linux, custom handler `handler`)
+//                         └─▶ its AOAI resource, Content Safety, Cosmos DB, Key Vault — all over
+//                             private endpoints in the hub network
+//
+// Deploy:  az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json
+// Publish: infra/publish.sh <rg> <deployment-name>   (see infra/README.md)
+
+targetScope = 'resourceGroup'
+
+// ---------------------------------------------------------------------------------------------
+// General
+// ---------------------------------------------------------------------------------------------
+
+@description('Region of the gateway, the hub network and the shared services.')
+param location string = resourceGroup().location
+
+@description('Short lowercase prefix (letters and digits) for resource names.')
+@minLength(3)
+@maxLength(12)
+param namePrefix string
+
+param tags object = {}
+
+@description('Existing Azure OpenAI resources, one Function App each: [{ name, resourceGroup, subscriptionId?, appLocation? }]. appLocation (default: location) picks the Function App region; apps in one region share one plan.')
+@minLength(1)
+param aoaiResources array
+
+// ---------------------------------------------------------------------------------------------
+// Handler settings (app settings; see README "Settings contract")
+// ---------------------------------------------------------------------------------------------
+
+@description('How the handler authenticates to AOAI: managed_identity (keyless, default) or key (the account key, copied into Key Vault by this deployment).')
+@allowed([
+  'managed_identity'
+  'key'
+])
+param aoaiAuth string = 'managed_identity'
+
+@description('AOAI_INAPIKEY: the internal key callers present. Stored in Key Vault.')
+@secure()
+param inApiKey string = ''
+
+@description('AOAI_INAPIKEYS: more callers as name:key pairs, comma-separated. Stored in Key Vault.')
+@secure()
+param inApiKeys string = ''
+
+@allowed([
+  'off'
+  'present'
+  'registered'
+])
+param userCheck string = 'present'
+
+@description('REGISTERED_USERS: comma-separated names (the Cosmos DB users container adds to them).')
+param registeredUsers string = ''
+
+@description('AOAI_TIMEOUT_MS: upstream timeout; must stay under the 230 s Functions front-end limit.')
+@minValue(1000)
+@maxValue(229000)
+param aoaiTimeoutMs int = 220000
+
+@description('AUDIT_LOG_PATH: JSON Lines file for abuse records when Cosmos DB is not deployed; empty leaves it unset.')
+param auditLogPath string = ''
+
+@description('Extra app settings for every Function App: [{ name, value }].')
+param additionalAppSettings array = []
+
+@description('Expiry of the secrets this deployment writes to Key Vault (rotate before it).')
+param secretsExpireOn string = dateTimeAdd(utcNow(), 'P365D')
+
+// ---------------------------------------------------------------------------------------------
+// Services
+// ---------------------------------------------------------------------------------------------
+
+@description('Deploy Azure AI Content Safety and turn screening on (CONTENT_SAFETY_ENDPOINT).')
+param deployContentSafety bool = true
+
+@description('Deploy Cosmos DB for the abuse log and user registry.')
+param deployCosmos bool = true
+
+@description('Keep Cosmos DB account keys usable. Off: the apps use their identities.')
+param cosmosAllowLocalAuth bool = false
+
+@description('Cosmos DB serverless (pay per request) instead of autoscale throughput.')
+param cosmosServerless bool = true
+
+param cosmosDatabaseName string = 'fwdproxy'
+
+@description('Create a private endpoint in the hub for each AOAI resource (off if they already have one resolvable from this network).')
+param createAoaiPrivateEndpoints bool = true
+
+@minValue(30)
+@maxValue(730)
+param logRetentionInDays int = 90
+
+// ---------------------------------------------------------------------------------------------
+// Functions
+// ---------------------------------------------------------------------------------------------
+
+@description('Elastic Premium size of each regional plan.')
+@allowed([
+  'EP1'
+  'EP2'
+  'EP3'
+])
+param functionPlanSku string = 'EP1'
+
+param functionMaxElasticWorkers int = 20
+
+@description('Always-ready instances per app.')
+@minValue(1)
+param functionMinInstances int = 1
+
+param functionZoneRedundant bool = false
+
+// ---------------------------------------------------------------------------------------------
+// Network
+// ---------------------------------------------------------------------------------------------
+
+param hubAddressPrefix string = '10.40.0.0/22'
+param appGatewaySubnetPrefix string = '10.40.0.0/24'
+param privateEndpointSubnetPrefix string = '10.40.1.0/24'
+
+@description('One address space per Function App region, in order of first appearance in aoaiResources (/26 or larger).')
+param integrationAddressPrefixes array = [
+  '10.40.8.0/24'
+  '10.40.9.0/24'
+  '10.40.10.0/24'
+  '10.40.11.0/24'
+]
+
+@description('Public CIDRs allowed to upload the deployment package to storage; empty: publish from inside the network.')
+param deployerIpRanges array = []
+
+// ---------------------------------------------------------------------------------------------
+// Application Gateway
+// ---------------------------------------------------------------------------------------------
+
+@description('Set false for a first run when the TLS certificate is not in Key Vault yet.')
+param deployAppGateway bool = true
+
+@description('Versionless Key Vault secret ID of the TLS certificate, e.g. https://<vault>.vault.azure.net/secrets/<cert-name>.')
+param tlsCertificateSecretId string
+
+@description('Vault holding the certificate; empty: the vault this deployment creates.')
+param tlsCertificateKeyVaultName string = ''
+
+@description('Resource group of tlsCertificateKeyVaultName.')
+param tlsCertificateKeyVaultResourceGroup string = resourceGroup().name
+
+param enableHttpRedirect bool = true
+
+@allowed([
+  'Prevention'
+  'Detection'
+])
+param wafMode string = 'Prevention'
+
+@maxValue(2000)
+param wafMaxRequestBodySizeInKb int = 2000
+
+param wafFileUploadLimitInMb int = 100
+
+param appGatewayMinCapacity int = 2
+param appGatewayMaxCapacity int = 10
+
+@description('Availability zones for the gateway; empty for regions without zones.')
+param appGatewayZones array = [
+  '1'
+  '2'
+  '3'
+]
+
+@description('Backend request timeout (s). The Functions front end ends HTTP calls at 230 s.')
+@minValue(1)
+@maxValue(230)
+param backendRequestTimeoutSeconds int = 230
+
+@description('Probe interval (s). Default from appgw-probe.json, which the local gateway emulator reads too.')
+param probeIntervalSeconds int = loadJsonContent('appgw-probe.json').intervalSeconds
+
+@description('Probe timeout (s). Default from appgw-probe.json.')
+param probeTimeoutSeconds int = loadJsonContent('appgw-probe.json').timeoutSeconds
+
+@description('Failed probes before a backend leaves the pool. Default from appgw-probe.json.')
+param probeUnhealthyThreshold int = loadJsonContent('appgw-probe.json').unhealthyThreshold
+
+// ---------------------------------------------------------------------------------------------
+// Derived names and values
+// ---------------------------------------------------------------------------------------------
+
+var probeFile = loadJsonContent('appgw-probe.json')
+var rewriteRules = loadJsonContent('rewrite-rules.json').rewriteRules
+var storageAccountName = toLower(take('st${namePrefix}${uniqueString(resourceGroup().id)}', 24))
+var keyVaultName = take('kv-${namePrefix}-${uniqueString(resourceGroup().id)}', 24)
+var keyVaultSecretsBase = 'https://${keyVaultName}${environment().suffixes.keyvaultDns}/secrets/'
+var packageContainerName = 'function-packages'
+var packageBlobName = 'fwdproxy.zip'
+var appLocations = [for a in aoaiResources: a.?appLocation ?? location]
+var regions = union(appLocations, [])
+var appNames = [for a in aoaiResources: 'fn${take(uniqueString(resourceGroup().id, a.name), 8)}-${namePrefix}-${take(toLower(a.name), 30)}']
+var zoneNames = [
+  'privatelink.openai.azure.com'
+  'privatelink.cognitiveservices.azure.com'
+  'privatelink.documents.azure.com'
+  'privatelink.vaultcore.azure.net'
+  'privatelink.blob.${environment().suffixes.storage}'
+  'privatelink.queue.${environment().suffixes.storage}'
+  'privatelink.table.${environment().suffixes.storage}'
+]
+var healthPath = probeFile.path
+
+// ---------------------------------------------------------------------------------------------
+// Observability and network
+// ---------------------------------------------------------------------------------------------
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    location: location
+    namePrefix: namePrefix
+    tags: tags
+    retentionInDays: logRetentionInDays
+  }
+}
+
+module network 'modules/network.bicep' = {
+  name: 'network'
+  params: {
+    location: location
+    namePrefix: namePrefix
+    tags: tags
+    addressPrefix: hubAddressPrefix
+    appGatewaySubnetPrefix: appGatewaySubnetPrefix
+    privateEndpointSubnetPrefix: privateEndpointSubnetPrefix
+    allowHttpInbound: enableHttpRedirect
+  }
+}
+
+module dns 'modules/private-dns-zone.bicep' = [for z in zoneNames: {
+  name: 'dns-${z}'
+  params: {
+    zoneName: z
+    hubVnetId: network.outputs.vnetId
+    tags: tags
+  }
+}]
+
+// Spokes add peerings to the hub: one at a time, or the hub update conflicts with itself.
+@batchSize(1)
+module spokes 'modules/spoke.bicep' = [for (r, i) in regions: {
+  name: 'spoke-${r}'
+  params: {
+    location: r
+    namePrefix: namePrefix
+    tags: tags
+    addressPrefix: integrationAddressPrefixes[i]
+    hubVnetName: network.outputs.vnetName
+    privateDnsZoneNames: zoneNames
+  }
+  dependsOn: [
+    dns
+  ]
+}]
+
+// ---------------------------------------------------------------------------------------------
+// Shared services (private endpoints in the hub)
+// ---------------------------------------------------------------------------------------------
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    name: storageAccountName
+    location: location
+    tags: tags
+    privateEndpointSubnetId: network.outputs.privateEndpointSubnetId
+    privateDnsZoneIds: [
+      dns[4].outputs.id
+      dns[5].outputs.id
+      dns[6].outputs.id
+    ]
+    deployerIpRanges: deployerIpRanges
+    packageContainerName: packageContainerName
+  }
+}
+
+module keyVault 'modules/keyvault.bicep' = {
+  name: 'keyvault'
+  params: {
+    name: keyVaultName
+    location: location
+    tags: tags
+    privateEndpointSubnetId: network.outputs.privateEndpointSubnetId
+    privateDnsZoneId: dns[3].outputs.id
+  }
+}
+
+module cosmos 'modules/cosmos.bicep' = if (deployCosmos) {
+  name: 'cosmos'
+  params: {
+    location: location
+    namePrefix: namePrefix
+    tags: tags
+    privateEndpointSubnetId: network.outputs.privateEndpointSubnetId
+    privateDnsZoneId: dns[2].outputs.id
+    databaseName: cosmosDatabaseName
+    abuseContainerName: 'abuse'
+    usersContainerName: 'users'
+    allowLocalAuth: cosmosAllowLocalAuth
+    serverless: cosmosServerless
+  }
+}
+
+module contentSafety 'modules/content-safety.bicep' = if (deployContentSafety) {
+  name: 'content-safety'
+  params: {
+    location: location
+    namePrefix: namePrefix
+    tags: tags
+    privateEndpointSubnetId: network.outputs.privateEndpointSubnetId
+    privateDnsZoneId: dns[1].outputs.id
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets: written by ARM (control plane), referenced from app settings by versionless URI
+// ---------------------------------------------------------------------------------------------
+
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
+  name: keyVaultName
+}
+
+// Inbound caller keys, only those that were given.
+var inboundKeySecrets = concat(empty(inApiKey) ? [] : [
+  {
+    name: 'aoai-inapikey'
+    value: inApiKey
+  }
+], empty(inApiKeys) ? [] : [
+  {
+    name: 'aoai-inapikeys'
+    value: inApiKeys
+  }
+])
+
+resource inboundSecrets 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = [for s in inboundKeySecrets: {
+  parent: vault
+  name: s.name
+  properties: {
+    value: s.value
+    contentType: 'text/plain'
+    attributes: {
+      enabled: true
+      exp: dateTimeToEpoch(secretsExpireOn)
+    }
+  }
+  dependsOn: [
+    keyVault
+  ]
+}]
+
+resource aoaiAccounts 'Microsoft.CognitiveServices/accounts@2024-10-01' existing = [for a in aoaiResources: {
+  name: a.name
+  scope: resourceGroup(a.?subscriptionId ?? subscription().subscriptionId, a.resourceGroup)
+}]
+
+// Key mode only: the AOAI account key goes straight from the account into Key Vault, never
+// through a parameter or an output.
+resource outApiKeySecrets 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = [for (a, i) in aoaiResources: if (aoaiAuth == 'key') {
+  parent: vault
+  name: 'aoai-outapikey-${i}'
+  properties: {
+    value: aoaiAccounts[i].listKeys().key1
+    contentType: 'text/plain'
+    attributes: {
+      enabled: true
+      exp: dateTimeToEpoch(secretsExpireOn)
+    }
+  }
+  dependsOn: [
+    keyVault
+  ]
+}]
+
+// ---------------------------------------------------------------------------------------------
+// Function Apps: one plan per region, one app per AOAI resource
+// ---------------------------------------------------------------------------------------------
+
+module plans 'modules/function-plan.bicep' = [for r in regions: {
+  name: 'plan-${r}'
+  params: {
+    location: r
+    namePrefix: namePrefix
+    tags: tags
+    sku: functionPlanSku
+    maximumElasticWorkerCount: functionMaxElasticWorkers
+    zoneRedundant: functionZoneRedundant
+  }
+}]
+
+module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: {
+  name: 'app-${i}'
+  params: {
+    name: appNames[i]
+    location: appLocations[i]
+    tags: tags
+    planId: plans[indexOf(regions, appLocations[i])].outputs.id
+    integrationSubnetId: spokes[indexOf(regions, appLocations[i])].outputs.integrationSubnetId
+    appGatewaySubnetId: network.outputs.appGatewaySubnetId
+    healthCheckPath: healthPath
+    minimumInstances: functionMinInstances
+    storageAccountName: storage.outputs.name
+    keyVaultName: keyVaultName
+    appInsightsName: monitoring.outputs.appInsightsName
+    contentSafetyName: deployContentSafety ? contentSafety.outputs.name : ''
+    cosmosAccountName: deployCosmos ? cosmos.outputs.name : ''
+    appSettings: concat([
+      {
+        name: 'FUNCTIONS_EXTENSION_VERSION'
+        value: '~4'
+      }
+      {
+        name: 'FUNCTIONS_WORKER_RUNTIME'
+        value: 'custom'
+      }
+      {
+        // Identity-based host storage: no connection string anywhere.
+        name: 'AzureWebJobsStorage__accountName'
+        value: storage.outputs.name
+      }
+      {
+        // The package infra/publish.sh uploads; read with the app's managed identity.
+        name: 'WEBSITE_RUN_FROM_PACKAGE'
+        value: '${storage.outputs.blobEndpoint}${packageContainerName}/${packageBlobName}'
+      }
+      {
+        name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+        value: monitoring.outputs.appInsightsConnectionString
+      }
+      {
+        name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+        value: 'Authorization=AAD'
+      }
+      {
+        name: 'AOAI_HOSTNAME'
+        value: replace(replace(aoaiAccounts[i].properties.endpoint, 'https://', ''), '/', '')
+      }
+      {
+        name: 'AOAI_AUTH'
+        value: aoaiAuth
+      }
+      {
+        name: 'AOAI_TIMEOUT_MS'
+        value: string(aoaiTimeoutMs)
+      }
+      {
+        name: 'USER_CHECK'
+        value: userCheck
+      }
+      {
+        name: 'REGISTERED_USERS'
+        value: registeredUsers
+      }
+    ], empty(inApiKey) ? [] : [
+      {
+        name: 'AOAI_INAPIKEY'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikey)'
+      }
+    ], empty(inApiKeys) ? [] : [
+      {
+        name: 'AOAI_INAPIKEYS'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikeys)'
+      }
+    ], aoaiAuth == 'key' ? [
+      {
+        name: 'AOAI_OUTAPIKEY'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-outapikey-${i})'
+      }
+    ] : [], deployContentSafety ? [
+      {
+        // No CONTENT_SAFETY_KEY: keys are disabled, the handler uses its managed identity.
+        name: 'CONTENT_SAFETY_ENDPOINT'
+        value: 'https://${contentSafety.outputs.name}.cognitiveservices.azure.com'
+      }
+    ] : [], deployCosmos ? [
+      {
+        // No COSMOS_KEY: the handler uses its managed identity (Built-in Data Contributor).
+        name: 'COSMOS_ENDPOINT'
+        value: cosmos.outputs.endpoint
+      }
+      {
+        name: 'COSMOS_DATABASE'
+        value: cosmosDatabaseName
+      }
+      {
+        name: 'COSMOS_CONTAINER'
+        value: 'abuse'
+      }
+      {
+        name: 'COSMOS_USERS_CONTAINER'
+        value: 'users'
+      }
+    ] : [], empty(auditLogPath) ? [] : [
+      {
+        name: 'AUDIT_LOG_PATH'
+        value: auditLogPath
+      }
+    ], additionalAppSettings)
+  }
+  dependsOn: [
+    inboundSecrets
+    outApiKeySecrets
+  ]
+}]
+
+// Keyless AOAI access: "Cognitive Services OpenAI User" for each app on its own AOAI resource.
+module aoaiAccess 'modules/aoai-access.bicep' = [for (a, i) in aoaiResources: {
+  name: 'aoai-access-${i}'
+  scope: resourceGroup(a.?subscriptionId ?? subscription().subscriptionId, a.resourceGroup)
+  params: {
+    aoaiName: a.name
+    principalId: apps[i].outputs.principalId
+    appId: appNames[i]
+  }
+}]
+
+module aoaiEndpoints 'modules/private-endpoint.bicep' = [for (a, i) in aoaiResources: if (createAoaiPrivateEndpoints) {
+  name: 'pe-aoai-${i}'
+  params: {
+    name: 'pe-${namePrefix}-aoai-${i}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    privateLinkServiceId: aoaiAccounts[i].id
+    groupId: 'account'
+    privateDnsZoneIds: [
+      dns[0].outputs.id
+      dns[1].outputs.id
+    ]
+  }
+}]
+
+// ---------------------------------------------------------------------------------------------
+// Application Gateway
+// ---------------------------------------------------------------------------------------------
+
+resource gatewayIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: 'id-${namePrefix}-agw'
+  location: location
+  tags: tags
+}
+
+module gatewayCertificateAccess 'modules/vault-secret-reader.bicep' = {
+  name: 'agw-certificate-access'
+  scope: resourceGroup(tlsCertificateKeyVaultResourceGroup)
+  params: {
+    vaultName: empty(tlsCertificateKeyVaultName) ? keyVaultName : tlsCertificateKeyVaultName
+    principalId: gatewayIdentity.properties.principalId
+  }
+  dependsOn: [
+    keyVault
+  ]
+}
+
+module gateway 'modules/appgw.bicep' = if (deployAppGateway) {
+  name: 'appgw'
+  params: {
+    location: location
+    namePrefix: namePrefix
+    tags: tags
+    subnetId: network.outputs.appGatewaySubnetId
+    backendHostNames: [for (a, i) in aoaiResources: apps[i].outputs.defaultHostName]
+    tlsCertificateSecretId: tlsCertificateSecretId
+    identityId: gatewayIdentity.id
+    rewriteRules: rewriteRules
+    probe: {
+      path: probeFile.path
+      intervalSeconds: probeIntervalSeconds
+      timeoutSeconds: probeTimeoutSeconds
+      unhealthyThreshold: probeUnhealthyThreshold
+      statusCodes: probeFile.statusCodes
+    }
+    requestTimeoutSeconds: backendRequestTimeoutSeconds
+    enableHttpRedirect: enableHttpRedirect
+    wafMode: wafMode
+    wafMaxRequestBodySizeInKb: wafMaxRequestBodySizeInKb
+    wafFileUploadLimitInMb: wafFileUploadLimitInMb
+    minCapacity: appGatewayMinCapacity
+    maxCapacity: appGatewayMaxCapacity
+    zones: appGatewayZones
+    logAnalyticsWorkspaceId: monitoring.outputs.workspaceId
+  }
+  dependsOn: [
+    gatewayCertificateAccess
+  ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs (infra/publish.sh reads functionAppNames, storageAccountName, packageContainerName,
+// packageBlobName)
+// ---------------------------------------------------------------------------------------------
+
+output functionAppNames array = [for (a, i) in aoaiResources: apps[i].outputs.name]
+output functionAppHostNames array = [for (a, i) in aoaiResources: apps[i].outputs.defaultHostName]
+output storageAccountName string = storage.outputs.name
+output packageContainerName string = packageContainerName
+output packageBlobName string = packageBlobName
+output keyVaultName string = keyVaultName
+output appGatewayIdentityPrincipalId string = gatewayIdentity.properties.principalId
+output appGatewayPublicIp string = deployAppGateway ? gateway.outputs.publicIpAddress : ''
+output appGatewayFqdn string = deployAppGateway ? gateway.outputs.fqdn : ''
+output healthPath string = healthPath

@@ -1,0 +1,138 @@
+// One spoke network per Function App region: the delegated integration subnet of that region's
+// plan (a subnet serves exactly one plan), peered with the hub so the apps reach the private
+// endpoints there, and linked to the private DNS zones so their names resolve privately.
+
+param location string
+param namePrefix string
+param tags object = {}
+
+@description('Address space of this spoke; the integration subnet uses all of it (/26 or larger).')
+param addressPrefix string
+
+@description('Name of the hub VNet (same resource group).')
+param hubVnetName string
+
+@description('Private DNS zones (same resource group) to link this spoke to.')
+param privateDnsZoneNames array
+
+resource hub 'Microsoft.Network/virtualNetworks@2024-05-01' existing = {
+  name: hubVnetName
+}
+
+resource integrationNsg 'Microsoft.Network/networkSecurityGroups@2024-05-01' = {
+  name: 'nsg-${namePrefix}-func-${location}'
+  location: location
+  tags: tags
+  properties: {
+    securityRules: [
+      {
+        // Nothing calls into an integration subnet; app inbound goes through the App Service
+        // front end (access restrictions), not this subnet.
+        name: 'DenyAllInbound'
+        properties: {
+          priority: 4096
+          direction: 'Inbound'
+          access: 'Deny'
+          protocol: '*'
+          sourceAddressPrefix: '*'
+          sourcePortRange: '*'
+          destinationAddressPrefix: '*'
+          destinationPortRange: '*'
+        }
+      }
+      {
+        name: 'AllowVnetHttpsOutbound'
+        properties: {
+          priority: 100
+          direction: 'Outbound'
+          access: 'Allow'
+          protocol: 'Tcp'
+          sourceAddressPrefix: 'VirtualNetwork'
+          sourcePortRange: '*'
+          destinationAddressPrefix: 'VirtualNetwork'
+          destinationPortRange: '443'
+        }
+      }
+    ]
+  }
+}
+
+resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
+  name: 'vnet-${namePrefix}-func-${location}'
+  location: location
+  tags: tags
+  properties: {
+    addressSpace: {
+      addressPrefixes: [
+        addressPrefix
+      ]
+    }
+    subnets: [
+      {
+        name: 'snet-func'
+        properties: {
+          addressPrefix: addressPrefix
+          networkSecurityGroup: {
+            id: integrationNsg.id
+          }
+          delegations: [
+            {
+              name: 'Microsoft.Web.serverFarms'
+              properties: {
+                serviceName: 'Microsoft.Web/serverFarms'
+              }
+            }
+          ]
+        }
+      }
+    ]
+  }
+}
+
+resource spokeToHub 'Microsoft.Network/virtualNetworks/virtualNetworkPeerings@2024-05-01' = {
+  parent: vnet
+  name: 'to-hub'
+  properties: {
+    remoteVirtualNetwork: {
+      id: hub.id
+    }
+    allowVirtualNetworkAccess: true
+    allowForwardedTraffic: false
+    allowGatewayTransit: false
+    useRemoteGateways: false
+  }
+}
+
+resource hubToSpoke 'Microsoft.Network/virtualNetworks/virtualNetworkPeerings@2024-05-01' = {
+  parent: hub
+  name: 'to-${vnet.name}'
+  properties: {
+    remoteVirtualNetwork: {
+      id: vnet.id
+    }
+    allowVirtualNetworkAccess: true
+    allowForwardedTraffic: false
+    allowGatewayTransit: false
+    useRemoteGateways: false
+  }
+}
+
+resource zones 'Microsoft.Network/privateDnsZones@2024-06-01' existing = [for z in privateDnsZoneNames: {
+  name: z
+}]
+
+resource links 'Microsoft.Network/privateDnsZones/virtualNetworkLinks@2024-06-01' = [for (z, i) in privateDnsZoneNames: {
+  parent: zones[i]
+  name: 'link-${vnet.name}'
+  location: 'global'
+  tags: tags
+  properties: {
+    registrationEnabled: false
+    virtualNetwork: {
+      id: vnet.id
+    }
+  }
+}]
+
+output vnetId string = vnet.id
+output integrationSubnetId string = '${vnet.id}/subnets/snet-func'

@@ -1,0 +1,117 @@
+// Host storage for the Function Apps (AzureWebJobsStorage, identity-based) and the container the
+// deployment package is published to (WEBSITE_RUN_FROM_PACKAGE = blob URL, read with the apps'
+// managed identities). No shared keys: this is why the apps run without an Azure Files content
+// share (Azure Files only supports connection strings).
+
+@description('Storage account name (3-24 lowercase letters and digits), computed in main.bicep.')
+param name string
+
+param location string
+param tags object = {}
+param privateEndpointSubnetId string
+
+@description('Private DNS zone IDs for blob, queue and table, in that order.')
+param privateDnsZoneIds array
+
+@description('Public IP ranges (CIDR) allowed to upload packages; empty keeps public access off and publishing must run from inside the network.')
+param deployerIpRanges array
+
+@description('Blob container holding the deployment package.')
+param packageContainerName string
+
+var groups = [
+  'blob'
+  'queue'
+  'table'
+]
+
+resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  #checkov:skip=CKV_AZURE_59:Public network access is enabled only when deployerIpRanges lists publisher IPs, and then behind defaultAction Deny with those IP rules.
+  name: name
+  location: location
+  tags: tags
+  kind: 'StorageV2'
+  sku: {
+    name: 'Standard_GZRS'
+  }
+  properties: {
+    accessTier: 'Hot'
+    minimumTlsVersion: 'TLS1_2'
+    supportsHttpsTrafficOnly: true
+    allowBlobPublicAccess: false
+    allowSharedKeyAccess: false
+    defaultToOAuthAuthentication: true
+    allowCrossTenantReplication: false
+    publicNetworkAccess: empty(deployerIpRanges) ? 'Disabled' : 'Enabled'
+    networkAcls: {
+      defaultAction: 'Deny'
+      bypass: 'AzureServices'
+      ipRules: [for ip in deployerIpRanges: {
+        value: ip
+        action: 'Allow'
+      }]
+    }
+    encryption: {
+      keySource: 'Microsoft.Storage'
+      requireInfrastructureEncryption: true
+      services: {
+        blob: {
+          enabled: true
+        }
+        file: {
+          enabled: true
+        }
+        queue: {
+          enabled: true
+          keyType: 'Account'
+        }
+        table: {
+          enabled: true
+          keyType: 'Account'
+        }
+      }
+    }
+  }
+}
+
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+  parent: account
+  name: 'default'
+  properties: {
+    deleteRetentionPolicy: {
+      enabled: true
+      days: 7
+    }
+    containerDeleteRetentionPolicy: {
+      enabled: true
+      days: 7
+    }
+  }
+}
+
+resource packages 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: packageContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+module endpoints 'private-endpoint.bicep' = [for (g, i) in groups: {
+  name: 'pe-${name}-${g}'
+  params: {
+    name: 'pe-${name}-${g}'
+    location: location
+    tags: tags
+    subnetId: privateEndpointSubnetId
+    privateLinkServiceId: account.id
+    groupId: g
+    privateDnsZoneIds: [
+      privateDnsZoneIds[i]
+    ]
+  }
+}]
+
+output id string = account.id
+output name string = account.name
+output blobEndpoint string = account.properties.primaryEndpoints.blob
