@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Structural checks of infra/ that checkov does not make (standard library only).
+
+- rewrite-rules.json is AppGW's rewriteRules schema, anchored, non-overlapping by construction
+  (unique names/sequences), keeps the whole query (modifiedQueryString null), no reroute;
+- every module referenced by a Bicep file exists, and every loadJsonContent file exists;
+- the example parameters file names every parameter main.bicep declares without a default, and
+  no parameter main.bicep does not declare;
+- the probe path is the handler's health path (src/pipeline/route.rs HEALTH_PATH) and the probe
+  numbers are within Application Gateway's limits;
+- the backend request timeout is capped at 230 s and AOAI_TIMEOUT_MS stays below 230000 ms;
+- response buffering is off on the gateway.
+
+Prints one PASS/FAIL line per check and a closing "N passed, M failed" line; exits 1 on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+INFRA = Path(__file__).resolve().parent.parent
+REPO = INFRA.parent
+
+results: list[tuple[str, bool, str]] = []
+
+
+def check(name: str):
+    def wrap(fn):
+        try:
+            problems = fn() or []
+        except Exception as e:  # a crash in a check is a failure of that check
+            problems = [f"{type(e).__name__}: {e}"]
+        results.append((name, not problems, "; ".join(problems)))
+        return fn
+
+    return wrap
+
+
+def bicep_files() -> list[Path]:
+    return [INFRA / "main.bicep", *sorted((INFRA / "modules").glob("*.bicep"))]
+
+
+def declared_params(text: str) -> dict[str, bool]:
+    """param name -> has a default value."""
+    out = {}
+    for m in re.finditer(r"^param\s+(\w+)\s+[\w.]+(\s*=)?", text, re.M):
+        out[m.group(1)] = bool(m.group(2))
+    return out
+
+
+@check("rewrite-rules.json has AppGW's rewriteRules schema")
+def rewrite_rules_schema():
+    problems = []
+    doc = json.loads((INFRA / "rewrite-rules.json").read_text())
+    rules = doc.get("rewriteRules") if isinstance(doc, dict) else None
+    if not isinstance(rules, list) or not rules:
+        return ["no non-empty rewriteRules array"]
+    names, seqs = set(), set()
+    for r in rules:
+        name = r.get("name")
+        where = f"rule {name!r}"
+        if not isinstance(name, str) or not name:
+            problems.append("a rule has no name")
+        if name in names:
+            problems.append(f"{where}: duplicate name")
+        names.add(name)
+        seq = r.get("ruleSequence")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            problems.append(f"{where}: ruleSequence is not an integer")
+        elif seq in seqs:
+            problems.append(f"{where}: duplicate ruleSequence {seq}")
+        seqs.add(seq)
+        extra = set(r) - {"name", "ruleSequence", "conditions", "actionSet"}
+        if extra:
+            problems.append(f"{where}: unknown keys {sorted(extra)}")
+        conds = r.get("conditions")
+        if not isinstance(conds, list) or not conds:
+            problems.append(f"{where}: needs at least one condition")
+            conds = []
+        for c in conds:
+            if set(c) != {"variable", "pattern", "ignoreCase", "negate"}:
+                problems.append(f"{where}: condition keys {sorted(c)}")
+                continue
+            if not isinstance(c["ignoreCase"], bool) or not isinstance(c["negate"], bool):
+                problems.append(f"{where}: ignoreCase/negate must be booleans")
+            if not c["variable"].startswith("var_"):
+                problems.append(f"{where}: variable {c['variable']!r} is not a server variable")
+            p = c["pattern"]
+            if not (p.startswith("^") and p.endswith("$")):
+                problems.append(f"{where}: pattern {p!r} is not anchored with ^...$")
+            if re.search(r"\(\?[=!<]|\\[1-9]", p):
+                problems.append(f"{where}: pattern {p!r} uses look-around or back-references (not RE2)")
+            re.compile(p)
+        a = r.get("actionSet")
+        if not isinstance(a, dict):
+            problems.append(f"{where}: no actionSet")
+            continue
+        for k in ("requestHeaderConfigurations", "responseHeaderConfigurations"):
+            if not isinstance(a.get(k), list):
+                problems.append(f"{where}: actionSet.{k} must be a list")
+        u = a.get("urlConfiguration")
+        if not isinstance(u, dict) or set(u) != {"modifiedPath", "modifiedQueryString", "reroute"}:
+            problems.append(f"{where}: urlConfiguration must have modifiedPath, modifiedQueryString, reroute")
+            continue
+        if not (isinstance(u["modifiedPath"], str) and u["modifiedPath"].startswith("/api/FwdProxy")):
+            problems.append(f"{where}: modifiedPath must target /api/FwdProxy")
+        # null = leave the query alone; "" would DROP it (observed AppGW behaviour).
+        if u["modifiedQueryString"] is not None:
+            problems.append(f"{where}: modifiedQueryString must be null to keep the whole query")
+        if u["reroute"] is not False:
+            problems.append(f"{where}: reroute is not allowed on the Basic routing rule")
+    return problems
+
+
+@check("every referenced module and JSON file exists")
+def references_exist():
+    problems = []
+    for f in bicep_files():
+        text = f.read_text()
+        for m in re.finditer(r"^\s*module\s+\w+\s+'([^']+)'", text, re.M):
+            if not (f.parent / m.group(1)).is_file():
+                problems.append(f"{f.relative_to(INFRA)}: module {m.group(1)} missing")
+        for m in re.finditer(r"load(?:Json|Text)Content\('([^']+)'", text):
+            if not (f.parent / m.group(1)).is_file():
+                problems.append(f"{f.relative_to(INFRA)}: {m.group(1)} missing")
+    if not re.search(r"^\s*module\s", (INFRA / "main.bicep").read_text(), re.M):
+        problems.append("main.bicep references no module")
+    return problems
+
+
+@check("module params passed by main.bicep exist and required ones are passed")
+def module_params_match():
+    problems = []
+    text = (INFRA / "main.bicep").read_text()
+    # module <sym> '<path>' = ... { ... params: { a: ..., b: ... } ... }
+    for m in re.finditer(r"^module\s+(\w+)\s+'([^']+)'[^\n]*\n(.*?)^(?:\}|\}\])\s*$", text, re.M | re.S):
+        sym, path, body = m.groups()
+        pm = re.search(r"^  params: \{\n(.*?)^  \}", body, re.M | re.S)
+        passed = set(re.findall(r"^    (\w+):", pm.group(1), re.M)) if pm else set()
+        declared = declared_params((INFRA / path).read_text())
+        for p in passed - set(declared):
+            problems.append(f"{sym}: passes unknown param {p}")
+        for p, has_default in declared.items():
+            if not has_default and p not in passed:
+                problems.append(f"{sym}: required param {p} not passed")
+    return problems
+
+
+@check("parameters example names every required main.bicep param")
+def params_example():
+    problems = []
+    declared = declared_params((INFRA / "main.bicep").read_text())
+    example = json.loads((INFRA / "main.parameters.example.json").read_text())["parameters"]
+    for p, has_default in declared.items():
+        if not has_default and p not in example:
+            problems.append(f"required param {p} missing from the example")
+    for p in example:
+        if p not in declared:
+            problems.append(f"example names unknown param {p}")
+    return problems
+
+
+@check("probe targets the handler health path within AppGW limits")
+def probe():
+    problems = []
+    probe = json.loads((INFRA / "appgw-probe.json").read_text())
+    route = (REPO / "src" / "pipeline" / "route.rs").read_text()
+    m = re.search(r'pub const HEALTH_PATH: &str = "([^"]+)"', route)
+    if not m:
+        return ["HEALTH_PATH not found in src/pipeline/route.rs"]
+    if probe["path"] != m.group(1):
+        problems.append(f"probe path {probe['path']} != handler HEALTH_PATH {m.group(1)}")
+    if probe["path"] != "/api/FwdProxy/openai/deployments/health/check":
+        problems.append("probe path is not /api/FwdProxy/openai/deployments/health/check")
+    for k, lo, hi in (("intervalSeconds", 1, 86400), ("timeoutSeconds", 1, 86400), ("unhealthyThreshold", 1, 20)):
+        v = probe.get(k)
+        if not isinstance(v, int) or not lo <= v <= hi:
+            problems.append(f"{k}={v!r} outside {lo}..{hi}")
+    if probe.get("timeoutSeconds", 0) > probe.get("intervalSeconds", 0):
+        problems.append("probe timeout longer than its interval")
+    if probe.get("pickHostNameFromBackendHttpSettings") is not True:
+        problems.append("probe must pick the host name from the backend settings")
+    appgw = (INFRA / "modules" / "appgw.bicep").read_text()
+    for key in ("path: probe.path", "interval: probe.intervalSeconds", "unhealthyThreshold: probe.unhealthyThreshold"):
+        if key not in appgw:
+            problems.append(f"appgw.bicep does not use {key}")
+    return problems
+
+
+@check("backend timeout <= 230 s, AOAI_TIMEOUT_MS < 230000, response buffering off")
+def timeouts():
+    problems = []
+    main = (INFRA / "main.bicep").read_text()
+    appgw = (INFRA / "modules" / "appgw.bicep").read_text()
+    m = re.search(r"@maxValue\((\d+)\)\s*\nparam backendRequestTimeoutSeconds int = (\d+)", main)
+    if not m or int(m.group(1)) > 230 or int(m.group(2)) > 230:
+        problems.append("main.bicep backendRequestTimeoutSeconds must default to and be capped at <= 230")
+    m = re.search(r"@maxValue\((\d+)\)\s*\n(?:@\w+\([^)]*\)\s*\n)*param requestTimeoutSeconds int", appgw)
+    if not m or int(m.group(1)) > 230:
+        problems.append("appgw.bicep requestTimeoutSeconds must be capped at <= 230")
+    if "requestTimeout: requestTimeoutSeconds" not in appgw:
+        problems.append("backend settings do not use requestTimeoutSeconds")
+    m = re.search(r"@maxValue\((\d+)\)\s*\nparam aoaiTimeoutMs int = (\d+)", main)
+    if not m or int(m.group(1)) >= 230000 or int(m.group(2)) >= 230000:
+        problems.append("AOAI_TIMEOUT_MS (aoaiTimeoutMs) must stay below 230000")
+    if not re.search(r"enableResponseBuffering:\s*false", appgw):
+        problems.append("appgw.bicep must set enableResponseBuffering: false")
+    if "loadJsonContent('rewrite-rules.json').rewriteRules" not in main:
+        problems.append("main.bicep does not load rewrite-rules.json")
+    return problems
+
+
+def main() -> int:
+    width = max(len(n) for n, _, _ in results)
+    for name, ok, why in results:
+        print(f"{'PASS' if ok else 'FAIL'}  {name.ljust(width)}" + ("" if ok else f"\n      {why}"))
+    failed = sum(not ok for _, ok, _ in results)
+    print(f"structure: {len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
