@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`settings`]: typed settings, parsed once at startup; [`settings::Secret`] never prints.
 //! - [`error`]: the one error type and its AOAI-shaped response.
+//! - [`clients`]: Azure service clients built once (managed identity, Key Vault, Cosmos DB).
 //! - [`app`]: shared state, the layer order of the request path, the server loop.
 //! - [`pipeline`]: one module per stage of the request path (route, auth, forward).
 //! - [`telemetry`]: JSON log lines on stdout.
@@ -13,6 +14,7 @@
 //! emulator, the `fwdproxy-dev` launcher) lives in the `devkit` workspace member, never here.
 
 pub mod app;
+pub mod clients;
 pub mod error;
 pub mod pipeline;
 pub mod settings;

@@ -1,0 +1,329 @@
+//! The Cosmos DB account of the abuse log and the user registry, with `azure_data_cosmos`.
+//!
+//! [`CosmosAccount`] connects lazily: building a Cosmos client reads the account's metadata, and
+//! a Cosmos outage at start must not stop the handler (abuse records go to the durable spool
+//! meanwhile, see [`crate::pipeline::audit`]). Each call that needs a container asks for it; a
+//! failed connection is retried by the next call.
+//!
+//! Auth: `COSMOS_KEY` (shared key) when set, otherwise the managed identity (a token credential;
+//! the identity needs the "Cosmos DB Built-in Data Contributor" data-plane role). Databases and
+//! containers are created by the infrastructure (Bicep), not here: data-plane roles cannot
+//! create them.
+//!
+//! Containers: `COSMOS_CONTAINER` holds abuse records (partition key `/user`);
+//! `COSMOS_USERS_CONTAINER` holds one item per registered user (`id` = user name, or a `user`
+//! field; `"enabled": false` excludes an item), read by [`CosmosAccount::list_users`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use azure_core::credentials::TokenCredential;
+use azure_data_cosmos::clients::ContainerClient;
+use azure_data_cosmos::options::Region;
+use azure_data_cosmos::{
+    AccountEndpoint, AccountReference, CosmosClient, CosmosClientBuilder, FeedScope, Query,
+    RoutingStrategy,
+};
+use futures_util::TryStreamExt;
+use serde::Deserialize;
+use url::Url;
+
+pub use azure_data_cosmos::CosmosError;
+
+use crate::settings::{is_loopback_host, Secret, SettingsError, Source};
+
+/// Registry reads stop after this many users (a users container is not meant to be larger; a
+/// bound keeps a mistaken container from eating the handler's memory).
+pub const MAX_USERS: usize = 1_000_000;
+
+/// Cosmos DB settings.
+#[derive(Debug, Clone)]
+pub struct CosmosSettings {
+    /// `COSMOS_ENDPOINT`: `https://<account>.documents.azure.com:443/` (http only for loopback).
+    pub endpoint: Url,
+    /// `COSMOS_KEY`: the account key; `None` = managed identity.
+    pub key: Option<Secret>,
+    /// `COSMOS_DATABASE` (default `fwdproxy`).
+    pub database: String,
+    /// `COSMOS_CONTAINER` (default `abuse-log`): abuse records, partition key `/user`.
+    pub container: String,
+    /// `COSMOS_USERS_CONTAINER` (default `users`): the user registry.
+    pub users_container: String,
+    /// `COSMOS_REGION`, else App Service's `REGION_NAME`: route to the nearest region first.
+    pub region: Option<String>,
+}
+
+impl CosmosSettings {
+    /// `None` when `COSMOS_ENDPOINT` is unset (no Cosmos DB: abuse records go to
+    /// `AUDIT_LOG_PATH`, the registry is `REGISTERED_USERS` alone).
+    pub fn from_source(src: &Source) -> Result<Option<Self>, SettingsError> {
+        let Some(raw) = src.get("COSMOS_ENDPOINT")? else {
+            return Ok(None);
+        };
+        let endpoint = Url::parse(raw).map_err(|e| {
+            SettingsError::new(
+                "COSMOS_ENDPOINT",
+                format!("must be https://<account>.documents.azure.com:443/ ({e})"),
+            )
+        })?;
+        let host = endpoint
+            .host()
+            .ok_or_else(|| SettingsError::new("COSMOS_ENDPOINT", "has no host"))?;
+        match endpoint.scheme() {
+            "https" => {}
+            "http" if is_loopback_host(&host) => {}
+            _ => {
+                return Err(SettingsError::new(
+                    "COSMOS_ENDPOINT",
+                    "must use https:// (http:// only for a loopback emulator)",
+                ))
+            }
+        }
+        let name = |setting: &'static str, default: &str| -> Result<String, SettingsError> {
+            let v = src.get(setting)?.unwrap_or(default);
+            let ok = !v.is_empty()
+                && v.len() <= 255
+                && !v.chars().any(|c| "/\\?#".contains(c) || c.is_control());
+            if ok {
+                Ok(v.to_string())
+            } else {
+                Err(SettingsError::new(
+                    setting,
+                    "must be 1-255 characters without / \\ ? #",
+                ))
+            }
+        };
+        Ok(Some(CosmosSettings {
+            endpoint,
+            key: src.get("COSMOS_KEY")?.map(Secret::new),
+            database: name("COSMOS_DATABASE", "fwdproxy")?,
+            container: name("COSMOS_CONTAINER", "abuse-log")?,
+            users_container: name("COSMOS_USERS_CONTAINER", "users")?,
+            region: match src.get("COSMOS_REGION")? {
+                Some(r) => Some(r.to_string()),
+                None => src.get("REGION_NAME")?.map(str::to_string),
+            },
+        }))
+    }
+}
+
+/// Makes the [`CosmosClientBuilder`] each connection starts from. The default is
+/// `CosmosClientBuilder::new`; tests hand one with the SDK's in-memory emulator runtime and
+/// fault-injection rules.
+pub type BuilderFactory = Arc<dyn Fn() -> CosmosClientBuilder + Send + Sync>;
+
+enum Auth {
+    Key(Secret),
+    Token(Arc<dyn TokenCredential>),
+}
+
+/// The Cosmos DB account, connected on first use and shared.
+pub struct CosmosAccount {
+    settings: CosmosSettings,
+    auth: Auth,
+    builder: BuilderFactory,
+    client: tokio::sync::Mutex<Option<CosmosClient>>,
+    containers: Mutex<HashMap<String, ContainerClient>>,
+}
+
+impl std::fmt::Debug for CosmosAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CosmosAccount")
+            .field("endpoint", &self.settings.endpoint.as_str())
+            .field("database", &self.settings.database)
+            .field("key_auth", &matches!(self.auth, Auth::Key(_)))
+            .finish_non_exhaustive()
+    }
+}
+
+impl CosmosAccount {
+    /// The account from its settings. Without `COSMOS_KEY`, `credential` (the managed
+    /// identity) is required.
+    pub fn new(
+        settings: CosmosSettings,
+        credential: Option<Arc<dyn TokenCredential>>,
+    ) -> Result<Self, SettingsError> {
+        let auth = match (&settings.key, credential) {
+            (Some(key), _) => Auth::Key(key.clone()),
+            (None, Some(c)) => Auth::Token(c),
+            (None, None) => {
+                return Err(SettingsError::new(
+                    "COSMOS_KEY",
+                    "is unset and no managed identity is available for Cosmos DB",
+                ))
+            }
+        };
+        Ok(CosmosAccount {
+            settings,
+            auth,
+            builder: Arc::new(CosmosClientBuilder::new),
+            client: tokio::sync::Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Start every connection from `builder()` instead of `CosmosClientBuilder::new()`.
+    pub fn with_builder(mut self, builder: BuilderFactory) -> Self {
+        self.builder = builder;
+        self
+    }
+
+    pub fn settings(&self) -> &CosmosSettings {
+        &self.settings
+    }
+
+    /// Forget the client and containers, so the next call connects again (after the key was
+    /// rotated, for instance).
+    pub async fn reset(&self) {
+        *self.client.lock().await = None;
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    async fn client(&self) -> Result<CosmosClient, CosmosError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let endpoint: AccountEndpoint = self.settings.endpoint.as_str().parse().map_err(|e| {
+            CosmosError::builder()
+                .with_message(format!("COSMOS_ENDPOINT is not a Cosmos endpoint: {e}"))
+                .build()
+        })?;
+        let account = match &self.auth {
+            Auth::Key(key) => AccountReference::with_authentication_key(
+                endpoint,
+                azure_core::credentials::Secret::new(key.expose().to_string()),
+            ),
+            Auth::Token(c) => AccountReference::with_credential(endpoint, c.clone()),
+        };
+        let routing = match &self.settings.region {
+            Some(r) => RoutingStrategy::ProximityTo(Region::from(r.clone())),
+            None => RoutingStrategy::PreferredRegions(Vec::new()),
+        };
+        let client = (self.builder)().build(account, routing).await?;
+        tracing::info!(target: "cosmos", endpoint = %self.settings.endpoint, "connected to Cosmos DB");
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// A container of the database, cached once resolved.
+    pub async fn container(&self, name: &str) -> Result<ContainerClient, CosmosError> {
+        if let Some(c) = self
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(c.clone());
+        }
+        let client = self.client().await?;
+        let container = client
+            .database_client(self.settings.database.as_str())
+            .container_client(name, None)
+            .await?;
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), container.clone());
+        Ok(container)
+    }
+
+    /// The abuse-log container (`COSMOS_CONTAINER`).
+    pub async fn abuse_container(&self) -> Result<ContainerClient, CosmosError> {
+        self.container(&self.settings.container).await
+    }
+
+    /// Every registered user in `COSMOS_USERS_CONTAINER`: each item's `user` field when it has
+    /// one, its `id` otherwise; items with `"enabled": false` are left out.
+    pub async fn list_users(&self) -> Result<HashSet<String>, CosmosError> {
+        #[derive(Deserialize)]
+        struct UserItem {
+            id: String,
+            #[serde(default)]
+            user: Option<String>,
+            #[serde(default)]
+            enabled: Option<bool>,
+        }
+        let container = self.container(&self.settings.users_container).await?;
+        let query = Query::from("SELECT c.id, c.user, c.enabled FROM c");
+        let mut items = container
+            .query_items::<UserItem>(query, FeedScope::full_container(), None)
+            .await?;
+        let mut users = HashSet::new();
+        while let Some(item) = items.try_next().await? {
+            if item.enabled == Some(false) {
+                continue;
+            }
+            let name = item.user.filter(|u| !u.is_empty()).unwrap_or(item.id);
+            users.insert(name);
+            if users.len() >= MAX_USERS {
+                tracing::warn!(target: "cosmos", max = MAX_USERS, "user registry truncated");
+                break;
+            }
+        }
+        Ok(users)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_defaults_and_checks() {
+        assert!(
+            CosmosSettings::from_source(&Source::from_map(Vec::<(String, String)>::new()))
+                .unwrap()
+                .is_none()
+        );
+        let s = CosmosSettings::from_source(&Source::from_map([(
+            "COSMOS_ENDPOINT",
+            "https://acct.documents.azure.com:443/",
+        )]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.database, "fwdproxy");
+        assert_eq!(s.container, "abuse-log");
+        assert_eq!(s.users_container, "users");
+        assert!(s.key.is_none());
+        for (k, v) in [
+            ("COSMOS_ENDPOINT", "http://acct.documents.azure.com/"),
+            ("COSMOS_ENDPOINT", "not a url"),
+            ("COSMOS_CONTAINER", "a/b"),
+        ] {
+            let mut pairs = vec![("COSMOS_ENDPOINT", "https://acct.documents.azure.com/")];
+            pairs.retain(|(n, _)| *n != k);
+            pairs.push((k, v));
+            let e = CosmosSettings::from_source(&Source::from_map(pairs)).unwrap_err();
+            assert_eq!(e.name, k);
+        }
+        assert!(CosmosSettings::from_source(&Source::from_map([(
+            "COSMOS_ENDPOINT",
+            "http://127.0.0.1:8081/"
+        )]))
+        .is_ok());
+    }
+
+    #[test]
+    fn key_never_printed() {
+        let s = CosmosSettings::from_source(&Source::from_map([
+            ("COSMOS_ENDPOINT", "https://acct.documents.azure.com/"),
+            ("COSMOS_KEY", "c2VjcmV0LWNvc21vcy1rZXk="),
+        ]))
+        .unwrap()
+        .unwrap();
+        let account = CosmosAccount::new(s.clone(), None).unwrap();
+        for text in [format!("{s:?}"), format!("{account:?}")] {
+            assert!(!text.contains("c2VjcmV0"), "{text}");
+        }
+        let mut no_key = s;
+        no_key.key = None;
+        assert_eq!(
+            CosmosAccount::new(no_key, None).unwrap_err().name,
+            "COSMOS_KEY"
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! Secrets by URI from Key Vault: fetched at start with the managed identity, re-fetched on
+//! demand (AOAI answered 401) and periodically — against a local HTTPS vault with a CA the test
+//! generates, speaking the 401 challenge and then `{"value","id"}`.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aoai_fwdproxy::clients::identity::{IdentitySettings, TokenSource};
+use aoai_fwdproxy::clients::keyvault::{KeyVaultSettings, SecretUri, VaultSecret};
+use aoai_fwdproxy::settings::Source;
+use azure_core::http::{ClientOptions, Transport};
+use azure_security_keyvault_secrets::SecretClientOptions;
+use support::keyvault_stub::KeyVaultStub;
+use support::mi_stub;
+
+fn options(vault: &KeyVaultStub) -> SecretClientOptions {
+    SecretClientOptions {
+        client_options: ClientOptions {
+            transport: Some(Transport::new(Arc::new(vault.client()))),
+            ..Default::default()
+        },
+        // The challenge names vault.azure.net while the vault is 127.0.0.1.
+        verify_challenge_resource: Some(false),
+        ..Default::default()
+    }
+}
+
+fn identity(client_id: &str) -> TokenSource {
+    mi_stub::stub();
+    TokenSource::managed_identity(&IdentitySettings {
+        client_id: Some(client_id.into()),
+    })
+    .unwrap()
+}
+
+fn uri(vault: &KeyVaultStub, name: &str) -> SecretUri {
+    SecretUri::parse(
+        "AOAI_OUTAPIKEY_SECRET_URI",
+        &format!("{}/secrets/{name}", vault.url),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn fetched_at_start_through_the_challenge_with_a_managed_identity_token() {
+    let vault = KeyVaultStub::start().await;
+    vault.put("aoai-key", "first-real-aoai-key-0001");
+    let id = "44444444-4444-4444-4444-444444444444";
+    let mi = identity(id);
+
+    let secret =
+        VaultSecret::fetch_with(&uri(&vault, "aoai-key"), mi.credential(), options(&vault))
+            .await
+            .unwrap();
+    assert_eq!(secret.current().expose(), "first-real-aoai-key-0001");
+    assert_eq!(secret.version().as_deref(), Some("v1"));
+    assert_eq!(secret.setting(), "AOAI_OUTAPIKEY_SECRET_URI");
+    assert!(
+        vault.challenged() >= 1,
+        "the SDK first asks without a token"
+    );
+    assert_eq!(vault.served(), 1);
+    assert_eq!(vault.tokens(), [format!("tok-{id}-1")]);
+    // The token was asked for the vault's resource, as the challenge named it.
+    assert_eq!(mi_stub::stub().resources(id), ["https://vault.azure.net"]);
+    let shown = format!("{secret:?}");
+    assert!(!shown.contains("first-real"), "{shown}");
+}
+
+#[tokio::test]
+async fn refresh_picks_up_a_rotated_key_once_for_a_burst_of_401s() {
+    let vault = KeyVaultStub::start().await;
+    vault.put("aoai-key", "old-key-aaaaaaaaaaaa");
+    let mi = identity("55555555-5555-5555-5555-555555555555");
+    let secret =
+        VaultSecret::fetch_with(&uri(&vault, "aoai-key"), mi.credential(), options(&vault))
+            .await
+            .unwrap();
+    secret.set_min_refresh_gap(Duration::ZERO);
+
+    // Nothing rotated yet: a refresh finds the same value.
+    assert!(!secret.refresh().await.unwrap());
+    assert_eq!(vault.served(), 2);
+
+    vault.put("aoai-key", "new-key-bbbbbbbbbbbb");
+    let first = secret.refresh().await.unwrap();
+    assert!(first, "the rotated key is picked up");
+    assert_eq!(secret.current().expose(), "new-key-bbbbbbbbbbbb");
+    assert_eq!(secret.version().as_deref(), Some("v2"));
+
+    // A burst of 401s right after: one gap-limited call at most, here none.
+    secret.set_min_refresh_gap(Duration::from_secs(30));
+    let served = vault.served();
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let s = secret.clone();
+        burst.spawn(async move { s.refresh().await.unwrap() });
+    }
+    while let Some(r) = burst.join_next().await {
+        assert!(!r.unwrap());
+    }
+    assert_eq!(
+        vault.served(),
+        served,
+        "a burst of 401s must not hammer Key Vault"
+    );
+}
+
+#[tokio::test]
+async fn periodic_refresh_and_a_failing_vault_keeps_the_last_good_value() {
+    let vault = KeyVaultStub::start().await;
+    vault.put("cs-key", "content-safety-key-1");
+    let mi = identity("66666666-6666-6666-6666-666666666666");
+    let secret = VaultSecret::fetch_with(&uri(&vault, "cs-key"), mi.credential(), options(&vault))
+        .await
+        .unwrap();
+    secret.set_min_refresh_gap(Duration::ZERO);
+    vault.put("cs-key", "content-safety-key-2");
+    let task = secret.spawn_periodic(Duration::from_millis(200));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while secret.current().expose() != "content-safety-key-2"
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(secret.current().expose(), "content-safety-key-2");
+    task.abort();
+
+    // The vault refuses from now on: refresh fails, the value stays.
+    vault.forbid();
+    let e = secret.refresh().await.unwrap_err();
+    assert_eq!(e.setting, "AOAI_OUTAPIKEY_SECRET_URI");
+    assert!(!e.to_string().contains("content-safety-key"));
+    assert_eq!(secret.current().expose(), "content-safety-key-2");
+    assert!(secret.failures() >= 1);
+}
+
+#[tokio::test]
+async fn an_unknown_secret_fails_the_start_with_the_setting_named() {
+    let vault = KeyVaultStub::start().await;
+    let mi = identity("77777777-7777-7777-7777-777777777777");
+    let e = VaultSecret::fetch_with(&uri(&vault, "missing"), mi.credential(), options(&vault))
+        .await
+        .unwrap_err();
+    assert_eq!(e.setting, "AOAI_OUTAPIKEY_SECRET_URI");
+}
+
+#[tokio::test]
+async fn without_the_test_ca_the_vault_is_not_trusted() {
+    let vault = KeyVaultStub::start().await;
+    vault.put("aoai-key", "never-seen-key-000000");
+    let mi = identity("88888888-8888-8888-8888-888888888888");
+    let untrusted = SecretClientOptions {
+        client_options: ClientOptions {
+            transport: Some(Transport::new(Arc::new(
+                reqwest::Client::builder().no_proxy().build().unwrap(),
+            ))),
+            retry: azure_core::http::RetryOptions::none(),
+            ..Default::default()
+        },
+        verify_challenge_resource: Some(false),
+        ..Default::default()
+    };
+    assert!(
+        VaultSecret::fetch_with(&uri(&vault, "aoai-key"), mi.credential(), untrusted)
+            .await
+            .is_err()
+    );
+    assert_eq!(vault.served(), 0);
+}
+
+#[test]
+fn settings_name_each_secret_uri() {
+    let s = KeyVaultSettings::from_source(&Source::from_map([
+        (
+            "AOAI_OUTAPIKEY_SECRET_URI",
+            "https://v.vault.azure.net/secrets/aoai",
+        ),
+        (
+            "CONTENT_SAFETY_KEY_SECRET_URI",
+            "https://v.vault.azure.net/secrets/cs/abc123",
+        ),
+        (
+            "COSMOS_KEY_SECRET_URI",
+            "https://v.vault.azure.net/secrets/cosmos",
+        ),
+        ("KEYVAULT_REFRESH_SECS", "600"),
+    ]))
+    .unwrap();
+    assert_eq!(s.aoai_key.unwrap().name, "aoai");
+    assert_eq!(
+        s.content_safety_key.unwrap().version.as_deref(),
+        Some("abc123")
+    );
+    assert_eq!(s.cosmos_key.unwrap().setting, "COSMOS_KEY_SECRET_URI");
+    assert_eq!(s.refresh, Some(Duration::from_secs(600)));
+    let e = KeyVaultSettings::from_source(&Source::from_map([(
+        "COSMOS_KEY_SECRET_URI",
+        "http://v.vault.azure.net/secrets/cosmos",
+    )]))
+    .unwrap_err();
+    assert_eq!(e.name, "COSMOS_KEY_SECRET_URI");
+}

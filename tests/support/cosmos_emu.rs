@@ -1,0 +1,148 @@
+//! The Cosmos DB SDK's own in-memory emulator (feature `__internal_in_memory_emulator`), with
+//! the SDK's public `fault_injection` rules, behind the handler's [`CosmosAccount`].
+//!
+//! Each [`Emu`] is a separate virtual account holding database `fwdproxy` with the containers
+//! `abuse-log` (partition key `/user`) and `users` (partition key `/id`). Clients built from it
+//! share its store, so a "restarted" handler sees what the first one wrote.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use aoai_fwdproxy::clients::cosmos::{CosmosAccount, CosmosSettings};
+use aoai_fwdproxy::settings::Source;
+use azure_data_cosmos::fault_injection::FaultInjectionRule;
+use azure_data_cosmos::options::Region;
+use azure_data_cosmos::{
+    AccountEndpoint, AccountReference, CosmosClientBuilder, CosmosRuntime, CosmosRuntimeBuilder,
+    FeedScope, Query, RoutingStrategy,
+};
+use azure_data_cosmos_driver::in_memory_emulator::{
+    EmulatorStore, InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion,
+};
+use futures_util::TryStreamExt;
+
+pub const ENDPOINT: &str = "https://eastus.emulator.local";
+/// The emulator accepts any well-formed key.
+pub const KEY: &str = "dGVzdGtleQ==";
+pub const DATABASE: &str = "fwdproxy";
+pub const CONTAINER: &str = "abuse-log";
+pub const USERS: &str = "users";
+
+pub struct Emu {
+    pub store: Arc<EmulatorStore>,
+    runtime: CosmosRuntime,
+}
+
+impl Emu {
+    pub async fn start() -> Self {
+        let config = VirtualAccountConfig::new(vec![VirtualRegion::new(
+            "East US",
+            azure_core::http::Url::parse(ENDPOINT).unwrap(),
+        )])
+        .unwrap();
+        let emulator = Arc::new(InMemoryEmulatorHttpClient::new(config));
+        let store = emulator.store();
+        store.create_database(DATABASE);
+        for (name, pk) in [(CONTAINER, "/user"), (USERS, "/id")] {
+            store.create_container(
+                DATABASE,
+                name,
+                serde_json::from_value(serde_json::json!({
+                    "paths": [pk], "kind": "Hash", "version": 2
+                }))
+                .unwrap(),
+            );
+        }
+        let runtime = CosmosRuntimeBuilder::from(emulator.runtime_builder())
+            .build()
+            .await
+            .unwrap();
+        Emu { store, runtime }
+    }
+
+    /// The settings a handler would have for this account.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        [
+            ("COSMOS_ENDPOINT", ENDPOINT),
+            ("COSMOS_KEY", KEY),
+            ("COSMOS_DATABASE", DATABASE),
+            ("COSMOS_CONTAINER", CONTAINER),
+            ("COSMOS_USERS_CONTAINER", USERS),
+            ("COSMOS_REGION", "East US"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    pub fn settings(&self) -> CosmosSettings {
+        CosmosSettings::from_source(&Source::from_map(self.pairs()))
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The handler's account on this emulator, with `rules` injected below the SDK's retries.
+    pub fn account(&self, rules: Vec<Arc<FaultInjectionRule>>) -> Arc<CosmosAccount> {
+        let runtime = self.runtime.clone();
+        let factory = move || {
+            let b = CosmosClientBuilder::new().with_runtime(runtime.clone());
+            if rules.is_empty() {
+                b
+            } else {
+                b.with_fault_injection_rules(rules.clone()).unwrap()
+            }
+        };
+        Arc::new(
+            CosmosAccount::new(self.settings(), None)
+                .unwrap()
+                .with_builder(Arc::new(factory)),
+        )
+    }
+
+    /// A fault-free client of the same account, to look at what is stored.
+    pub async fn container(&self, name: &str) -> azure_data_cosmos::clients::ContainerClient {
+        let account = AccountReference::with_authentication_key(
+            ENDPOINT.parse::<AccountEndpoint>().unwrap(),
+            azure_core::credentials::Secret::new(KEY),
+        );
+        CosmosClientBuilder::new()
+            .with_runtime(self.runtime.clone())
+            .build(account, RoutingStrategy::ProximityTo(Region::EAST_US))
+            .await
+            .unwrap()
+            .database_client(DATABASE)
+            .container_client(name, None)
+            .await
+            .unwrap()
+    }
+
+    /// Every id in the abuse-log container, and whether any appears twice.
+    pub async fn abuse_ids(&self) -> (Vec<String>, bool) {
+        #[derive(serde::Deserialize)]
+        struct Id {
+            id: String,
+        }
+        let c = self.container(CONTAINER).await;
+        let mut it = c
+            .query_items::<Id>(
+                Query::from("SELECT c.id FROM c"),
+                FeedScope::full_container(),
+                None,
+            )
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        while let Some(i) = it.try_next().await.unwrap() {
+            ids.push(i.id);
+        }
+        let unique: HashSet<&String> = ids.iter().collect();
+        let dup = unique.len() != ids.len();
+        (ids, dup)
+    }
+
+    pub async fn abuse_count(&self) -> usize {
+        let (ids, dup) = self.abuse_ids().await;
+        assert!(!dup, "an abuse record is stored twice");
+        ids.len()
+    }
+}
