@@ -371,10 +371,10 @@ fi
 
 # The handler ran inside dist/package: it must not have left anything there.
 AFTER="$(list_package)"
-if [[ "$AFTER" == "$EXPECTED" ]]; then
+if [[ "$AFTER" == "$PKG_LIST" ]]; then
   pass "dist/package unchanged by the run"
 else
-  fail "the run left files in dist/package: $(comm -13 <(echo "$EXPECTED") <(echo "$AFTER") | tr '\n' ' ')"
+  fail "the run changed dist/package: new $(comm -13 <(echo "$PKG_LIST") <(echo "$AFTER") | tr '\n' ' ')gone $(comm -23 <(echo "$PKG_LIST") <(echo "$AFTER") | tr '\n' ' ')"
 fi
 scan_for_secrets "after the run"
 

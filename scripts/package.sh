@@ -115,7 +115,7 @@ case "$MODE" in
       [[ -d "$(rustc --print target-libdir --target x86_64-unknown-linux-gnu)" ]] ||
       die "the Rust target x86_64-unknown-linux-gnu is not installed (rustup target add x86_64-unknown-linux-gnu)"
     say "cargo zigbuild --release --bin handler --target x86_64-unknown-linux-gnu.$GLIBC_FLOOR"
-    PATH="$ZIG_PATH:$PATH" "$ZIGBUILD" zigbuild --release --bin handler \
+    PATH="$ZIG_PATH:$PATH" "$ZIGBUILD" zigbuild --release --locked --bin handler \
       --target "x86_64-unknown-linux-gnu.$GLIBC_FLOOR"
     BIN="$TARGET_DIR/x86_64-unknown-linux-gnu/release/handler"
     ;;
@@ -123,7 +123,7 @@ case "$MODE" in
     [[ "$(uname -s)-$(uname -m)" == "Linux-x86_64" ]] ||
       die "--host-glibc builds for this machine, which is not Linux x86-64: use the default (zig) or --musl"
     say "cargo build --release --bin handler (glibc of this machine: $(ldd --version 2>/dev/null | head -n1 | awk '{print $NF}'))"
-    cargo build --release --bin handler
+    cargo build --release --locked --bin handler
     BIN="$TARGET_DIR/release/handler"
     ;;
   musl)
@@ -133,7 +133,7 @@ case "$MODE" in
     command -v musl-gcc >/dev/null ||
       die "musl-gcc not found (aws-lc-sys compiles C for the target): apt-get install musl-tools"
     say "cargo build --release --bin handler --target x86_64-unknown-linux-musl (static)"
-    CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --bin handler --target x86_64-unknown-linux-musl
+    CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --locked --bin handler --target x86_64-unknown-linux-musl
     BIN="$TARGET_DIR/x86_64-unknown-linux-musl/release/handler"
     ;;
 esac
