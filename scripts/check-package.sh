@@ -158,8 +158,11 @@ else
   fail "handler is not a 64-bit little-endian x86-64 ELF executable: $elf"
 fi
 
-GLIBC_NEED="$( (objdump -T "$H" 2>/dev/null || true) | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/^GLIBC_//' | sort -uV | tail -n1)"
-INTERP="$(readelf -l "$H" 2>/dev/null | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p')"
+if ! command -v objdump >/dev/null || ! command -v readelf >/dev/null; then
+  fail "objdump and readelf (binutils) are needed to read the handler's glibc needs: apt-get install binutils"
+fi
+GLIBC_NEED="$( (objdump -T "$H" 2>/dev/null || true) | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/^GLIBC_//' | sort -uV | tail -n1 || true)"
+INTERP="$( (readelf -l "$H" 2>/dev/null || true) | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p')"
 if [[ -z "$GLIBC_NEED" ]]; then
   if [[ -z "$INTERP" ]]; then
     pass "handler is statically linked: no glibc requirement (floor $GLIBC_FLOOR irrelevant)"
@@ -307,7 +310,7 @@ PY
 
 if health="$(probe health "$PORT" "$START_TIMEOUT_S")"; then
   T1="$(date +%s%N)"
-  READY_MS="$(grep -o '"ready_ms":[0-9.]*' "$WORK/handler.log" | head -n1 | cut -d: -f2 | cut -d. -f1)"
+  READY_MS="$(grep -o '"ready_ms":[0-9.]*' "$WORK/handler.log" | head -n1 | cut -d: -f2 | cut -d. -f1 || true)"
   pass "health route answered 200 JSON $(( (T1 - T0) / 1000000 )) ms after the spawn, probe start-up included (limit ${START_TIMEOUT_S} s; handler logged ready after ${READY_MS:-?} ms): ${health#OK }"
 else
   fail "health route: $health"
