@@ -176,9 +176,17 @@ if command -v objdump >/dev/null; then
   [[ -n "$V" ]] && GLIBC_NEEDS="glibc >= $V"
 fi
 say "package ready"
-(cd "$PKG" && find . -type f -printf '    %m  %10s  %P\n' | sort -k3)
-echo "    handler: $(file -b "$PKG/handler" 2>/dev/null | cut -d, -f1-2 || echo ELF), needs $GLIBC_NEEDS"
-echo "    sha256:  $(sha256sum "$PKG/handler" | cut -d' ' -f1)"
-echo "    zip:     ${ZIP#"$ROOT"/} ($(stat -c %s "$ZIP") bytes)"
+python3 - "$PKG" "$ZIP" "$GLIBC_NEEDS" <<'PY'
+import hashlib, os, stat, sys
+pkg, zpath, needs = sys.argv[1:4]
+for name in ["FwdProxy/function.json", "handler", "host.json"]:
+    st = os.stat(os.path.join(pkg, name))
+    print(f"    {oct(stat.S_IMODE(st.st_mode))[2:]}  {st.st_size:>10}  {name}")
+with open(os.path.join(pkg, "handler"), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+print(f"    handler: Linux x86-64 ELF, needs {needs}")
+print(f"    sha256:  {digest}")
+print(f"    zip:     dist/{os.path.basename(zpath)} ({os.path.getsize(zpath)} bytes)")
+PY
 echo "    deploy:  cd dist/package && func azure functionapp publish <app> --no-build --custom"
 echo "             az functionapp deployment source config-zip -g <rg> -n <app> --src dist/fwdproxy.zip"
