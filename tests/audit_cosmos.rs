@@ -573,3 +573,65 @@ async fn the_user_registry_lists_users_from_the_users_container() {
     )]);
     assert!(down.list_users().await.is_err());
 }
+
+#[tokio::test]
+async fn the_registry_refresh_keeps_the_last_good_copy_while_cosmos_is_down() {
+    use aoai_fwdproxy::clients::cosmos::{spawn_user_refresh, CosmosAccount};
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    let emu = Emu::start().await;
+    let users = emu.container("users").await;
+    users
+        .upsert_item("alice", "alice", &serde_json::json!({"id": "alice"}), None)
+        .await
+        .unwrap();
+    let outage = rule(
+        "registry-outage",
+        FaultInjectionErrorType::ServiceUnavailable,
+        None,
+    );
+    outage.disable();
+    let mut pairs = emu.pairs();
+    pairs.push(("COSMOS_USERS_REFRESH_SECS".into(), "1".into()));
+    let cosmos =
+        aoai_fwdproxy::clients::cosmos::CosmosSettings::from_source(&Source::from_map(pairs))
+            .unwrap()
+            .unwrap();
+    let rules = vec![outage.clone()];
+    let emu_account = emu.account(rules);
+    // Same account wiring as Emu::account, with a 1 s refresh.
+    let account = Arc::new(
+        CosmosAccount::new(cosmos, None)
+            .unwrap()
+            .with_builder(emu_account.builder_factory()),
+    );
+    let seen: Arc<Mutex<Vec<HashSet<String>>>> = Arc::default();
+    let sink = seen.clone();
+    let task = spawn_user_refresh(account, move |u| sink.lock().unwrap().push(u));
+    assert!(
+        eventually(Duration::from_secs(10), async || seen.lock().unwrap().len()
+            == 1)
+        .await
+    );
+    assert!(seen.lock().unwrap()[0].contains("alice"));
+    // Cosmos down: no empty copy is handed out.
+    outage.enable();
+    users
+        .upsert_item("bob", "bob", &serde_json::json!({"id": "bob"}), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "failed reads apply nothing");
+    // Back: bob appears.
+    outage.disable();
+    assert!(
+        eventually(Duration::from_secs(10), async || seen
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|u| u.contains("bob")))
+        .await
+    );
+    task.abort();
+}

@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
 use azure_data_cosmos::clients::ContainerClient;
@@ -51,6 +52,8 @@ pub struct CosmosSettings {
     pub users_container: String,
     /// `COSMOS_REGION`, else App Service's `REGION_NAME`: route to the nearest region first.
     pub region: Option<String>,
+    /// `COSMOS_USERS_REFRESH_SECS` (default 300): how often the user registry is re-read.
+    pub users_refresh: Duration,
 }
 
 impl CosmosSettings {
@@ -102,6 +105,16 @@ impl CosmosSettings {
             region: match src.get("COSMOS_REGION")? {
                 Some(r) => Some(r.to_string()),
                 None => src.get("REGION_NAME")?.map(str::to_string),
+            },
+            users_refresh: {
+                let secs: u64 = src.number("COSMOS_USERS_REFRESH_SECS", 300)?;
+                if secs == 0 {
+                    return Err(SettingsError::new(
+                        "COSMOS_USERS_REFRESH_SECS",
+                        "must be above 0",
+                    ));
+                }
+                Duration::from_secs(secs)
             },
         }))
     }
@@ -166,6 +179,11 @@ impl CosmosAccount {
     pub fn with_builder(mut self, builder: BuilderFactory) -> Self {
         self.builder = builder;
         self
+    }
+
+    /// The factory connections start from (to build a sibling account with other settings).
+    pub fn builder_factory(&self) -> BuilderFactory {
+        self.builder.clone()
     }
 
     pub fn settings(&self) -> &CosmosSettings {
@@ -266,6 +284,54 @@ impl CosmosAccount {
         }
         Ok(users)
     }
+}
+
+/// Read the user registry now and then every `COSMOS_USERS_REFRESH_SECS`, handing each good
+/// read to `apply` (the registry replaces its remote copy). A failed read is logged and the
+/// last good copy stays; the first read is retried after 5 s while none has succeeded. One
+/// read may take at most 30 s. Runs until the task is aborted.
+pub fn spawn_user_refresh(
+    account: Arc<CosmosAccount>,
+    apply: impl Fn(HashSet<String>) + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    const READ_TIMEOUT: Duration = Duration::from_secs(30);
+    const FIRST_RETRY: Duration = Duration::from_secs(5);
+    let every = account.settings.users_refresh;
+    tokio::spawn(async move {
+        let mut loaded = false;
+        loop {
+            let started = std::time::Instant::now();
+            match tokio::time::timeout(READ_TIMEOUT, account.list_users()).await {
+                Ok(Ok(users)) => {
+                    tracing::info!(
+                        target: "registry",
+                        users = users.len(),
+                        read_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "user registry refreshed from Cosmos DB"
+                    );
+                    apply(users);
+                    loaded = true;
+                }
+                Ok(Err(e)) => tracing::warn!(
+                    target: "registry",
+                    error = %e,
+                    kept_last_good_copy = loaded,
+                    "user registry refresh failed; keeping the last good copy"
+                ),
+                Err(_) => tracing::warn!(
+                    target: "registry",
+                    kept_last_good_copy = loaded,
+                    "user registry refresh timed out; keeping the last good copy"
+                ),
+            }
+            tokio::time::sleep(if loaded {
+                every
+            } else {
+                every.min(FIRST_RETRY)
+            })
+            .await;
+        }
+    })
 }
 
 #[cfg(test)]
