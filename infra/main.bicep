@@ -194,7 +194,7 @@ param probeUnhealthyThreshold int = loadJsonContent('appgw-probe.json').unhealth
 
 var probeFile = loadJsonContent('appgw-probe.json')
 var rewriteRules = loadJsonContent('rewrite-rules.json').rewriteRules
-var storageAccountName = toLower(take('st${namePrefix}${uniqueString(resourceGroup().id)}', 24))
+var storageAccountName = toLower(take(replace('st${namePrefix}${uniqueString(resourceGroup().id)}', '-', ''), 24))
 var keyVaultName = take('kv-${namePrefix}-${uniqueString(resourceGroup().id)}', 24)
 var keyVaultSecretsBase = 'https://${keyVaultName}${environment().suffixes.keyvaultDns}/secrets/'
 var packageContainerName = 'function-packages'
