@@ -2,11 +2,13 @@
 //!
 //! # Layout
 //! - [`appgw`]: Application Gateway rewrite-rule evaluator (the same `infra/` JSON AppGW loads).
-//! //! - [`sim`]: simulators of Azure OpenAI ([`sim::aoai`]) and Content Safety
+//! - [`gateway`]: Application Gateway emulator: rewrite rules, health probe, round-robin, 502.
+//! - [`sim`]: simulators of Azure OpenAI ([`sim::aoai`]) and Content Safety
 //!   ([`sim::content_safety`]), with a plausible tokenizer ([`sim::tokens`]).
 //! - [`launcher`]: `fwdproxy-dev`, the whole set on loopback in one command.
 //! - [`procs`]: the launcher's child processes, which never outlive it.
 //! - [`server`]: the loopback server loop every piece above shares.
 pub mod appgw;
+pub mod gateway;
 pub mod server;
 pub mod sim;
