@@ -10,5 +10,7 @@
 //! - [`server`]: the loopback server loop every piece above shares.
 pub mod appgw;
 pub mod gateway;
+pub mod launcher;
+pub mod procs;
 pub mod server;
 pub mod sim;
