@@ -635,3 +635,54 @@ async fn the_registry_refresh_keeps_the_last_good_copy_while_cosmos_is_down() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn sigterm_during_an_outage_spools_what_is_being_retried_and_loses_nothing() {
+    let emu = Emu::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let outage = rule(
+        "outage-at-sigterm",
+        FaultInjectionErrorType::ServiceUnavailable,
+        None,
+    );
+    // Many tries with long waits: the writer is deep in retries when SIGTERM comes.
+    let audit = Audit::start(
+        settings(
+            &emu,
+            dir.path(),
+            &[
+                ("AUDIT_MAX_ATTEMPTS", "50"),
+                ("AUDIT_RETRY_BASE_MS", "1000"),
+            ],
+        ),
+        Some(emu.account(vec![outage.clone()])),
+    )
+    .unwrap();
+    for i in 0..100 {
+        audit.submit(record(i, "sigterm"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let report = audit.shutdown(Duration::from_secs(2)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(report.completed, "{report:?}");
+    let stats = audit.stats();
+    assert_eq!(stats.lost, 0);
+    assert_eq!(stats.spooled, 100, "{stats:?}");
+    assert_eq!(lines(&dir.path().join("spool.jsonl")), 100);
+    drop(audit);
+
+    outage.disable();
+    let next = Audit::start(settings(&emu, dir.path(), &[]), Some(emu.account(vec![]))).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), async || emu.abuse_count().await
+            == 100)
+        .await
+    );
+    next.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(emu.abuse_count().await, 100);
+}

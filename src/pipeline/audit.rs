@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clients::cosmos::{CosmosAccount, CosmosError, CosmosSettings};
 use crate::settings::{SettingsError, Source};
@@ -250,6 +250,9 @@ enum Sink {
 struct CosmosSink {
     queue: mpsc::Sender<AbuseRecord>,
     control: mpsc::Sender<Control>,
+    /// The deadline of a flush, so a write in progress (retrying through an outage) gives way
+    /// and its records are spooled instead of being cut off by the end of the process.
+    hurry: watch::Sender<Option<tokio::time::Instant>>,
     spool: Arc<Spool>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -294,6 +297,7 @@ impl Audit {
         let counters = Arc::new(Counters::default());
         let (queue, queue_rx) = mpsc::channel(settings.queue_capacity);
         let (control, control_rx) = mpsc::channel(4);
+        let (hurry, hurry_rx) = watch::channel(None);
         let writer = Writer {
             account,
             settings: settings.clone(),
@@ -304,6 +308,7 @@ impl Audit {
             spool: spool.clone(),
             queue: queue_rx,
             control: control_rx,
+            hurry: hurry_rx,
             down: false,
             probe_wait: settings.replay_interval,
             next_probe: tokio::time::Instant::now(),
@@ -323,6 +328,7 @@ impl Audit {
             sink: Sink::Cosmos(CosmosSink {
                 queue,
                 control,
+                hurry,
                 spool,
                 worker: Mutex::new(Some(handle)),
             }),
@@ -412,6 +418,7 @@ impl Audit {
             };
         };
         let until = tokio::time::Instant::now() + deadline;
+        sink.hurry.send_replace(Some(until));
         let (done, answer) = oneshot::channel();
         let sent = tokio::time::timeout_at(
             until,
@@ -426,10 +433,14 @@ impl Audit {
             return FlushReport::default();
         }
         // The worker spools whatever is left at the deadline; give it a moment past it.
-        match tokio::time::timeout_at(until + Duration::from_secs(2), answer).await {
+        let report = match tokio::time::timeout_at(until + Duration::from_secs(2), answer).await {
             Ok(Ok(report)) => report,
             _ => FlushReport::default(),
+        };
+        if !close {
+            sink.hurry.send_replace(None);
         }
+        report
     }
 
     fn write_file(&self, lock: &Mutex<()>, record: &AbuseRecord) {
@@ -809,6 +820,7 @@ struct Worker {
     spool: Arc<Spool>,
     queue: mpsc::Receiver<AbuseRecord>,
     control: mpsc::Receiver<Control>,
+    hurry: watch::Receiver<Option<tokio::time::Instant>>,
     /// Cosmos did not take a record within its tries: spool new records until a replay works.
     down: bool,
     probe_wait: Duration,
@@ -863,7 +875,17 @@ impl Worker {
             spool_records(&self.spool, &self.writer.counters, &batch, "cosmos down");
             return;
         }
-        let outcomes = self.writer.write_all(&batch).await;
+        let mut hurry = self.hurry.clone();
+        let writer = self.writer.clone();
+        let outcomes = tokio::select! {
+            o = writer.write_all(&batch) => o,
+            _ = hurried(&mut hurry) => {
+                // A flush is due: these may be in Cosmos already; the replay upserts them
+                // again under the same ids.
+                spool_records(&self.spool, &self.writer.counters, &batch, "flush deadline");
+                return;
+            }
+        };
         self.settle(batch, outcomes, false);
     }
 
@@ -968,7 +990,12 @@ impl Worker {
                 }
             }
             let n = chunk.len();
-            let outcomes = writer.write_all(&chunk).await;
+            let mut hurry = self.hurry.clone();
+            let outcomes = tokio::select! {
+                o = writer.write_all(&chunk) => o,
+                // A flush is due: leave the file as it is, the next start replays it.
+                _ = hurried(&mut hurry) => return,
+            };
             if !self.settle(chunk, outcomes, true) {
                 // Cosmos is down again: the file stays as it is.
                 tracing::warn!(
@@ -1075,6 +1102,21 @@ impl Worker {
                     report.spooled += n;
                 }
             }
+        }
+    }
+}
+
+/// Resolves shortly before the deadline of a requested flush; never without one.
+async fn hurried(hurry: &mut watch::Receiver<Option<tokio::time::Instant>>) {
+    loop {
+        let due = *hurry.borrow_and_update();
+        if let Some(deadline) = due {
+            let margin = Duration::from_millis(500);
+            tokio::time::sleep_until(deadline.checked_sub(margin).unwrap_or(deadline)).await;
+            return;
+        }
+        if hurry.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
