@@ -437,6 +437,11 @@ module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: {
         value: '${storage.outputs.blobEndpoint}${packageContainerName}/${packageBlobName}'
       }
       {
+        // Fetch that blob with the system-assigned identity (the default, stated explicitly).
+        name: 'WEBSITE_RUN_FROM_PACKAGE_BLOB_MI_RESOURCE_ID'
+        value: 'SystemAssigned'
+      }
+      {
         name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
         value: monitoring.outputs.appInsightsConnectionString
       }
