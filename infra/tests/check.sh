@@ -12,7 +12,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 infra="$(cd "$here/.." && pwd)"
 repo="$(cd "$infra/.." && pwd)"
-venv="$repo/.venv"
+venv="$repo/.venv-infra"  # its own: checkov pins packaging<24, the test tools want newer
 requirements="$here/requirements.txt"
 
 failed=0

@@ -182,12 +182,12 @@ pub struct Refusal {
     pub inspected: Inspected,
 }
 
-fn refuse(error: AppError, reason: Reason, inspected: Inspected) -> Refusal {
-    Refusal {
+fn refuse(error: AppError, reason: Reason, inspected: Inspected) -> Box<Refusal> {
+    Box::new(Refusal {
         error,
         reason,
         inspected,
-    }
+    })
 }
 
 /// Inspect a buffered JSON body: parse, extract the prompt (when `want_prompt`), check the user.
@@ -198,7 +198,7 @@ pub fn inspect(
     check: UserCheck,
     registry: &UserRegistry,
     want_prompt: bool,
-) -> Result<Inspected, Refusal> {
+) -> Result<Inspected, Box<Refusal>> {
     let mut inspected = Inspected::default();
     if !is_json(headers) {
         return Err(refuse(
@@ -420,7 +420,7 @@ mod tests {
         UserRegistry::new(["alice".to_string()].into_iter().collect())
     }
 
-    fn run(body: &str, op: Operation, check: UserCheck) -> Result<Inspected, Refusal> {
+    fn run(body: &str, op: Operation, check: UserCheck) -> Result<Inspected, Box<Refusal>> {
         inspect(
             &json_headers(),
             &Bytes::from(body.to_string()),

@@ -160,11 +160,11 @@ pub fn resolve(method: &Method, path: &str, query: Option<&str>) -> Result<Route
 
     match segments.as_slice() {
         ["deployments", "health", "check"] => {
-            return if method == Method::GET || method == Method::HEAD {
+            if method == Method::GET || method == Method::HEAD {
                 Ok(Route::Health)
             } else {
                 Err(AppError::MethodNotAllowed)
-            };
+            }
         }
         ["deployments", deployment, op @ ..] if !op.is_empty() => {
             check_deployment(deployment)?;

@@ -246,9 +246,14 @@ pub async fn closed_port() -> String {
 #[derive(Clone)]
 pub struct MockContentSafety {
     pub addr: SocketAddr,
-    seen: Arc<Mutex<Vec<(String, HeaderMap, serde_json::Value)>>>,
-    fail: Arc<Mutex<Option<(u16, Vec<(&'static str, &'static str)>)>>>,
+    seen: Arc<Mutex<Vec<CsCall>>>,
+    fail: Arc<Mutex<Option<CannedFailure>>>,
 }
+
+/// A status and headers to answer with instead of a verdict.
+type CannedFailure = (u16, Vec<(&'static str, &'static str)>);
+/// One recorded Content Safety call: path with query, headers, JSON body.
+type CsCall = (String, HeaderMap, serde_json::Value);
 
 pub const CS_KEY: &str = "content-safety-key-0123456789";
 pub const FLAGS: &[(&str, &str, u8)] = &[
@@ -283,15 +288,15 @@ impl MockContentSafety {
     }
 
     /// (path with query, headers, JSON body) of every call.
-    pub fn calls(&self) -> Vec<(String, HeaderMap, serde_json::Value)> {
+    pub fn calls(&self) -> Vec<CsCall> {
         self.seen.lock().unwrap().clone()
     }
 }
 
 async fn cs_answer(
     req: Request,
-    seen: Arc<Mutex<Vec<(String, HeaderMap, serde_json::Value)>>>,
-    fail: Arc<Mutex<Option<(u16, Vec<(&'static str, &'static str)>)>>>,
+    seen: Arc<Mutex<Vec<CsCall>>>,
+    fail: Arc<Mutex<Option<CannedFailure>>>,
 ) -> Response {
     let (parts, body) = req.into_parts();
     let body = body
