@@ -4,19 +4,19 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// utime + stime of a process (all its threads, dead ones included), in clock ticks.
-pub fn cpu_ticks(pid: i32) -> u64 {
+/// (utime, stime) of a process (all its threads, dead ones included), in clock ticks.
+pub fn cpu_ticks(pid: i32) -> (u64, u64) {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
+        return (0, 0);
     };
     // Fields after the `(comm)`, which may hold spaces: state is field 3, utime 14, stime 15.
     let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
-        return 0;
+        return (0, 0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
     let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    utime + stime
+    (utime, stime)
 }
 
 pub fn clk_tck() -> f64 {
@@ -128,8 +128,12 @@ impl Proc {
         v
     }
 
-    pub fn cpu_ticks(&self) -> u64 {
-        self.pids().into_iter().map(cpu_ticks).sum()
+    /// (user, system) ticks of the process and its children.
+    pub fn cpu_ticks(&self) -> (u64, u64) {
+        self.pids()
+            .into_iter()
+            .map(cpu_ticks)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     pub fn rss_kb(&self, field: &str) -> u64 {

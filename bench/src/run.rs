@@ -41,7 +41,7 @@ struct Cfg {
     starts: usize,
     commit: String,
     nice: i32,
-    alt: Option<PathBuf>,
+    alt: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -65,6 +65,7 @@ struct Target {
     idle_rss_kb: u64,
     peak_rss_kb: u64,
     cpu_us: Vec<f64>,
+    sys_us: Vec<f64>,
     rps: Vec<f64>,
     wrk_p50: Vec<f64>,
     wrk_p99: Vec<f64>,
@@ -73,6 +74,9 @@ struct Target {
     gaps_ns: Vec<u64>,
     streams_ok: usize,
     streams_bad: usize,
+    /// CPU ticks and requests of the 1-connection latency runs.
+    cpu1_ticks: u64,
+    cpu1_reqs: u64,
     coalesced: usize,
 }
 
@@ -91,6 +95,7 @@ impl Target {
             idle_rss_kb: 0,
             peak_rss_kb: 0,
             cpu_us: Vec::new(),
+            sys_us: Vec::new(),
             rps: Vec::new(),
             wrk_p50: Vec::new(),
             wrk_p99: Vec::new(),
@@ -99,8 +104,18 @@ impl Target {
             gaps_ns: Vec::new(),
             streams_ok: 0,
             streams_bad: 0,
+            cpu1_ticks: 0,
+            cpu1_reqs: 0,
             coalesced: 0,
         }
+    }
+
+    /// user + system ticks of the proxy (direct: none).
+    fn cpu_total(&self) -> u64 {
+        self.proc.as_ref().map_or(0, |p| {
+            let (u, s) = p.cpu_ticks();
+            u + s
+        })
     }
 
     fn url(&self) -> String {
@@ -463,9 +478,11 @@ pub fn main(args: &[String]) {
         commit: arg(args, "--commit").unwrap_or_default(),
         nice: env_or("BENCH_NICE", -15),
         alt: std::env::var("BENCH_ALT")
-            .ok()
+            .unwrap_or_default()
+            .split(',')
             .filter(|v| !v.is_empty())
-            .map(PathBuf::from),
+            .map(str::to_string)
+            .collect(),
     };
     std::fs::create_dir_all(&cfg.work).expect("work dir");
     let (cpu, kernel, load_before) = machine();
@@ -527,18 +544,23 @@ pub fn main(args: &[String]) {
             &screen_env,
         ),
     ];
-    // A/B: a second handler binary (a proposed change) measured in the same run.
-    if let Some(alt) = &cfg.alt {
-        let label = std::env::var("BENCH_ALT_LABEL").unwrap_or_else(|_| "alt".into());
+    // A/B: other handler binaries (proposed changes) measured in the same run.
+    // BENCH_ALT="label=/path/to/handler,label2=/path2"; BENCH_ALT_SCREENING=1 adds their
+    // screening rows too.
+    for (i, alt) in cfg.alt.iter().enumerate() {
+        let (label, path) = match alt.split_once('=') {
+            Some((l, p)) => (l.to_string(), PathBuf::from(p)),
+            None => (format!("alt{}", i + 1), PathBuf::from(alt)),
+        };
         targets.push(handler(
             &format!("{label}: auth + user check"),
-            alt,
+            &path,
             &user_env,
         ));
         if std::env::var("BENCH_ALT_SCREENING").is_ok_and(|v| v == "1") {
             targets.push(handler(
                 &format!("{label}: auth + user check + screening"),
-                alt,
+                &path,
                 &screen_env,
             ));
         }
@@ -593,7 +615,7 @@ pub fn main(args: &[String]) {
                 let w = wrk(&cfg, t, 1.0);
                 assert!(w.requests > 0, "{}: warm-up served no request", t.name);
             }
-            let pid_cpu = |t: &Target| -> u64 {
+            let pid_cpu = |t: &Target| -> (u64, u64) {
                 match &t.proc {
                     Some(p) => p.cpu_ticks(),
                     None => up.cpu_ticks(),
@@ -607,7 +629,9 @@ pub fn main(args: &[String]) {
             if !w.errors.is_empty() {
                 eprintln!("[bench] {}: {}", t.name, w.errors);
             }
-            let us = (c1 - c0) as f64 / tck * 1e6 / w.requests as f64;
+            let per_req = |ticks: u64| ticks as f64 / tck * 1e6 / w.requests as f64;
+            let us = per_req((c1.0 + c1.1) - (c0.0 + c0.1));
+            t.sys_us.push(per_req(c1.1 - c0.1));
             eprintln!(
                 "[bench] round {} {}: {:.1} µs CPU/req, {:.0} req/s",
                 round + 1,
@@ -632,7 +656,11 @@ pub fn main(args: &[String]) {
     for _ in 0..lat_rounds {
         for t in targets.iter_mut() {
             let mut v = std::mem::take(&mut t.lat_ns);
+            let n0 = v.len();
+            let c0 = t.cpu_total();
             latency(t, cfg.lat_secs / lat_rounds as f64, 200_000, &mut v);
+            t.cpu1_ticks += t.cpu_total() - c0;
+            t.cpu1_reqs += (v.len() - n0 + 200) as u64;
             t.lat_ns = v;
             stream(t, cfg.streams.div_ceil(lat_rounds));
         }
@@ -702,6 +730,7 @@ fn report(
     let d99 = pct_us(&direct.lat_ns, 99.0);
     let dttfb = pct_us(&direct.ttfb_ns, 50.0);
     let ncpu = median(&nginx.cpu_us);
+    let tck = procfs::clk_tck();
     let mut s = String::new();
     s.push_str("# aoai-fwdproxy benchmark: handler vs nginx\n\n");
     s.push_str(&format!(
@@ -710,11 +739,8 @@ fn report(
     if !cfg.commit.is_empty() {
         s.push_str(&format!("- handler built from: {}\n", cfg.commit));
     }
-    if let Some(alt) = &cfg.alt {
-        s.push_str(&format!(
-            "- alternative handler (A/B rows): {}\n",
-            alt.display()
-        ));
+    for alt in &cfg.alt {
+        s.push_str(&format!("- alternative handler (A/B rows): {alt}\n"));
     }
     s.push_str(&format!(
         "- layout: each proxy pinned to core {PROXY_CORE} (handler: 1 tokio worker, as it sees 1 core; nginx: master + `worker_processes 1`); \
@@ -735,9 +761,9 @@ CPU = utime+stime from /proc/<pid>/stat (nginx: master + worker) over each windo
         crate_completion_len(),
         took.as_secs_f64()
     ));
-    s.push_str("| target | CPU µs/req @32 | ÷ nginx | req/s @32 | p50 @32 (ms) | p99 @32 (ms) | p50 @1 (µs) | p99 @1 (µs) | added p50 @1 (µs) | added p99 @1 (µs) | stream first byte (µs) | added first byte (µs) | gaps min / p50 / max (ms) | coalesced gaps | idle RSS (MB) | peak RSS (MB) | start→ready (ms) |\n");
+    s.push_str("| target | CPU µs/req @32 (of it kernel) | ÷ nginx | req/s @32 | p50 @32 (ms) | p99 @32 (ms) | CPU µs/req @1 | p50 @1 (µs) | p99 @1 (µs) | added p50 @1 (µs) | added p99 @1 (µs) | stream first byte (µs) | added first byte (µs) | gaps min / p50 / max (ms) | coalesced gaps | idle RSS (MB) | peak RSS (MB) | start→ready (ms) |\n");
     s.push_str(
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n",
     );
     for t in ts {
         let c = median(&t.cpu_us);
@@ -753,14 +779,20 @@ CPU = utime+stime from /proc/<pid>/stat (nginx: master + worker) over each windo
             }
         };
         s.push_str(&format!(
-            "| {}{} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {}{} | {} | {} | {} |\n",
+            "| {}{} | {} ({}) | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {}{} | {} | {} | {} |\n",
             t.name,
             if direct_row { " (CPU: the upstream itself)" } else { "" },
             fmt(c, 1),
+            fmt(median(&t.sys_us), 1),
             if direct_row { "–".into() } else { fmt(c / ncpu, 2) },
             median(&t.rps),
             fmt(median(&t.wrk_p50) / 1000.0, 2),
             fmt(median(&t.wrk_p99) / 1000.0, 2),
+            if direct_row || t.cpu1_reqs == 0 {
+                "–".into()
+            } else {
+                fmt(t.cpu1_ticks as f64 / tck * 1e6 / t.cpu1_reqs as f64, 1)
+            },
             fmt(p50, 1),
             fmt(p99, 1),
             if direct_row { "–".into() } else { signed(p50 - d50, 1) },
