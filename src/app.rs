@@ -194,7 +194,16 @@ async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Respons
     response.headers_mut().insert("x-request-id", request_id);
     log.status = response.status().as_u16();
     log.completed = http_body::Body::is_end_stream(response.body());
-    response.map(|inner| Body::new(LoggedBody { inner, log }))
+    // With a Content-Length, hyper stops polling once that many bytes went out, so completion
+    // is judged by counting them.
+    let remaining = content_length(response.headers());
+    response.map(|inner| {
+        Body::new(LoggedBody {
+            inner,
+            log,
+            remaining,
+        })
+    })
 }
 
 async fn pipeline(
@@ -398,6 +407,8 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
 struct LoggedBody {
     inner: Body,
     log: RequestLog,
+    /// Bytes still due when the response declared its length.
+    remaining: Option<u64>,
 }
 
 impl http_body::Body for LoggedBody {
@@ -411,6 +422,17 @@ impl http_body::Body for LoggedBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.log.completed = true,
+            Poll::Ready(Some(Ok(frame))) => {
+                let sent = frame.data_ref().map_or(0, |d| d.len() as u64);
+                let this = &mut *self;
+                if let Some(r) = this.remaining.as_mut() {
+                    *r = r.saturating_sub(sent);
+                }
+                // hyper stops polling once a body has ended or its declared length went out
+                if this.remaining == Some(0) || this.inner.is_end_stream() {
+                    this.log.completed = true;
+                }
+            }
             Poll::Ready(Some(Err(_))) => self.log.error = Some("stream_aborted"),
             _ => {}
         }

@@ -268,6 +268,7 @@ async fn one_json_log_line_per_request_and_no_secrets() {
     let ok = find("log-ok-1");
     assert_eq!(ok.len(), 1, "{requests:?}");
     assert_eq!(ok[0]["status"], 200);
+    assert_eq!(ok[0]["completed"], true);
     assert_eq!(ok[0]["caller"], "default");
     assert_eq!(ok[0]["deployment"], "gpt-4o");
     assert_eq!(ok[0]["operation"], "chat/completions");
@@ -275,5 +276,6 @@ async fn one_json_log_line_per_request_and_no_secrets() {
     let denied = find("log-401-1");
     assert_eq!(denied.len(), 1);
     assert_eq!(denied[0]["status"], 401);
+    assert_eq!(denied[0]["completed"], true);
     assert!(denied[0]["caller"].is_null());
 }
