@@ -12,7 +12,8 @@
 # Needs: Rust toolchain, Node/npm (installs newman from package-lock.json when missing),
 # Python 3 with .venv from tests/python/requirements.txt (created here when missing), curl.
 # Knobs: E2E_GATEWAY_PORT (default 0 = any free port), E2E_BACKENDS (default 2),
-#        E2E_KEEP=1 keeps the run directory (logs, audit records) even on success.
+#        E2E_PROFILE=debug reuses the debug build (e.g. right after scripts/test.sh built it;
+#        default release), E2E_KEEP=1 keeps the run directory (logs, audit records).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +23,14 @@ die() { echo "e2e: $*" >&2; exit 1; }
 command -v curl >/dev/null || die "curl is required"
 command -v npm >/dev/null || die "Node.js/npm is required (newman runs the Postman collection)"
 
-step "build release binaries (handler, fwdproxy-dev)"
-cargo build --release --locked --bin handler --bin fwdproxy-dev
+profile="${E2E_PROFILE:-release}"
+case "$profile" in
+  release) build_flags=(--release) ;;
+  debug) build_flags=() ;;
+  *) die "E2E_PROFILE must be release or debug" ;;
+esac
+step "build $profile binaries (handler, fwdproxy-dev)"
+cargo build "${build_flags[@]}" --locked --bin handler --bin fwdproxy-dev
 
 step "test tools (newman from package-lock.json, .venv from tests/python/requirements.txt)"
 if [ ! -x node_modules/.bin/newman ]; then
@@ -86,7 +93,7 @@ trap 'exit 143' TERM
 
 step "start the set (fwdproxy-dev)"
 started=$(date +%s%N)
-target/release/fwdproxy-dev --no-build --quiet \
+"target/$profile/fwdproxy-dev" --no-build --quiet \
   --gateway-port "${E2E_GATEWAY_PORT:-0}" --backends "${E2E_BACKENDS:-2}" \
   --ms-per-token 2 --first-token-ms 20 \
   --run-dir "$run_dir/set" --ready-file "$ready" >"$launcher_log" 2>&1 &

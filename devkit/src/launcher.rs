@@ -50,6 +50,8 @@ const GATEWAY_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Handlers get this long to finish in-flight streams on stop (their SHUTDOWN_GRACE_MS).
 const HANDLER_STOP_GRACE: Duration = Duration::from_secs(5);
 const MAX_BACKENDS: usize = 16;
+/// Run directories kept under `target/fwdproxy-dev` when `--run-dir` is not given.
+const KEEP_RUNS: usize = 10;
 
 /// Prefixes and names of handler settings that must not leak in from the caller's environment.
 const SCRUBBED_PREFIXES: &[&str] = &[
@@ -315,7 +317,13 @@ pub async fn run(opts: Options, started: Instant) -> Result<(), String> {
 
     let run_dir = match &opts.run_dir {
         Some(d) => d.clone(),
-        None => default_run_dir(),
+        None => {
+            let dir = default_run_dir();
+            if let Some(parent) = dir.parent() {
+                prune_old_runs(parent, KEEP_RUNS - 1);
+            }
+            dir
+        }
     };
     fs::create_dir_all(&run_dir)
         .map_err(|e| format!("cannot create the run directory {}: {e}", run_dir.display()))?;
@@ -613,6 +621,29 @@ fn default_run_dir() -> PathBuf {
         .join(format!("run-{stamp}-{}", std::process::id()))
 }
 
+/// Remove all but the newest `keep` `run-*` directories under `parent` (names start with the
+/// start time in seconds, so they sort by age).
+fn prune_old_runs(parent: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    let mut runs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("run-"))
+        })
+        .collect();
+    runs.sort();
+    let excess = runs.len().saturating_sub(keep);
+    for old in runs.into_iter().take(excess) {
+        let _ = fs::remove_dir_all(old);
+    }
+}
+
 /// The settings each handler got, for the curious (keys included: they are local demo keys).
 fn write_settings_file(dir: &Path, settings: &BTreeMap<String, String>) {
     let doc = serde_json::json!({"IsEncrypted": false, "Values": settings});
@@ -900,6 +931,22 @@ mod tests {
             o.deployments.unwrap(),
             vec!["gpt-4o", "text-embedding-3-small"]
         );
+    }
+
+    #[test]
+    fn old_runs_are_pruned_to_the_newest() {
+        let root = std::env::temp_dir().join(format!("fwdproxy-prune-{}", std::process::id()));
+        for n in ["run-100-1", "run-200-1", "run-300-1", "other"] {
+            fs::create_dir_all(root.join(n)).unwrap();
+        }
+        prune_old_runs(&root, 2);
+        let mut left: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["other", "run-200-1", "run-300-1"]);
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
