@@ -31,6 +31,10 @@ current="OpenAI Python SDK against the handler"
 step "$current"
 FWDPROXY_HANDLER="$PWD/target/debug/handler" .venv/bin/python -m pytest -q tests/python
 
+current="end-to-end: the local set, newman and the OpenAI SDK through the gateway"
+step "$current"
+E2E_PROFILE=debug bash scripts/e2e.sh
+
 if [ -x infra/tests/check.sh ] || [ -f infra/tests/check.sh ]; then
   current="infra checks (checkov, structure)"
   step "$current"
