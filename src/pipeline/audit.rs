@@ -269,6 +269,12 @@ impl Audit {
     /// The JSON Lines sink at `AUDIT_LOG_PATH`, whatever the Cosmos settings say. Use
     /// [`Audit::start`] to get the Cosmos DB writer.
     pub fn new(settings: AuditSettings) -> Self {
+        if settings.cosmos.is_some() {
+            tracing::warn!(
+                target: "audit",
+                "COSMOS_ENDPOINT is set but this abuse log writes to AUDIT_LOG_PATH only (built with Audit::new, not Audit::start)"
+            );
+        }
         Audit {
             settings,
             counters: Arc::new(Counters::default()),
