@@ -36,44 +36,157 @@ use http::{header, HeaderValue, StatusCode};
 use http_body::{Frame, SizeHint};
 use tokio::net::TcpListener;
 
+use crate::clients::cosmos::{spawn_user_refresh, BuilderFactory, CosmosAccount};
+use crate::clients::identity::TokenSource;
+use crate::clients::keyvault::{SecretUri, VaultSecret};
 use crate::error::AppError;
 use crate::pipeline::audit::{AbuseRecord, Audit, Reason, NO_USER};
 use crate::pipeline::auth::Authenticator;
-use crate::pipeline::content_safety::{ContentSafety, Verdict};
-use crate::pipeline::forward::{content_length, UpBody, Upstream};
+use crate::pipeline::content_safety::{ContentSafety, Credential, Verdict};
+use crate::pipeline::forward::{content_length, sensitive, UpBody, Upstream, UpstreamAuth};
 use crate::pipeline::policy::{self, Inspected, UserCheck, UserRegistry};
 use crate::pipeline::route::{self, Route, UpstreamTarget};
-use crate::settings::Settings;
+use crate::settings::{AoaiAuth, Settings, SettingsError};
 
 /// What every request shares, built once at startup.
 pub struct AppState {
     pub settings: Settings,
     pub auth: Authenticator,
     pub upstream: Upstream,
-    pub registry: UserRegistry,
+    pub registry: Arc<UserRegistry>,
     pub content_safety: Option<ContentSafety>,
     pub audit: Audit,
 }
 
 impl AppState {
-    pub fn new(settings: Settings) -> Result<Arc<Self>, AppError> {
-        let upstream = Upstream::new(&settings).map_err(|e| {
-            tracing::error!(error = %e, "cannot build the upstream client");
-            AppError::Internal
+    /// Build everything requests share: fetch Key Vault secrets, set up the managed identity,
+    /// Cosmos DB, the abuse log (replaying a spool left by an earlier run) and the user-registry
+    /// refresh. Must run inside the Tokio runtime. An error names the setting to fix.
+    pub async fn new(settings: Settings) -> Result<Arc<Self>, SettingsError> {
+        Self::build(settings, None).await
+    }
+
+    /// As [`AppState::new`], with the Cosmos DB clients made by `builder` (the tests use the SDK's
+    /// in-memory emulator and fault injection through this).
+    pub async fn with_cosmos_builder(
+        settings: Settings,
+        builder: BuilderFactory,
+    ) -> Result<Arc<Self>, SettingsError> {
+        Self::build(settings, Some(builder)).await
+    }
+
+    async fn build(
+        mut settings: Settings,
+        cosmos_builder: Option<BuilderFactory>,
+    ) -> Result<Arc<Self>, SettingsError> {
+        let kv = settings.keyvault.clone();
+        let cs_needs_identity = settings
+            .content_safety
+            .as_ref()
+            .is_some_and(|c| c.key.is_none() && kv.content_safety_key.is_none());
+        let cosmos_needs_identity = settings
+            .audit
+            .cosmos
+            .as_ref()
+            .is_some_and(|c| c.key.is_none() && kv.cosmos_key.is_none());
+        let identity = if settings.aoai_auth == AoaiAuth::ManagedIdentity
+            || kv.any()
+            || cs_needs_identity
+            || cosmos_needs_identity
+        {
+            Some(
+                TokenSource::managed_identity(&settings.identity).map_err(|e| {
+                    SettingsError::new("AZURE_CLIENT_ID", format!("managed identity: {e}"))
+                })?,
+            )
+        } else {
+            None
+        };
+
+        let aoai_vault = fetch_secret(kv.aoai_key.as_ref(), identity.as_ref(), kv.refresh).await?;
+        let cs_vault = fetch_secret(
+            kv.content_safety_key.as_ref(),
+            identity.as_ref(),
+            kv.refresh,
+        )
+        .await?;
+        let cosmos_vault =
+            fetch_secret(kv.cosmos_key.as_ref(), identity.as_ref(), kv.refresh).await?;
+
+        let upstream_auth = match (settings.aoai_auth, aoai_vault, &settings.aoai_key) {
+            (AoaiAuth::ManagedIdentity, _, _) => {
+                UpstreamAuth::ManagedIdentity(identity.clone().expect("identity built above"))
+            }
+            (AoaiAuth::Key, Some(vault), _) => UpstreamAuth::Vault(vault),
+            (AoaiAuth::Key, None, Some(key)) => {
+                UpstreamAuth::Key(sensitive(key.expose()).map_err(|_| {
+                    SettingsError::new("AOAI_OUTAPIKEY", "is not a valid header value")
+                })?)
+            }
+            (AoaiAuth::Key, None, None) => {
+                return Err(SettingsError::new(
+                    "AOAI_OUTAPIKEY",
+                    "is required with AOAI_AUTH=key",
+                ))
+            }
+        };
+        let upstream = Upstream::new(&settings, upstream_auth).map_err(|e| {
+            SettingsError::new(
+                "AOAI_HOSTNAME",
+                format!("cannot build the HTTP client: {e}"),
+            )
         })?;
+
         let content_safety = match settings.content_safety.clone() {
             None => None,
-            Some(cs) => Some(ContentSafety::new(cs).map_err(|e| {
-                tracing::error!(error = %e, "cannot build the Content Safety client");
-                AppError::Internal
-            })?),
+            Some(cs) => {
+                let credential = match (cs_vault, &identity) {
+                    (Some(v), _) => Credential::Vault(v),
+                    (None, Some(mi)) => Credential::Token(mi.clone()),
+                    (None, None) => Credential::Missing,
+                };
+                Some(
+                    ContentSafety::new(cs)
+                        .map_err(|e| {
+                            SettingsError::new(
+                                "CONTENT_SAFETY_ENDPOINT",
+                                format!("cannot build the HTTP client: {e}"),
+                            )
+                        })?
+                        .with_credential(credential),
+                )
+            }
         };
+
+        // Cosmos DB: a Key Vault key is read once here (a rotated Cosmos key needs a restart).
+        if let (Some(cosmos), Some(vault)) = (settings.audit.cosmos.as_mut(), &cosmos_vault) {
+            cosmos.key = Some(vault.current());
+        }
+        let cosmos = settings
+            .audit
+            .cosmos
+            .clone()
+            .map(|c| CosmosAccount::new(c, identity.as_ref().map(TokenSource::credential)))
+            .transpose()?
+            .map(|account| match cosmos_builder {
+                Some(builder) => account.with_builder(builder),
+                None => account,
+            })
+            .map(Arc::new);
+        let audit = Audit::start(settings.audit.clone(), cosmos.clone())?;
+
+        let registry = Arc::new(UserRegistry::new(settings.policy.registered_users.clone()));
+        if let (Some(account), UserCheck::Registered) = (&cosmos, settings.policy.user_check) {
+            let registry = registry.clone();
+            spawn_user_refresh(account.clone(), move |users| registry.replace_remote(users));
+        }
+
         Ok(Arc::new(AppState {
             auth: Authenticator::new(&settings.callers),
             upstream,
-            registry: UserRegistry::new(settings.policy.registered_users.clone()),
+            registry,
             content_safety,
-            audit: Audit::new(settings.audit.clone()),
+            audit,
             settings,
         }))
     }
@@ -82,6 +195,24 @@ impl AppState {
     fn inspects(&self) -> bool {
         self.settings.policy.user_check != UserCheck::Off || self.content_safety.is_some()
     }
+}
+
+/// Fetch one Key Vault secret at start (refusing to start without it) and keep it fresh.
+async fn fetch_secret(
+    uri: Option<&SecretUri>,
+    identity: Option<&TokenSource>,
+    refresh: Option<Duration>,
+) -> Result<Option<VaultSecret>, SettingsError> {
+    let (Some(uri), Some(identity)) = (uri, identity) else {
+        return Ok(None);
+    };
+    let secret = VaultSecret::fetch(uri, identity.credential())
+        .await
+        .map_err(|e| SettingsError::new(e.setting, e.message))?;
+    if let Some(every) = refresh {
+        secret.spawn_periodic(every);
+    }
+    Ok(Some(secret))
 }
 
 /// The router: one handler for every path, so our own parser sees the raw path (axum's path

@@ -21,9 +21,13 @@ async fn main() -> ExitCode {
     };
     let addr = app::listen_addr(&settings);
     let grace = settings.shutdown_grace;
-    let state = match app::AppState::new(settings) {
+    let state = match app::AppState::new(settings).await {
         Ok(s) => s,
-        Err(_) => return ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!(setting = e.name, "refusing to start: {e}");
+            eprintln!("aoai-fwdproxy refuses to start: {e}");
+            return ExitCode::from(2);
+        }
     };
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -39,7 +43,25 @@ async fn main() -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "ready"
     );
-    match app::serve(listener, app::router(state), shutdown_signal(), grace).await {
+    let served = app::serve(
+        listener,
+        app::router(state.clone()),
+        shutdown_signal(),
+        grace,
+    )
+    .await;
+    // Abuse records still queued go to Cosmos DB or, past the deadline, to the durable spool.
+    let report = state
+        .audit
+        .shutdown(state.settings.audit.flush_timeout)
+        .await;
+    tracing::info!(
+        written = report.written,
+        spooled = report.spooled,
+        completed = report.completed,
+        "abuse log flushed"
+    );
+    match served {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::clients::identity::IdentitySettings;
+use crate::clients::keyvault::KeyVaultSettings;
 use crate::pipeline::audit::AuditSettings;
 use crate::pipeline::content_safety::ContentSafetySettings;
 use crate::pipeline::policy::PolicySettings;
@@ -70,8 +72,11 @@ pub struct Settings {
     pub aoai_base: Url,
     /// `AOAI_INAPIKEY` (caller `default`) and `AOAI_INAPIKEYS` (named callers).
     pub callers: Vec<CallerKey>,
-    /// `AOAI_OUTAPIKEY`: the real AOAI key.
-    pub aoai_key: Secret,
+    /// `AOAI_AUTH`: how the handler authenticates to AOAI.
+    pub aoai_auth: AoaiAuth,
+    /// `AOAI_OUTAPIKEY`: the real AOAI key (`None` when it comes from Key Vault or the handler
+    /// uses its managed identity).
+    pub aoai_key: Option<Secret>,
     /// `AOAI_CONNECT_TIMEOUT_MS`.
     pub connect_timeout: Duration,
     /// `AOAI_TIMEOUT_MS`: the whole upstream exchange, streaming included.
@@ -84,8 +89,21 @@ pub struct Settings {
     pub policy: PolicySettings,
     /// `CONTENT_SAFETY_*`; `None` when screening is off.
     pub content_safety: Option<ContentSafetySettings>,
-    /// `AUDIT_*`.
+    /// `AUDIT_*`, `COSMOS_*`.
     pub audit: AuditSettings,
+    /// `AZURE_CLIENT_ID`.
+    pub identity: IdentitySettings,
+    /// `*_SECRET_URI`, `KEYVAULT_REFRESH_SECS`.
+    pub keyvault: KeyVaultSettings,
+}
+
+/// `AOAI_AUTH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AoaiAuth {
+    /// `api-key: AOAI_OUTAPIKEY` (or the Key Vault secret `AOAI_OUTAPIKEY_SECRET_URI`).
+    Key,
+    /// `Authorization: Bearer` from the Function App's managed identity (keyless).
+    ManagedIdentity,
 }
 
 /// A setting that is missing or malformed, named so the operator can fix it.
@@ -214,7 +232,29 @@ impl Settings {
         let port = src.number("FUNCTIONS_CUSTOMHANDLER_PORT", DEFAULT_PORT)?;
         let aoai_base = parse_base_url("AOAI_HOSTNAME", src.require("AOAI_HOSTNAME")?)?;
         let callers = parse_callers(src.get("AOAI_INAPIKEY")?, src.get("AOAI_INAPIKEYS")?)?;
-        let aoai_key = Secret::new(src.require("AOAI_OUTAPIKEY")?);
+        let keyvault = KeyVaultSettings::from_source(src)?;
+        let aoai_auth = match src
+            .get("AOAI_AUTH")?
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("key") => AoaiAuth::Key,
+            Some("managed_identity") => AoaiAuth::ManagedIdentity,
+            Some(other) => {
+                return Err(err(
+                    "AOAI_AUTH",
+                    format!("must be key or managed_identity, got {other:?}"),
+                ))
+            }
+        };
+        let aoai_key = src.get("AOAI_OUTAPIKEY")?.map(Secret::new);
+        if aoai_auth == AoaiAuth::Key && aoai_key.is_none() && keyvault.aoai_key.is_none() {
+            return Err(err(
+                "AOAI_OUTAPIKEY",
+                "is required with AOAI_AUTH=key (or set AOAI_OUTAPIKEY_SECRET_URI, or use \
+                 AOAI_AUTH=managed_identity)",
+            ));
+        }
 
         let connect_timeout =
             Duration::from_millis(src.number("AOAI_CONNECT_TIMEOUT_MS", 10_000u64)?);
@@ -245,6 +285,7 @@ impl Settings {
             port,
             aoai_base,
             callers,
+            aoai_auth,
             aoai_key,
             connect_timeout,
             upstream_timeout,
@@ -253,6 +294,8 @@ impl Settings {
             policy: PolicySettings::from_source(src)?,
             content_safety: ContentSafetySettings::from_source(src)?,
             audit: AuditSettings::from_source(src)?,
+            identity: IdentitySettings::from_source(src)?,
+            keyvault,
         })
     }
 }
@@ -477,6 +520,42 @@ mod tests {
         ])
         .is_err());
         assert!(with(&[("MAX_BODY_BYTES", "104857601")]).is_err());
+    }
+
+    #[test]
+    fn aoai_auth_modes_and_where_the_key_comes_from() {
+        let s = with(&[]).unwrap();
+        assert_eq!(s.aoai_auth, AoaiAuth::Key);
+        let keyless = Settings::from_source(&Source::from_map(vec![
+            ("AOAI_HOSTNAME", "x.openai.azure.com"),
+            ("AOAI_INAPIKEY", KEY),
+            ("AOAI_AUTH", "managed_identity"),
+        ]))
+        .unwrap();
+        assert_eq!(keyless.aoai_auth, AoaiAuth::ManagedIdentity);
+        assert!(keyless.aoai_key.is_none());
+        let no_key = Source::from_map(vec![
+            ("AOAI_HOSTNAME", "x.openai.azure.com"),
+            ("AOAI_INAPIKEY", KEY),
+        ]);
+        assert_eq!(
+            Settings::from_source(&no_key).unwrap_err().name,
+            "AOAI_OUTAPIKEY"
+        );
+        let from_vault = Settings::from_source(&Source::from_map(vec![
+            ("AOAI_HOSTNAME", "x.openai.azure.com"),
+            ("AOAI_INAPIKEY", KEY),
+            (
+                "AOAI_OUTAPIKEY_SECRET_URI",
+                "https://v.vault.azure.net/secrets/aoai-key",
+            ),
+        ]))
+        .unwrap();
+        assert!(from_vault.keyvault.aoai_key.is_some());
+        assert_eq!(
+            with(&[("AOAI_AUTH", "password")]).unwrap_err().name,
+            "AOAI_AUTH"
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-/// Setting names read through `Source` (`get`, `require`, `number`, `flag`) anywhere in `src/`.
+/// Setting names in `src/`: every string literal shaped like one (`"UPPER_CASE_WORDS"`), which is
+/// how settings are named wherever they are read (`Source::get`, `require`, `number`, `flag`, and
+/// helpers that take the name as an argument).
 fn settings_in_code() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut stack = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
@@ -16,29 +18,17 @@ fn settings_in_code() -> BTreeSet<String> {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            for call in [
-                "get(\"",
-                "require(\"",
-                "number(\"",
-                "flag(\"",
-                "number::<u64>(\"",
-            ] {
-                for (i, _) in text.match_indices(call) {
-                    let rest = &text[i + call.len()..];
-                    let name: String = rest
+            for literal in text.split('"').skip(1).step_by(2) {
+                let shaped = literal.len() > 3
+                    && literal.contains('_')
+                    && literal.starts_with(|c: char| c.is_ascii_uppercase())
+                    && !literal.ends_with('_')
+                    && literal
                         .chars()
-                        .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
-                        .collect();
-                    if name.len() > 3 && rest[name.len()..].starts_with('"') {
-                        names.insert(name);
-                    }
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                if shaped && !literal.starts_with("CARGO_") {
+                    names.insert(literal.to_string());
                 }
-            }
-            // arrays of setting names, e.g. the Content Safety thresholds
-            for (i, _) in text.match_indices("\"CONTENT_SAFETY_THRESHOLD_") {
-                let rest = &text[i + 1..];
-                let name: String = rest.chars().take_while(|c| *c != '"').collect();
-                names.insert(name);
             }
         }
     }
@@ -93,6 +83,7 @@ fn local_settings_example_lists_every_setting() {
     let azure_only = [
         "IDENTITY_ENDPOINT",
         "IDENTITY_HEADER",
+        "REGION_NAME",
         "RUST_LOG",
         "FWDPROXY_LOCAL_SETTINGS",
     ];

@@ -14,7 +14,6 @@
 //! counter record the outage. Adds the verdict details to the request context for the audit.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{stream, StreamExt};
@@ -24,6 +23,8 @@ use serde_json::{json, Map, Value};
 
 use super::audit::Reason;
 use super::policy::PromptText;
+use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
+use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;
 use crate::settings::{parse_base_url, Secret, SettingsError, Source};
 
@@ -116,15 +117,15 @@ impl ContentSafetySettings {
     }
 }
 
-/// Where a bearer token for Content Safety comes from when no key is configured.
-pub trait TokenSource: Send + Sync {
-    /// A current bearer token for `https://cognitiveservices.azure.com/.default`.
-    fn token(&self) -> futures_util::future::BoxFuture<'_, Result<Secret, String>>;
-}
-
-enum Credential {
+/// How calls to Content Safety authenticate.
+pub enum Credential {
+    /// `CONTENT_SAFETY_KEY`.
     Key(HeaderValue),
-    Token(Arc<dyn TokenSource>),
+    /// `CONTENT_SAFETY_KEY_SECRET_URI`: the key from Key Vault, re-read on each call so a
+    /// rotation applies at once.
+    Vault(VaultSecret),
+    /// No key: a managed-identity token for the Cognitive Services scope.
+    Token(TokenSource),
     Missing,
 }
 
@@ -198,10 +199,10 @@ impl ContentSafety {
         })
     }
 
-    /// Use managed-identity tokens when no key is configured.
-    pub fn with_token_source(mut self, source: Arc<dyn TokenSource>) -> Self {
+    /// Use this credential when no key is configured (Key Vault secret or managed identity).
+    pub fn with_credential(mut self, credential: Credential) -> Self {
         if matches!(self.credential, Credential::Missing) {
-            self.credential = Credential::Token(source);
+            self.credential = credential;
         }
         self
     }
@@ -377,12 +378,19 @@ impl ContentSafety {
             .body(body);
         req = match &self.credential {
             Credential::Key(k) => req.header("Ocp-Apim-Subscription-Key", k.clone()),
+            Credential::Vault(secret) => {
+                let mut key = HeaderValue::from_str(secret.current().expose()).map_err(|_| {
+                    unavailable(None, "the Key Vault secret is not a header value".into())
+                })?;
+                key.set_sensitive(true);
+                req.header("Ocp-Apim-Subscription-Key", key)
+            }
             Credential::Token(source) => {
-                let token = source
-                    .token()
+                let header = source
+                    .authorization(COGNITIVE_SERVICES_SCOPE)
                     .await
                     .map_err(|e| unavailable(None, format!("token: {e}")))?;
-                req.bearer_auth(token.expose())
+                req.header(http::header::AUTHORIZATION, header)
             }
             Credential::Missing => {
                 return Err(unavailable(

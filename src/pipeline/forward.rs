@@ -23,6 +23,8 @@ use futures_util::{Stream, StreamExt};
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 use super::route::UpstreamTarget;
+use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
+use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;
 use crate::settings::Settings;
 
@@ -47,13 +49,24 @@ pub struct Upstream {
     client: reqwest::Client,
     /// `scheme://host[:port]`, no trailing slash.
     base: String,
-    /// The real key, marked sensitive so `Debug` of a header map never shows it.
-    key: HeaderValue,
+    auth: UpstreamAuth,
     max_body_bytes: u64,
 }
 
+/// How the handler authenticates to AOAI.
+pub enum UpstreamAuth {
+    /// `api-key` from `AOAI_OUTAPIKEY`, marked sensitive so `Debug` never shows it.
+    Key(HeaderValue),
+    /// `api-key` from Key Vault (`AOAI_OUTAPIKEY_SECRET_URI`): read on every call so a rotation
+    /// applies at once, and re-fetched when AOAI answers 401.
+    Vault(VaultSecret),
+    /// `Authorization: Bearer` from the managed identity (`AOAI_AUTH=managed_identity`), cached
+    /// and renewed before expiry by [`TokenSource`].
+    ManagedIdentity(TokenSource),
+}
+
 impl Upstream {
-    pub fn new(settings: &Settings) -> Result<Self, reqwest::Error> {
+    pub fn new(settings: &Settings, auth: UpstreamAuth) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.upstream_timeout)
@@ -70,13 +83,10 @@ impl Upstream {
         while base.ends_with('/') {
             base.pop();
         }
-        let mut key = HeaderValue::from_str(settings.aoai_key.expose())
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
-        key.set_sensitive(true);
         Ok(Upstream {
             client,
             base,
-            key,
+            auth,
             max_body_bytes: settings.max_body_bytes,
         })
     }
@@ -106,7 +116,24 @@ impl Upstream {
         }
 
         let mut headers = upstream_headers(&parts.headers);
-        headers.insert("api-key", self.key.clone());
+        match &self.auth {
+            UpstreamAuth::Key(key) => {
+                headers.insert("api-key", key.clone());
+            }
+            UpstreamAuth::Vault(secret) => {
+                headers.insert("api-key", sensitive(secret.current().expose())?);
+            }
+            UpstreamAuth::ManagedIdentity(tokens) => {
+                let bearer = tokens
+                    .authorization(COGNITIVE_SERVICES_SCOPE)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "no managed-identity token for AOAI");
+                        AppError::BadGateway
+                    })?;
+                headers.insert(header::AUTHORIZATION, bearer);
+            }
+        }
         headers.insert("x-request-id", request_id.clone());
 
         let mut request = self
@@ -136,6 +163,18 @@ impl Upstream {
         let started = Instant::now();
         let upstream = request.send().await.map_err(|e| classify(&e, limit))?;
         *latency = Some(started.elapsed());
+        if upstream.status() == http::StatusCode::UNAUTHORIZED {
+            if let UpstreamAuth::Vault(secret) = &self.auth {
+                // The key may have been rotated: fetch it again in the background for the next
+                // calls. This answer's 401 passes through (its body was streamed, no replay).
+                let secret = secret.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = secret.refresh().await {
+                        tracing::warn!(error = %e, "re-reading the AOAI key from Key Vault failed");
+                    }
+                });
+            }
+        }
 
         let mut response = Response::builder().status(upstream.status());
         if let Some(h) = response.headers_mut() {
@@ -144,6 +183,16 @@ impl Upstream {
         let body = Body::from_stream(upstream.bytes_stream());
         response.body(body).map_err(|_| AppError::Internal)
     }
+}
+
+/// A header value from a secret, marked sensitive.
+pub fn sensitive(value: &str) -> Result<HeaderValue, AppError> {
+    let mut v = HeaderValue::from_str(value).map_err(|_| {
+        tracing::error!("a configured key is not a valid header value");
+        AppError::Internal
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -147,36 +147,49 @@ fn async_stream(
     )
 }
 
+/// The default test settings against `upstream`, plus `extra` (which replace defaults).
+pub fn test_settings(upstream: &str, extra: &[(&str, &str)]) -> Settings {
+    let mut pairs: Vec<(String, String)> = vec![
+        ("AOAI_HOSTNAME".into(), upstream.into()),
+        ("AOAI_INAPIKEY".into(), IN_KEY.into()),
+        ("AOAI_INAPIKEYS".into(), format!("other-app:{OTHER_KEY}")),
+        ("AOAI_OUTAPIKEY".into(), OUT_KEY.into()),
+    ];
+    for (k, v) in extra {
+        pairs.retain(|(n, _)| n != k);
+        if !v.is_empty() {
+            pairs.push((k.to_string(), v.to_string()));
+        }
+    }
+    Settings::from_source(&Source::from_map(pairs)).expect("valid test settings")
+}
+
 /// The app, in-process, on a loopback port.
 pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
+    pub state: Arc<app::AppState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl TestApp {
     /// Start against `upstream` with the default test settings plus `extra`.
     pub async fn start(upstream: &str, extra: &[(&str, &str)]) -> Self {
-        let mut pairs: Vec<(String, String)> = vec![
-            ("AOAI_HOSTNAME".into(), upstream.into()),
-            ("AOAI_INAPIKEY".into(), IN_KEY.into()),
-            ("AOAI_INAPIKEYS".into(), format!("other-app:{OTHER_KEY}")),
-            ("AOAI_OUTAPIKEY".into(), OUT_KEY.into()),
-        ];
-        for (k, v) in extra {
-            pairs.retain(|(n, _)| n != k);
-            pairs.push((k.to_string(), v.to_string()));
-        }
-        let settings =
-            Settings::from_source(&Source::from_map(pairs)).expect("valid test settings");
-        let grace = settings.shutdown_grace;
-        let state = app::AppState::new(settings).unwrap();
+        let state = app::AppState::new(test_settings(upstream, extra))
+            .await
+            .unwrap();
+        Self::with_state(state).await
+    }
+
+    /// Serve an already built state.
+    pub async fn with_state(state: Arc<app::AppState>) -> Self {
+        let grace = state.settings.shutdown_grace;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(app::serve(
             listener,
-            app::router(state),
+            app::router(state.clone()),
             async move {
                 let _ = rx.await;
             },
@@ -185,6 +198,7 @@ impl TestApp {
         TestApp {
             addr,
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            state,
             stop: Some(tx),
         }
     }
@@ -326,12 +340,18 @@ async fn cs_answer(
         }
         return r;
     }
-    if parts
+    let keyed = parts
         .headers
         .get("ocp-apim-subscription-key")
         .map(|v| v.as_bytes())
-        != Some(CS_KEY.as_bytes())
-    {
+        == Some(CS_KEY.as_bytes());
+    // a managed-identity token from the tests' identity stub
+    let bearer = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer tok-"));
+    if !keyed && !bearer {
         return respond(
             401,
             serde_json::json!({"error": {"code": "401", "message": "Access denied"}}),
