@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aoai_fwdproxy::pipeline::forward::is_hop_by_hop;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
@@ -381,35 +382,10 @@ fn no_rule(path: &str) -> Response {
     r
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
 /// Headers to copy, without hop-by-hop ones and those the `Connection` header names.
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, skip: &[&str]) {
-    let named: Vec<String> = from
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
     for (name, value) in from {
-        if is_hop_by_hop(name)
-            || skip.contains(&name.as_str())
-            || named.iter().any(|n| n == name.as_str())
-        {
+        if is_hop_by_hop(name, from) || skip.contains(&name.as_str()) {
             continue;
         }
         to.append(name.clone(), value.clone());

@@ -202,8 +202,9 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus any the `Connection` header names.
-fn is_hop_by_hop(name: &HeaderName, connection: Option<&HeaderValue>) -> bool {
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus any that a `Connection` header of `headers` names.
+/// Shared with the devkit's gateway emulator, which must drop the same set.
+pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -215,25 +216,22 @@ fn is_hop_by_hop(name: &HeaderName, connection: Option<&HeaderValue>) -> bool {
             | "trailer"
             | "transfer-encoding"
             | "upgrade"
-    ) || connection.is_some_and(|c| {
-        c.to_str()
-            .map(|c| {
-                c.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
-            })
-            .unwrap_or(false)
-    })
+    ) || headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 fn upstream_headers(inbound: &HeaderMap) -> HeaderMap {
-    let connection = inbound.get(header::CONNECTION);
     let mut out = HeaderMap::with_capacity(inbound.len());
     for (name, value) in inbound {
         let n = name.as_str();
         if STRIP_UP.contains(&n)
             || n.starts_with("x-azure-functions-")
             || n == "x-request-id"
-            || is_hop_by_hop(name, connection)
+            || is_hop_by_hop(name, inbound)
         {
             continue;
         }
@@ -243,9 +241,8 @@ fn upstream_headers(inbound: &HeaderMap) -> HeaderMap {
 }
 
 fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    let connection = from.get(header::CONNECTION);
     for (name, value) in from {
-        if !is_hop_by_hop(name, connection) {
+        if !is_hop_by_hop(name, from) {
             to.append(name.clone(), value.clone());
         }
     }
