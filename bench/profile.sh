@@ -8,7 +8,7 @@
 # Build the handler with symbols for readable output, e.g. in a private worktree:
 #   CARGO_PROFILE_RELEASE_STRIP=none CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
 #     cargo build --release --bin handler
-# With PROFILE_CALLGRIND=1 it runs the handler under valgrind --tool=callgrind instead for a
+# With PROFILE_CALLGRIND=1 it runs the handler (PROFILE_NGINX=1: nginx) under valgrind --tool=callgrind instead for a
 # bounded number of requests (PROFILE_REQUESTS, 2000) and prints instruction counts per request
 # (exact and immune to a noisy machine, unlike time).
 set -euo pipefail
@@ -58,16 +58,51 @@ wait_ready() {
 if [ "${PROFILE_CALLGRIND:-0}" = 1 ]; then
     command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
     n="${PROFILE_REQUESTS:-3000}"
-    (cd "$out" && exec taskset -c 0 "${run_env[@]}" valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" \
-        "$handler" >"$out/handler.log" 2>"$out/valgrind.log") &
+    if [ "${PROFILE_NGINX:-0}" = 1 ]; then
+        # The same measurement of nginx (one process: no master, so valgrind sees the worker).
+        nginx_bin="$(command -v nginx || echo /usr/sbin/nginx)"
+        mkdir -p "$out/nginx/logs" "$out/nginx/client_body" "$out/nginx/proxy"
+        cat > "$out/nginx/nginx.conf" <<NGINX
+$( [ "$(id -u)" = 0 ] && echo "user root;" )
+master_process off;
+daemon off;
+pid $out/nginx/nginx.pid;
+error_log $out/nginx/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log $out/nginx/logs/access.log;
+    client_body_temp_path $out/nginx/client_body;
+    proxy_temp_path $out/nginx/proxy;
+    upstream aoai { server 127.0.0.1:$aoai_port; keepalive 64; }
+    server {
+        listen 127.0.0.1:$port;
+        location = /api/FwdProxy/openai/deployments/health/check { return 200 'ok'; }
+        location ~ ^/api/FwdProxy/openai/deployments/([A-Za-z0-9._-]+)/chatcompletions\$ {
+            proxy_pass http://aoai/openai/deployments/\$1/chat/completions\$is_args\$args;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header api-key "$out_key";
+            proxy_buffering off;
+        }
+    }
+}
+NGINX
+        (exec taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" \
+            "$nginx_bin" -p "$out/nginx" -e "$out/nginx/logs/error.log" -c "$out/nginx/nginx.conf" 2>"$out/valgrind.log") &
+    else
+        (cd "$out" && exec taskset -c 0 "${run_env[@]}" valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" \
+            "$handler" >"$out/handler.log" 2>"$out/valgrind.log") &
+    fi
     pids+=("$!")
     wait_ready
-    vg=$(pgrep -f -n "valgrind.*callgrind-out-file=$out/callgrind.out" || true)
+    vg=$(pgrep -f -n "callgrind-out-file=$out/callgrind.out" || true)
     # Warm the pools, zero the counters, then exactly $n requests on 1 connection.
     taskset -c 1 wrk -t1 -c4 -d2s -s "$out/post.lua" "$url" >/dev/null
     callgrind_control -z "$vg" >/dev/null
     { cat "$out/post.lua"; printf 'local n = 0\nrequest = function() n = n + 1; return wrk.format() end\nresponse = function() if n >= %s then wrk.thread:stop() end end\n' "$n"; } > "$out/count.lua"
-    taskset -c 1 wrk -t1 -c1 -d120s -s "$out/count.lua" "$url" | grep -E "requests in"
+    taskset -c 1 wrk -t1 -c1 -d120s -s "$out/count.lua" "$url" > "$out/wrk.txt"
+    grep -E "requests in" "$out/wrk.txt"
+    n=$(awk '/requests in/ {print $1}' "$out/wrk.txt")
     rm -f "$out"/callgrind.out.*
     callgrind_control -d "$vg" >/dev/null
     sleep 1
@@ -75,7 +110,10 @@ if [ "${PROFILE_CALLGRIND:-0}" = 1 ]; then
     total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1; exit}')
     echo "instructions per request: $(( total / n )) (total $total over $n requests)"
     echo "--- inclusive, per request ---"
-    callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | awk -v n="$n" '/^ *[0-9,]+ \(/ {c=$1; gsub(",","",c); $1=""; $2=""; printf "%9d %s\n", c/n, substr($0,1,160)}' | head -"${PROFILE_TOP:-70}"
+    strip='s#/root/.cargo/registry/src/index.crates.io-[0-9a-f]+/##; s#/rustc/[0-9a-f]+/library/##'
+    callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | awk -v n="$n" '/^ *[0-9,]+ \(/ {c=$1; gsub(",","",c); $1=""; $2=""; printf "%9d %s\n", c/n, $0}' | sed -E "$strip" | cut -c1-180 | head -"${PROFILE_TOP:-70}"
+    echo "--- self, per request ---"
+    callgrind_annotate --inclusive=no "$dump" 2>/dev/null | awk -v n="$n" '/^ *[0-9,]+ \(/ {c=$1; gsub(",","",c); $1=""; $2=""; printf "%9d %s\n", c/n, $0}' | sed -E "$strip" | cut -c1-180 | head -"${PROFILE_TOP:-70}"
     exit 0
 fi
 

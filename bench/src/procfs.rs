@@ -84,6 +84,23 @@ pub fn pin(cmd: &mut Command, core: usize) -> &mut Command {
     }
 }
 
+/// Move every thread of `pid` to `core` (affinity is per thread).
+pub fn repin(pid: i32, core: usize) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for e in dir.flatten() {
+        if let Ok(tid) = e.file_name().to_string_lossy().parse::<i32>() {
+            // SAFETY: as in `pin`; a thread that has exited meanwhile only makes this fail.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(core, &mut set);
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+        }
+    }
+}
+
 /// Raise (negative) or lower the calling process's nice value; children inherit it. Returns
 /// the value in force afterwards.
 pub fn renice_self(nice: i32) -> i32 {
