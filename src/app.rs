@@ -231,6 +231,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let signalled = Arc::new(tokio::sync::Notify::new());
     let notify = signalled.clone();
+    // TCP_NODELAY on every accepted connection: without it Nagle holds each small SSE event
+    // until the client ACKs the previous one (up to the 40 ms delayed-ACK timer), so streamed
+    // tokens arrive in bursts.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
