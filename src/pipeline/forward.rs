@@ -12,21 +12,69 @@
 //! before answering) and 504 (AOAI did not answer within `AOAI_TIMEOUT_MS`). Adds the upstream
 //! latency (time to AOAI's response headers) to the request context.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
 use http::{header, HeaderMap, HeaderName, HeaderValue};
+use http_body::{Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Sleep;
 
 use super::route::UpstreamTarget;
 use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
 use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;
 use crate::settings::Settings;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// A pooled HTTP/1.1 + HTTP/2 client over rustls with the platform's trust store (what reqwest's
+/// `rustls` feature used), TCP_NODELAY, no proxy from the environment (the key never travels
+/// through a host we don't know) and no redirects (a 3xx goes back to the client as it is).
+///
+/// A bare hyper client rather than reqwest: callers hand it a URI built from parts parsed once
+/// at startup, where reqwest parses the whole URL string (host and IDNA included) on every
+/// request and runs its retry and redirect layers even with redirects off — about a third of
+/// the handler's instructions per request (see docs/benchmarks.md).
+pub(crate) fn https_client(
+    connect_timeout: Duration,
+    max_idle_per_host: usize,
+) -> Result<HttpsClient, BoxError> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls_platform_verifier::BuilderVerifierExt::with_platform_verifier(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?,
+    )?
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https))
+}
 
 /// Request headers that must never reach AOAI, beyond the hop-by-hop set.
 const STRIP_UP: &[&str] = &[
@@ -46,11 +94,15 @@ pub enum UpBody {
 
 /// The pooled upstream client and what every call needs, built once at startup.
 pub struct Upstream {
-    client: reqwest::Client,
-    /// `scheme://host[:port]`, no trailing slash.
-    base: String,
+    client: HttpsClient,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// The base URL's path, no trailing slash (usually empty).
+    prefix: String,
     auth: UpstreamAuth,
     max_body_bytes: u64,
+    /// `AOAI_TIMEOUT_MS`: the whole exchange, streamed answer included.
+    timeout: Duration,
 }
 
 /// How the handler authenticates to AOAI.
@@ -66,28 +118,23 @@ pub enum UpstreamAuth {
 }
 
 impl Upstream {
-    pub fn new(settings: &Settings, auth: UpstreamAuth) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .timeout(settings.upstream_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            // Never follow redirects: a 3xx from AOAI goes back to the client as it is, and our
-            // key never travels to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            // Proxies from the environment would route the key through a host we don't know.
-            .no_proxy()
-            .build()?;
-        let mut base = settings.aoai_base.as_str().to_string();
-        while base.ends_with('/') {
-            base.pop();
-        }
+    pub fn new(settings: &Settings, auth: UpstreamAuth) -> Result<Self, BoxError> {
+        let client = https_client(settings.connect_timeout, 256)?;
+        let base = &settings.aoai_base;
+        let scheme: http::uri::Scheme = base.scheme().parse()?;
+        let host = base.host_str().ok_or("AOAI_HOSTNAME has no host")?;
+        let authority: http::uri::Authority = match base.port() {
+            Some(p) => format!("{host}:{p}").parse()?,
+            None => host.parse()?,
+        };
         Ok(Upstream {
             client,
-            base,
+            scheme,
+            authority,
+            prefix: base.path().trim_end_matches('/').to_string(),
             auth,
             max_body_bytes: settings.max_body_bytes,
+            timeout: settings.upstream_timeout,
         })
     }
 
@@ -106,14 +153,20 @@ impl Upstream {
             return Err(AppError::PayloadTooLarge { limit });
         }
 
-        let mut url =
-            String::with_capacity(self.base.len() + target.path.len() + target.query.len() + 1);
-        url.push_str(&self.base);
-        url.push_str(&target.path);
+        let mut pq =
+            String::with_capacity(self.prefix.len() + target.path.len() + target.query.len() + 1);
+        pq.push_str(&self.prefix);
+        pq.push_str(&target.path);
         if !target.query.is_empty() {
-            url.push('?');
-            url.push_str(&target.query);
+            pq.push('?');
+            pq.push_str(&target.query);
         }
+        let uri = http::Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| AppError::Internal)?;
 
         let mut headers = upstream_headers(&parts.headers);
         match &self.auth {
@@ -136,32 +189,44 @@ impl Upstream {
         }
         headers.insert("x-request-id", request_id.clone());
 
-        let mut request = self
-            .client
-            .request(parts.method.clone(), url)
-            .headers(headers);
-        match body {
-            // reqwest sets Content-Length from the bytes.
-            UpBody::Full(bytes) => request = request.body(bytes),
+        let body: UpstreamBody = match body {
+            // hyper sets Content-Length from the exact size of the bytes.
+            UpBody::Full(bytes) => Full::new(bytes).map_err(|e| match e {}).boxed_unsync(),
             UpBody::Stream(body) => {
                 if let Some(len) = declared {
                     // Known length: say it, so AOAI sees the same framing the client used (no
                     // chunking of multipart uploads); hyper enforces that the body matches it.
-                    request = request.header(header::CONTENT_LENGTH, len);
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
                 }
                 let bodiless_get = parts.method == http::Method::GET && declared.is_none();
-                if declared != Some(0) && !bodiless_get {
-                    request = request.body(reqwest::Body::wrap_stream(Limited {
-                        inner: body.into_data_stream(),
+                if declared == Some(0) || bodiless_get {
+                    Empty::new().map_err(|e| match e {}).boxed_unsync()
+                } else {
+                    Limited {
+                        inner: body,
                         seen: 0,
                         limit,
-                    }));
+                    }
+                    .boxed_unsync()
                 }
             }
-        }
+        };
+        let mut request = http::Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
 
+        // AOAI_TIMEOUT_MS bounds the whole exchange, streamed answer included.
         let started = Instant::now();
-        let upstream = request.send().await.map_err(|e| classify(&e, limit))?;
+        let deadline = tokio::time::Instant::from_std(started + self.timeout);
+        let upstream = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(classify(&e, limit)),
+            Err(_) => {
+                tracing::warn!("upstream timed out");
+                return Err(AppError::GatewayTimeout);
+            }
+        };
         *latency = Some(started.elapsed());
         if upstream.status() == http::StatusCode::UNAUTHORIZED {
             if let UpstreamAuth::Vault(secret) = &self.auth {
@@ -176,11 +241,15 @@ impl Upstream {
             }
         }
 
-        let mut response = Response::builder().status(upstream.status());
+        let (up, incoming) = upstream.into_parts();
+        let mut response = Response::builder().status(up.status);
         if let Some(h) = response.headers_mut() {
-            copy_response_headers(upstream.headers(), h);
+            copy_response_headers(&up.headers, h);
         }
-        let body = Body::from_stream(upstream.bytes_stream());
+        let body = Body::new(Deadline {
+            inner: incoming,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        });
         response.body(body).map_err(|_| AppError::Internal)
     }
 }
@@ -248,43 +317,21 @@ fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-/// Map a client error to our status: timeouts 504, an over-limit body 413, the rest 502.
-fn classify(e: &reqwest::Error, limit: u64) -> AppError {
+/// Map a client error to our status: an over-limit body 413, the rest 502 (timeouts are
+/// decided by our own deadline).
+fn classify(e: &hyper_util::client::legacy::Error, limit: u64) -> AppError {
+    let mut chain = Vec::new();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if s.is::<BodyTooLarge>() {
             return AppError::PayloadTooLarge { limit };
         }
+        chain.push(s.to_string());
         source = s.source();
     }
-    if e.is_timeout() {
-        tracing::warn!(error = %e.without_url_ref(), "upstream timed out");
-        AppError::GatewayTimeout
-    } else {
-        tracing::warn!(error = %e.without_url_ref(), connect = e.is_connect(), "upstream failed");
-        AppError::BadGateway
-    }
-}
-
-trait WithoutUrl {
-    fn without_url_ref(&self) -> String;
-}
-
-impl WithoutUrl for reqwest::Error {
-    /// The error text without the URL (which carries no secret, but needs no logging either).
-    fn without_url_ref(&self) -> String {
-        let mut parts = Vec::new();
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            parts.push(s.to_string());
-            source = s.source();
-        }
-        if parts.is_empty() {
-            "request failed".to_string()
-        } else {
-            parts.join(": ")
-        }
-    }
+    // hyper's error messages never carry the URI.
+    tracing::warn!(error = %chain.join(": "), connect = e.is_connect(), "upstream failed");
+    AppError::BadGateway
 }
 
 /// The client's body went over `MAX_BODY_BYTES` while streaming (no `Content-Length` given).
@@ -293,32 +340,81 @@ impl WithoutUrl for reqwest::Error {
 pub struct BodyTooLarge;
 
 /// Streams the client's body upstream, failing once it passes the limit.
-struct Limited<S> {
-    inner: S,
+struct Limited {
+    inner: Body,
     seen: u64,
     limit: u64,
 }
 
-impl<S> Stream for Limited<S>
-where
-    S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
-{
-    type Item = Result<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+impl http_body::Body for Limited {
+    type Data = Bytes;
+    type Error = BoxError;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.inner.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                self.seen += chunk.len() as u64;
-                if self.seen > self.limit {
-                    Poll::Ready(Some(Err(Box::new(BodyTooLarge))))
-                } else {
-                    Poll::Ready(Some(Ok(chunk)))
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.seen += data.len() as u64;
+                    if self.seen > self.limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The whole exchange took longer than `AOAI_TIMEOUT_MS` while the answer was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream timed out while streaming the response")]
+pub struct StreamTimeout;
+
+/// AOAI's response body, cut with an error when the exchange's deadline passes.
+struct Deadline {
+    inner: hyper::body::Incoming,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                tracing::warn!("upstream timed out while streaming");
+                Poll::Ready(Some(Err(Box::new(StreamTimeout))))
+            }
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
