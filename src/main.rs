@@ -5,8 +5,26 @@ use std::time::Instant;
 
 use aoai_fwdproxy::{app, settings::Settings, telemetry};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // One core (a Consumption or Flex instance, or a pinned process): the current-thread
+    // scheduler, which skips the work-stealing bookkeeping and cross-thread wake-ups of the
+    // multi-thread one. More cores: one worker per core, as before.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = if cores == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("aoai-fwdproxy cannot start its runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let started = Instant::now();
     telemetry::init();
 
