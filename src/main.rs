@@ -11,9 +11,13 @@ fn main() -> ExitCode {
     // multi-thread one. More cores: one worker per core, as before.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = if cores == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
     };
     match runtime {
         Ok(rt) => rt.block_on(run()),

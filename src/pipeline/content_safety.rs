@@ -16,17 +16,24 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{stream, StreamExt};
 use http::HeaderValue;
+use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::audit::Reason;
+use super::forward::{https_client, BoxError, HttpsClient};
 use super::policy::PromptText;
 use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
 use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;
 use crate::settings::{parse_base_url, Secret, SettingsError, Source};
+
+/// The key header of the Cognitive Services resource.
+const SUBSCRIPTION_KEY: http::HeaderName =
+    http::HeaderName::from_static("ocp-apim-subscription-key");
 
 /// The API version whose shapes we speak.
 pub const API_VERSION: &str = "2024-09-01";
@@ -161,24 +168,19 @@ pub struct Unavailable {
 
 /// The Content Safety client, built once.
 pub struct ContentSafety {
-    client: reqwest::Client,
-    analyze_url: String,
-    shield_url: String,
+    client: HttpsClient,
+    analyze_url: http::Uri,
+    shield_url: http::Uri,
     credential: Credential,
     settings: ContentSafetySettings,
     pub counters: Counters,
 }
 
 impl ContentSafety {
-    pub fn new(settings: ContentSafetySettings) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()?;
+    pub fn new(settings: ContentSafetySettings) -> Result<Self, BoxError> {
+        // The forward stage's bare hyper client (see there); `settings.timeout` bounds each
+        // whole call in `call`.
+        let client = https_client(settings.timeout.min(Duration::from_secs(5)), 64)?;
         let base = settings.endpoint.as_str().trim_end_matches('/').to_string();
         let credential = match &settings.key {
             Some(k) => {
@@ -191,8 +193,10 @@ impl ContentSafety {
         };
         Ok(ContentSafety {
             client,
-            analyze_url: format!("{base}/contentsafety/text:analyze?api-version={API_VERSION}"),
-            shield_url: format!("{base}/contentsafety/text:shieldPrompt?api-version={API_VERSION}"),
+            analyze_url: format!("{base}/contentsafety/text:analyze?api-version={API_VERSION}")
+                .parse()?,
+            shield_url: format!("{base}/contentsafety/text:shieldPrompt?api-version={API_VERSION}")
+                .parse()?,
             credential,
             settings,
             counters: Counters::default(),
@@ -371,26 +375,32 @@ impl ContentSafety {
             Call::Shield(b) => (&self.shield_url, b, false),
         };
         let body = serde_json::to_vec(&body).map_err(|e| unavailable(None, e.to_string()))?;
-        let mut req = self
-            .client
-            .post(url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        req = match &self.credential {
-            Credential::Key(k) => req.header("Ocp-Apim-Subscription-Key", k.clone()),
+        let mut req = http::Request::new(
+            Full::new(Bytes::from(body))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        );
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = url.clone();
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let (name, value) = match &self.credential {
+            Credential::Key(k) => (SUBSCRIPTION_KEY, k.clone()),
             Credential::Vault(secret) => {
                 let mut key = HeaderValue::from_str(secret.current().expose()).map_err(|_| {
                     unavailable(None, "the Key Vault secret is not a header value".into())
                 })?;
                 key.set_sensitive(true);
-                req.header("Ocp-Apim-Subscription-Key", key)
+                (SUBSCRIPTION_KEY, key)
             }
             Credential::Token(source) => {
                 let header = source
                     .authorization(COGNITIVE_SERVICES_SCOPE)
                     .await
                     .map_err(|e| unavailable(None, format!("token: {e}")))?;
-                req.header(http::header::AUTHORIZATION, header)
+                (http::header::AUTHORIZATION, header)
             }
             Credential::Missing => {
                 return Err(unavailable(
@@ -399,28 +409,37 @@ impl ContentSafety {
                 ))
             }
         };
-        let resp = req.send().await.map_err(|e| {
-            let kind = if e.is_timeout() {
-                "timeout"
-            } else if e.is_connect() {
-                "connect"
-            } else {
-                "transport"
-            };
-            unavailable(None, kind.to_string())
-        })?;
-        let status = resp.status();
+        req.headers_mut().insert(name, value);
+        // CONTENT_SAFETY_TIMEOUT_MS bounds the whole call, answer body included.
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                let kind = if e.is_connect() {
+                    "connect"
+                } else {
+                    "transport"
+                };
+                unavailable(None, kind.to_string())
+            })?;
+            let (parts, body) = resp.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|_| unavailable(None, "body".into()))?
+                .to_bytes();
+            Ok::<_, Unavailable>((parts, bytes))
+        };
+        let (parts, bytes) = tokio::time::timeout(self.settings.timeout, exchange)
+            .await
+            .map_err(|_| unavailable(None, "timeout".into()))??;
+        let status = parts.status;
         if !status.is_success() {
-            let retry_after = resp
-                .headers()
+            let retry_after = parts
+                .headers
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok());
-            let code = resp
-                .bytes()
-                .await
+            let code = serde_json::from_slice::<Value>(&bytes)
                 .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
                 .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
                 .unwrap_or_default();
             return Err(unavailable(
@@ -428,10 +447,6 @@ impl ContentSafety {
                 format!("status {} {code}", status.as_u16()),
             ));
         }
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|_| unavailable(None, "body".into()))?;
         let parsed = if is_analyze {
             serde_json::from_slice(&bytes).map(Answer::Analyze)
         } else {
