@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::{stream, StreamExt};
 use http::HeaderValue;
 use http_body_util::{BodyExt, Full};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::audit::Reason;
@@ -242,25 +242,28 @@ impl ContentSafety {
             return Ok(Verdict::TooLong);
         }
 
+        // Request bodies serialised straight from borrowed text (no `Value` tree per call).
         let mut calls = Vec::with_capacity(analyze_pieces.len() + shield_calls);
         for text in &analyze_pieces {
-            calls.push(Call::Analyze(json!({
-                "text": text,
-                "categories": CATEGORIES.map(|(c, _)| c),
-                "blocklistNames": self.settings.blocklists,
-                "haltOnBlocklistHit": false,
-                "outputType": "FourSeverityLevels",
-            })));
+            let body = serde_json::to_vec(&AnalyzeBody {
+                text,
+                categories: CATEGORIES.map(|(c, _)| c),
+                blocklist_names: &self.settings.blocklists,
+                halt_on_blocklist_hit: false,
+                output_type: "FourSeverityLevels",
+            });
+            calls.push(Call::Analyze(
+                body.map_err(|e| unavailable(None, e.to_string()))?,
+            ));
         }
         for i in 0..shield_calls {
-            let mut body = Map::new();
-            if let Some(p) = prompt_pieces.get(i) {
-                body.insert("userPrompt".into(), Value::String(p.clone()));
-            }
-            if let Some(docs) = doc_batches.get(i) {
-                body.insert("documents".into(), json!(docs));
-            }
-            calls.push(Call::Shield(Value::Object(body)));
+            let body = serde_json::to_vec(&ShieldBody {
+                user_prompt: prompt_pieces.get(i).map(String::as_str),
+                documents: doc_batches.get(i).map(Vec::as_slice),
+            });
+            calls.push(Call::Shield(
+                body.map_err(|e| unavailable(None, e.to_string()))?,
+            ));
         }
 
         let answers: Vec<Result<Answer, Unavailable>> = stream::iter(calls)
@@ -312,12 +315,22 @@ impl ContentSafety {
         shielded: bool,
         had_documents: bool,
     ) -> Verdict {
+        let filtered_category =
+            (0..CATEGORIES.len()).any(|i| severities[i] >= self.settings.thresholds[i]);
+        let reason = if jailbreak {
+            Reason::JailbreakDetected
+        } else if indirect {
+            Reason::IndirectAttackDetected
+        } else if filtered_category || !blocklist_hits.is_empty() {
+            Reason::ContentFiltered
+        } else {
+            // The common case: nothing to report, so no JSON to build.
+            return Verdict::Allowed;
+        };
         let mut result = Map::new();
         let mut details = Map::new();
-        let mut filtered_category = false;
         for (i, (service, aoai)) in CATEGORIES.iter().enumerate() {
             let filtered = severities[i] >= self.settings.thresholds[i];
-            filtered_category |= filtered;
             result.insert(
                 (*aoai).into(),
                 json!({"filtered": filtered, "severity": severity_word(severities[i])}),
@@ -352,15 +365,6 @@ impl ContentSafety {
                 Value::Array(blocklist_hits.clone()),
             );
         }
-        let reason = if jailbreak {
-            Reason::JailbreakDetected
-        } else if indirect {
-            Reason::IndirectAttackDetected
-        } else if filtered_category || !blocklist_hits.is_empty() {
-            Reason::ContentFiltered
-        } else {
-            return Verdict::Allowed;
-        };
         self.counters.blocked.fetch_add(1, Ordering::Relaxed);
         Verdict::Blocked {
             reason,
@@ -374,7 +378,6 @@ impl ContentSafety {
             Call::Analyze(b) => (&self.analyze_url, b, true),
             Call::Shield(b) => (&self.shield_url, b, false),
         };
-        let body = serde_json::to_vec(&body).map_err(|e| unavailable(None, e.to_string()))?;
         let mut req = http::Request::new(
             Full::new(Bytes::from(body))
                 .map_err(|e| match e {})
@@ -489,9 +492,29 @@ fn unavailable(retry_after: Option<u64>, why: String) -> Unavailable {
     Unavailable { retry_after, why }
 }
 
+/// One Content Safety call, its JSON body already serialised.
 enum Call {
-    Analyze(Value),
-    Shield(Value),
+    Analyze(Vec<u8>),
+    Shield(Vec<u8>),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AnalyzeBody<'a> {
+    text: &'a str,
+    categories: [&'static str; 4],
+    blocklist_names: &'a [String],
+    halt_on_blocklist_hit: bool,
+    output_type: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ShieldBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    documents: Option<&'a [String]>,
 }
 
 enum Answer {
