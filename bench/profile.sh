@@ -10,7 +10,8 @@
 #     cargo build --release --bin handler
 # With PROFILE_CALLGRIND=1 it runs the handler (PROFILE_NGINX=1: nginx) under valgrind --tool=callgrind instead for a
 # bounded number of requests (PROFILE_REQUESTS, 2000) and prints instruction counts per request
-# (exact and immune to a noisy machine, unlike time).
+# (exact and immune to a noisy machine, unlike time) over PROFILE_CG_SECS (120) of requests on one
+# connection.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 handler="${1:-${HANDLER_BIN:-$here/../target/release/handler}}"
@@ -100,7 +101,7 @@ NGINX
     taskset -c 1 wrk -t1 -c4 -d2s -s "$out/post.lua" "$url" >/dev/null
     callgrind_control -z "$vg" >/dev/null
     { cat "$out/post.lua"; printf 'local n = 0\nrequest = function() n = n + 1; return wrk.format() end\nresponse = function() if n >= %s then wrk.thread:stop() end end\n' "$n"; } > "$out/count.lua"
-    taskset -c 1 wrk -t1 -c1 -d120s -s "$out/count.lua" "$url" > "$out/wrk.txt"
+    taskset -c 1 wrk -t1 -c1 -d"${PROFILE_CG_SECS:-120}s" -s "$out/count.lua" "$url" > "$out/wrk.txt"
     grep -E "requests in" "$out/wrk.txt"
     n=$(awk '/requests in/ {print $1}' "$out/wrk.txt")
     rm -f "$out"/callgrind.out.*

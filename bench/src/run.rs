@@ -897,7 +897,7 @@ CPU = utime+stime from /proc/<pid>/stat (nginx: master + worker) over each windo
                 GAP.as_secs_f64() * 500.0
             ),
             format!(
-                "all streams whole, ≤ noise floor (direct {}, nginx {})",
+                "all streams whole; ≤ noise floor (direct {}, nginx {}) + 1% of gaps",
                 direct.coalesced, nginx.coalesced
             ),
             vec![],
@@ -933,7 +933,14 @@ CPU = utime+stime from /proc/<pid>/stat (nginx: master + worker) over each windo
             .fold(0.0, f64::max);
         // Coalescing caused by the machine (a preempted upstream or client) shows on the direct
         // and nginx rows too; the handler must not add to it.
-        let coalesced = variants.iter().map(|t| t.coalesced).max().unwrap_or(0);
+        // Nagle-style coalescing hits a large share of gaps (a third to a half); a preempted
+        // client or upstream makes the odd one. Allowed: the noise floor plus 1% of the gaps.
+        let worst = variants
+            .iter()
+            .max_by_key(|t| t.coalesced)
+            .expect("a variant");
+        let coalesced = worst.coalesced;
+        let allowance = floor + worst.gaps_ns.len().div_ceil(100);
         let broken: usize = variants.iter().map(|t| t.streams_bad).sum();
         let screen_ratio = median(&screen.cpu_us) / cpu;
         let cells = [
@@ -957,7 +964,11 @@ CPU = utime+stime from /proc/<pid>/stat (nginx: master + worker) over each windo
                 signed(one_ttfb(user), 0),
                 ok(one_ttfb(user) <= 300.0)
             ),
-            format!("{coalesced} {}", ok(broken == 0 && coalesced <= floor)),
+            format!(
+                "{coalesced} of {} {}",
+                worst.gaps_ns.len(),
+                ok(broken == 0 && coalesced <= allowance)
+            ),
             format!("{peak_mb:.1} MB {}", ok(peak_mb <= 30.0)),
             format!("{ready:.1} ms {}", ok(ready <= 50.0)),
             format!(
