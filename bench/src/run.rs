@@ -784,7 +784,7 @@ fn report(
         s.push_str(&format!("- alternative handler (A/B rows): {alt}\n"));
     }
     s.push_str(&format!(
-        "- layout: each proxy pinned to core {PROXY_CORE} (handler: 1 tokio worker, as it sees 1 core; nginx: master + `worker_processes 1`); \
+        "- layout: each proxy pinned to core {PROXY_CORE} (handler: one runtime thread, as it sees 1 core; nginx: master + `worker_processes 1`); \
 wrk (`-t1 -c32`), this client and the zero-latency upstream pinned to core {LOAD_CORE}; all of them at nice {nice}\n\
 - load: {} rounds × {} s of wrk at 32 connections per target, interleaved (first preceded by 1 s warm-up); \
 CPU = utime+stime from /proc/<pid>/stat (nginx: master + worker) over each window ÷ requests, median of rounds\n\
