@@ -24,6 +24,14 @@ pub const OTHER_KEY: &str = "test-other-caller-key-abcdef";
 pub const OUT_KEY: &str = "real-aoai-key-zyxwvutsrqponm";
 pub const API: &str = "api-version=2024-10-21";
 
+/// Serve a mock's router on a free loopback port for the rest of the test.
+async fn serve_mock(router: axum::Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
 /// What the mock saw.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -65,9 +73,7 @@ impl MockAoai {
             let (s, r) = (s.clone(), r.clone());
             async move { answer(req, s, r).await }
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let addr = serve_mock(router).await;
         MockAoai { addr, seen, reply }
     }
 
@@ -286,9 +292,7 @@ impl MockContentSafety {
             let (s, f) = (s.clone(), f.clone());
             async move { cs_answer(req, s, f).await }
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let addr = serve_mock(router).await;
         MockContentSafety { addr, seen, fail }
     }
 
