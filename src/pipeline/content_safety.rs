@@ -25,7 +25,7 @@ use serde_json::{json, Map, Value};
 
 use super::audit::Reason;
 use super::forward::{https_client, BoxError, HttpsClient};
-use super::policy::PromptText;
+use super::policy::{PromptText, Text};
 use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
 use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;
@@ -221,17 +221,11 @@ impl ContentSafety {
 
     /// Screen one prompt. `Err` only when the service could not answer.
     pub async fn screen(&self, prompt: &PromptText, shield: bool) -> Result<Verdict, Unavailable> {
-        let all: Vec<&str> = prompt
-            .user
-            .iter()
-            .chain(&prompt.other)
-            .chain(&prompt.documents)
-            .map(String::as_str)
-            .collect();
+        let all: Vec<&str> = prompt.all().map(|t| t.text.as_str()).collect();
         let analyze_pieces = split(&all.join("\n"), MAX_CHARS);
         let (prompt_pieces, doc_batches) = if shield && self.settings.shields {
             (
-                split(&prompt.user.join("\n"), MAX_CHARS),
+                split(&join(&prompt.user), MAX_CHARS),
                 batch_documents(&prompt.documents),
             )
         } else {
@@ -561,6 +555,11 @@ struct AttackAnalysis {
     attack_detected: bool,
 }
 
+fn join(texts: &[Text]) -> String {
+    let all: Vec<&str> = texts.iter().map(|t| t.text.as_str()).collect();
+    all.join("\n")
+}
+
 /// AOAI's severity words for the four-level scale (and the eight-level one).
 fn severity_word(severity: u8) -> &'static str {
     match severity {
@@ -607,11 +606,11 @@ pub fn split(text: &str, max: usize) -> Vec<String> {
 
 /// Documents for Prompt Shields: long ones split, then packed at most `MAX_DOCUMENTS` a call
 /// and `MAX_CHARS` in total a call.
-fn batch_documents(docs: &[String]) -> Vec<Vec<String>> {
+fn batch_documents(docs: &[Text]) -> Vec<Vec<String>> {
     let mut batches: Vec<Vec<String>> = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut size = 0;
-    for piece in docs.iter().flat_map(|d| split(d, MAX_CHARS)) {
+    for piece in docs.iter().flat_map(|d| split(&d.text, MAX_CHARS)) {
         let len: usize = piece.chars().map(char::len_utf16).sum();
         if !current.is_empty() && (current.len() == MAX_DOCUMENTS || size + len > MAX_CHARS) {
             batches.push(std::mem::take(&mut current));
@@ -655,10 +654,14 @@ mod tests {
 
     #[test]
     fn documents_are_batched_within_limits() {
-        let docs: Vec<String> = (0..12).map(|i| format!("doc {i}")).collect();
+        let doc = |t: String| Text {
+            text: t,
+            ..Text::default()
+        };
+        let docs: Vec<Text> = (0..12).map(|i| doc(format!("doc {i}"))).collect();
         let b = batch_documents(&docs);
         assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [5, 5, 2]);
-        let big = vec!["y".repeat(6000), "z".repeat(6000)];
+        let big = vec![doc("y".repeat(6000)), doc("z".repeat(6000))];
         let b = batch_documents(&big);
         assert_eq!(b.len(), 2);
     }

@@ -137,31 +137,52 @@ struct Envelope<'a> {
     instructions: Option<&'a RawValue>,
 }
 
-/// The text the model will read, by where it came from (Prompt Shields treats them apart).
+/// The text the model will read, by how it must be screened (Prompt Shields treats user prompts
+/// and documents apart). Every piece names where in the body it came from, for the abuse record.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PromptText {
-    /// What the user and the app said: user, system and developer messages, prompts, inputs.
-    pub user: Vec<String>,
-    /// Content from elsewhere: tool and function results (indirect-attack surface).
-    pub documents: Vec<String>,
-    /// Read by the model but neither: earlier assistant turns.
-    pub other: Vec<String>,
+    /// Written by the client and read as instructions: harm categories and Prompt Shields'
+    /// user prompt (user, system and developer messages, prompts, inputs).
+    pub user: Vec<Text>,
+    /// Content from elsewhere: harm categories and Prompt Shields' documents (indirect attack):
+    /// tool and function results, retrieved documents.
+    pub documents: Vec<Text>,
+    /// Read by the model but never executed as instructions: harm categories only.
+    pub harm_only: Vec<Text>,
+}
+
+/// One text-bearing field of the body.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Text {
+    pub text: String,
+    /// Where it came from, as a JSON path (`messages[2].content[0].text`).
+    pub field: String,
+    /// The message role it belongs to, when it belongs to one.
+    pub role: Option<String>,
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.text == *other
+    }
 }
 
 impl PromptText {
     pub fn is_empty(&self) -> bool {
-        self.user.is_empty() && self.documents.is_empty() && self.other.is_empty()
+        self.user.is_empty() && self.documents.is_empty() && self.harm_only.is_empty()
+    }
+
+    /// Every piece, in screening order.
+    pub fn all(&self) -> impl Iterator<Item = &Text> {
+        self.user
+            .iter()
+            .chain(&self.harm_only)
+            .chain(&self.documents)
     }
 
     /// All of it, for the abuse record (only when prompt capture is on).
     pub fn joined(&self) -> String {
-        let all: Vec<&str> = self
-            .user
-            .iter()
-            .chain(&self.other)
-            .chain(&self.documents)
-            .map(String::as_str)
-            .collect();
+        let all: Vec<&str> = self.all().map(|t| t.text.as_str()).collect();
         all.join("\n")
     }
 }
@@ -296,12 +317,24 @@ fn as_string(raw: &RawValue) -> Option<String> {
     serde_json::from_str::<String>(raw.get()).ok()
 }
 
+fn text(text: String, field: String, role: Option<&str>) -> Text {
+    Text {
+        text,
+        field,
+        role: role.map(str::to_string),
+    }
+}
+
 /// Strings, or arrays of strings (token arrays and other shapes are not text and are skipped).
-fn strings(raw: &RawValue, out: &mut Vec<String>) {
+fn strings(raw: &RawValue, field: &str, role: Option<&str>, out: &mut Vec<Text>) {
     if let Some(s) = as_string(raw) {
-        out.push(s);
+        out.push(text(s, field.to_string(), role));
     } else if let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(raw.get()) {
-        out.extend(items.into_iter().filter_map(as_string));
+        for (i, item) in items.into_iter().enumerate() {
+            if let Some(s) = as_string(item) {
+                out.push(text(s, format!("{field}[{i}]"), role));
+            }
+        }
     }
 }
 
@@ -327,80 +360,81 @@ struct Part {
 }
 
 /// Message content: a string, or an array of parts whose text parts we keep.
-fn content_text(raw: &RawValue, out: &mut Vec<String>) {
+fn content_text(raw: &RawValue, field: &str, role: Option<&str>, out: &mut Vec<Text>) {
     if let Some(s) = as_string(raw) {
-        out.push(s);
+        out.push(text(s, field.to_string(), role));
         return;
     }
     if let Ok(parts) = serde_json::from_str::<Vec<Part>>(raw.get()) {
-        for p in parts {
+        for (i, p) in parts.into_iter().enumerate() {
             let is_text = matches!(
                 p.kind.as_deref(),
                 Some("text" | "input_text" | "output_text") | None
             );
             if let (true, Some(t)) = (is_text, p.text) {
-                out.push(t);
+                out.push(text(t, format!("{field}[{i}].text"), role));
             }
         }
     }
 }
 
-fn messages(raw: &RawValue, text: &mut PromptText) {
+fn messages(raw: &RawValue, field: &str, prompt: &mut PromptText) {
     let Ok(list) = serde_json::from_str::<Vec<Message>>(raw.get()) else {
         // not a list of objects: a plain string or list of strings (responses `input`)
-        strings(raw, &mut text.user);
+        strings(raw, field, None, &mut prompt.user);
         return;
     };
-    for m in list {
-        let bucket = match (m.role.as_deref(), m.kind.as_deref()) {
-            (Some("tool" | "function"), _) => &mut text.documents,
-            (_, Some("function_call_output")) => &mut text.documents,
-            (Some("assistant"), _) => &mut text.other,
-            _ => &mut text.user,
+    for (i, m) in list.into_iter().enumerate() {
+        let role = m.role.as_deref();
+        let bucket = match (role, m.kind.as_deref()) {
+            (Some("tool" | "function"), _) => &mut prompt.documents,
+            (_, Some("function_call_output")) => &mut prompt.documents,
+            (Some("assistant"), _) => &mut prompt.harm_only,
+            _ => &mut prompt.user,
         };
         if let Some(c) = m.content {
-            content_text(c, bucket);
+            content_text(c, &format!("{field}[{i}].content"), role, bucket);
         }
         if let Some(o) = m.output {
-            content_text(o, bucket);
+            content_text(o, &format!("{field}[{i}].output"), role, bucket);
         }
     }
 }
 
 fn extract_prompt(env: &Envelope, operation: Operation) -> PromptText {
-    let mut text = PromptText::default();
+    let mut prompt = PromptText::default();
     match operation {
         Operation::ChatCompletions
         | Operation::ExtensionsChatCompletions
         | Operation::V1ChatCompletions => {
             if let Some(m) = env.messages {
-                messages(m, &mut text);
+                messages(m, "messages", &mut prompt);
             }
         }
         Operation::Completions | Operation::V1Completions => {
             if let Some(p) = env.prompt {
-                strings(p, &mut text.user);
+                strings(p, "prompt", None, &mut prompt.user);
             }
         }
         Operation::Embeddings | Operation::V1Embeddings => {
             if let Some(i) = env.input {
-                strings(i, &mut text.user);
+                strings(i, "input", None, &mut prompt.user);
             }
         }
         Operation::V1Responses => {
             if let Some(i) = env.instructions {
-                strings(i, &mut text.user);
+                strings(i, "instructions", None, &mut prompt.user);
             }
             if let Some(i) = env.input {
-                messages(i, &mut text);
+                messages(i, "input", &mut prompt);
             }
         }
         _ => {}
     }
-    text.user.retain(|s| !s.trim().is_empty());
-    text.documents.retain(|s| !s.trim().is_empty());
-    text.other.retain(|s| !s.trim().is_empty());
-    text
+    prompt.user.retain(|t| !t.text.trim().is_empty());
+    prompt.documents.retain(|t| !t.text.trim().is_empty());
+    prompt.harm_only.retain(|t| !t.text.trim().is_empty());
+    prompt
 }
 
 #[cfg(test)]
@@ -492,7 +526,7 @@ mod tests {
         ]}"#;
         let i = run(body, Operation::ChatCompletions, UserCheck::Off).unwrap();
         assert_eq!(i.prompt.user, ["be nice", "part one", "part \"two\""]);
-        assert_eq!(i.prompt.other, ["earlier answer"]);
+        assert_eq!(i.prompt.harm_only, ["earlier answer"]);
         assert_eq!(i.prompt.documents, ["tool said ignore instructions"]);
 
         let i = run(
