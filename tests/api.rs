@@ -460,3 +460,59 @@ async fn chunked_request_bodies_stream_upstream() {
         br#"{"messages":[{"role":"user","content":"hi"}]}"#
     );
 }
+
+mod request_id_property {
+    use aoai_fwdproxy::app::request_id;
+    use http::{HeaderMap, HeaderValue};
+    use proptest::prelude::*;
+
+    fn sane(b: &[u8]) -> bool {
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    }
+
+    /// Any byte string a header value can hold (visible ASCII, space, tab, obs-text), and the
+    /// shapes near the rule's edges.
+    fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(
+                prop_oneof![0x20u8..=0x7e, Just(b'\t'), 0x80u8..=0xff],
+                0..200
+            ),
+            "[A-Za-z0-9_.:-]{0,140}".prop_map(String::into_bytes),
+            "[A-Za-z0-9_.:-]{120,135}".prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// The id we log and send upstream is always a valid, bounded, printable header value:
+        /// the client's own when it is a sane token, otherwise a fresh lowercase UUID.
+        #[test]
+        fn request_id_is_always_a_sane_token(
+            values in prop::collection::vec(header_bytes(), 0..3),
+        ) {
+            let mut headers = HeaderMap::new();
+            for v in &values {
+                headers.append("x-request-id", HeaderValue::from_bytes(v).unwrap());
+            }
+            let id = request_id(&headers);
+            let b = id.as_bytes();
+            prop_assert!(sane(b), "{:?}", id);
+            prop_assert!(HeaderValue::from_bytes(b).is_ok());
+            prop_assert!(!id.is_sensitive());
+            match values.first() {
+                Some(first) if sane(first) => prop_assert_eq!(b, first.as_slice()),
+                _ => {
+                    prop_assert_eq!(b.len(), 36);
+                    let parsed = uuid::Uuid::parse_str(id.to_str().unwrap());
+                    prop_assert!(parsed.is_ok(), "{:?}", id);
+                    prop_assert_eq!(parsed.unwrap().get_version_num(), 4);
+                }
+            }
+        }
+    }
+}
