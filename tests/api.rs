@@ -487,7 +487,7 @@ mod request_id_property {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
         /// The id we log and send upstream is always a valid, bounded, printable header value:
         /// the client's own when it is a sane token, otherwise a fresh lowercase UUID.
