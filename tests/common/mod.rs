@@ -6,8 +6,18 @@
 //! and what the upstream saw. [`TestApp`] runs the real router and server loop in-process.
 #![allow(dead_code, unused_imports)]
 
-#[path = "../support/mod.rs"]
-pub mod support;
+/// The parts of `tests/support` the request-path tests use. The Cosmos DB emulator and the Azure
+/// stubs stay out: compiling the emulator's SDK code into every test binary that takes `common`
+/// cost ~4 s of CPU each; tests that need them take the whole module with `mod support;`.
+#[path = "../support"]
+pub mod support {
+    pub mod aoai;
+    pub mod app;
+    pub mod handler;
+    pub mod logs;
+    pub mod scratch;
+    pub mod wait;
+}
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
