@@ -56,10 +56,12 @@ const ENUMS: &[(&str, &[&str], &[&str])] = &[
     ),
 ];
 
+/// Settings a row needs besides the one under test.
+type Extra = &'static [(&'static str, &'static str)];
+
 /// Whole numbers: name, extra settings the number needs to be read, accepted values, values
 /// out of range or not whole numbers.
-#[allow(clippy::type_complexity)]
-const NUMBERS: &[(&str, &[(&str, &str)], &[&str], &[&str])] = &[
+const NUMBERS: &[(&str, Extra, &[&str], &[&str])] = &[
     (
         "FUNCTIONS_CUSTOMHANDLER_PORT",
         &[],
@@ -137,7 +139,7 @@ const NUMBERS: &[(&str, &[(&str, &str)], &[&str], &[&str])] = &[
 ];
 
 /// Other settings with a shape: name, extra settings, a bad value.
-const SHAPED: &[(&str, &[(&str, &str)], &str)] = &[
+const SHAPED: &[(&str, Extra, &str)] = &[
     ("AOAI_HOSTNAME", &[], "http://x.openai.azure.com"),
     ("AOAI_HOSTNAME", &[], "ftp://x.openai.azure.com"),
     ("AOAI_HOSTNAME", &[], "https://x.openai.azure.com/openai"),
