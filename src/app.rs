@@ -445,10 +445,11 @@ async fn gate(
                     record_abuse(state, target, parts, log, reason, &inspected, details);
                     return Err(AppError::ContentFiltered(result));
                 }
-                Ok(Verdict::TooLong) => {
-                    return Err(AppError::InvalidBody(
-                        "The prompt is too long to be screened for content safety".into(),
-                    ))
+                Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
+                    let rid = log.request_id.to_str().unwrap_or("");
+                    if let Some(e) = cs.on_limit(&limit, rid) {
+                        return Err(e);
+                    }
                 }
                 Err(unavailable) => {
                     let rid = log.request_id.to_str().unwrap_or("");

@@ -3,6 +3,7 @@
 //! needs with `mod support;`.
 #![allow(dead_code)]
 
+pub mod content_safety;
 pub mod cosmos_emu;
 pub mod keyvault_stub;
 pub mod logs;

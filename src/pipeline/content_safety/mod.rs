@@ -4,24 +4,42 @@
 //! Screens the prompt text with Azure AI Content Safety: `text:analyze` for the harm categories
 //! (Hate, SelfHarm, Sexual, Violence; a severity threshold each; optional blocklists) and
 //! `text:shieldPrompt` for jailbreaks in what the user said and indirect attacks in documents and
-//! tool output. The service takes at most 10,000 characters per text and a handful of documents
-//! per call, so long prompts are split and the parts screened concurrently.
+//! tool output. The service takes at most 10,000 characters per text and five documents of
+//! 10,000 characters together per call, so long prompts are split with an overlap
+//! ([`split`]) and the parts screened concurrently.
 //!
 //! Short-circuits with 400 shaped exactly like AOAI's own prompt filter (`content_filter`,
 //! `innererror.code: ResponsibleAIPolicyViolation`, the categories and severities that tripped),
-//! or 503 when the service cannot answer and screening fails closed (the default;
-//! `CONTENT_SAFETY_FAIL_OPEN=true` lets the request through). Either way a log line and a
-//! counter record the outage. Adds the verdict details to the request context for the audit.
+//! or 503 when screening fails and fails closed (the default; `CONTENT_SAFETY_FAIL_OPEN=true`
+//! lets the request through). A failure is any call that does not end in an answer the gate can
+//! fully read ([`answer`]): no connection, a timeout, a non-2xx status, or a 200 whose body misses
+//! or garbles anything the verdict depends on. Either way a log line and a counter record it.
+//!
+//! Limits, so one caller cannot use up the resource's quota for everyone: a request needing more
+//! than `CONTENT_SAFETY_MAX_CALLS_PER_REQUEST` calls is refused unscreened ([`Verdict::TooLong`],
+//! 413), and past `CONTENT_SAFETY_MAX_CONCURRENT_REQUESTS` requests being screened at once in
+//! this process a new one is refused at once ([`Verdict::Busy`], 429 with retry-after) instead
+//! of queueing. Adds the verdict details to the request context for the audit.
+//!
+//! Layout: this file holds the client, the calls and the verdict; [`settings`] the
+//! `CONTENT_SAFETY_*` settings; [`answer`] the strict reading of answers; [`split`] splitting
+//! and batching.
 
+pub mod answer;
+pub mod settings;
+pub mod split;
+
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{stream, StreamExt};
 use http::HeaderValue;
-use http_body_util::{BodyExt, Full};
-use serde::{Deserialize, Serialize};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
+use tokio::sync::Semaphore;
 
 use super::audit::Reason;
 use super::forward::{https_client, BoxError, HttpsClient};
@@ -29,7 +47,8 @@ use super::policy::{PromptText, Text};
 use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
 use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;
-use crate::settings::{parse_base_url, Secret, SettingsError, Source};
+pub use settings::ContentSafetySettings;
+use split::{batch, OVERLAP};
 
 /// The key header of the Cognitive Services resource.
 const SUBSCRIPTION_KEY: http::HeaderName =
@@ -37,15 +56,18 @@ const SUBSCRIPTION_KEY: http::HeaderName =
 
 /// The API version whose shapes we speak.
 pub const API_VERSION: &str = "2024-09-01";
-/// The service's limit per text (and per user prompt of Prompt Shields).
+/// The service's limit per `text:analyze` text and per Prompt Shields `userPrompt`; also the
+/// limit on all documents of one Prompt Shields call together (UTF-16 units, see [`split`]).
 pub const MAX_CHARS: usize = 10_000;
-/// Prompt Shields: at most this many documents per call, together within `MAX_CHARS`.
+/// Prompt Shields: at most this many documents per call.
 pub const MAX_DOCUMENTS: usize = 5;
-/// Most pieces one request may be split into (1 M characters); more is refused, not screened
-/// half-way.
-pub const MAX_PIECES: usize = 100;
 /// Calls in flight per request.
 const CONCURRENCY: usize = 8;
+/// Largest answer read: real answers are a few hundred bytes (more with many blocklist hits).
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// `retry-after` of the 429 past `CONTENT_SAFETY_MAX_CONCURRENT_REQUESTS`: screening calls
+/// take well under a second, so a slot is usually free by then.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 /// The four harm categories: service name, AOAI annotation name.
 const CATEGORIES: [(&str, &str); 4] = [
@@ -54,75 +76,6 @@ const CATEGORIES: [(&str, &str); 4] = [
     ("Sexual", "sexual"),
     ("Violence", "violence"),
 ];
-
-/// Content Safety settings.
-#[derive(Debug, Clone)]
-pub struct ContentSafetySettings {
-    /// `CONTENT_SAFETY_ENDPOINT`.
-    pub endpoint: url::Url,
-    /// `CONTENT_SAFETY_KEY`; without it, a managed-identity token.
-    pub key: Option<Secret>,
-    /// `CONTENT_SAFETY_THRESHOLD_{HATE,SELFHARM,SEXUAL,VIOLENCE}`: block at or above (0–7).
-    pub thresholds: [u8; 4],
-    /// `CONTENT_SAFETY_BLOCKLISTS`: blocklist names, comma-separated.
-    pub blocklists: Vec<String>,
-    /// `CONTENT_SAFETY_PROMPT_SHIELDS`: run `text:shieldPrompt` (default true).
-    pub shields: bool,
-    /// `CONTENT_SAFETY_FAIL_OPEN`: let requests through when screening is unavailable.
-    pub fail_open: bool,
-    /// `CONTENT_SAFETY_TIMEOUT_MS`: per call.
-    pub timeout: Duration,
-}
-
-impl ContentSafetySettings {
-    /// `None` when `CONTENT_SAFETY_ENDPOINT` is unset (screening off).
-    pub fn from_source(src: &Source) -> Result<Option<Self>, SettingsError> {
-        let Some(endpoint) = src.get("CONTENT_SAFETY_ENDPOINT")? else {
-            return Ok(None);
-        };
-        let endpoint = parse_base_url("CONTENT_SAFETY_ENDPOINT", endpoint)?;
-        let names = [
-            "CONTENT_SAFETY_THRESHOLD_HATE",
-            "CONTENT_SAFETY_THRESHOLD_SELFHARM",
-            "CONTENT_SAFETY_THRESHOLD_SEXUAL",
-            "CONTENT_SAFETY_THRESHOLD_VIOLENCE",
-        ];
-        let mut thresholds = [4u8; 4];
-        for (t, name) in thresholds.iter_mut().zip(names) {
-            *t = src.number(name, 4u8)?;
-            if !(1..=7).contains(t) {
-                return Err(SettingsError::new(
-                    name,
-                    "must be 1-7 (2 low, 4 medium, 6 high)",
-                ));
-            }
-        }
-        let blocklists = src
-            .get("CONTENT_SAFETY_BLOCKLISTS")?
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
-        let timeout = Duration::from_millis(src.number("CONTENT_SAFETY_TIMEOUT_MS", 10_000u64)?);
-        if timeout.is_zero() {
-            return Err(SettingsError::new(
-                "CONTENT_SAFETY_TIMEOUT_MS",
-                "must be above 0",
-            ));
-        }
-        Ok(Some(ContentSafetySettings {
-            endpoint,
-            key: src.get("CONTENT_SAFETY_KEY")?.map(Secret::new),
-            thresholds,
-            blocklists,
-            shields: src.flag("CONTENT_SAFETY_PROMPT_SHIELDS", true)?,
-            fail_open: src.flag("CONTENT_SAFETY_FAIL_OPEN", false)?,
-            timeout,
-        }))
-    }
-}
 
 /// How calls to Content Safety authenticate.
 pub enum Credential {
@@ -136,12 +89,22 @@ pub enum Credential {
     Missing,
 }
 
-/// Outage counters (read by logs and tests).
+/// What screening did, for logs and tests.
 #[derive(Default, Debug)]
 pub struct Counters {
+    /// Screening failed (no answer, an error status, or an answer that could not be read).
     pub unavailable: AtomicU64,
+    /// Of those, answers that arrived but could not be fully read.
+    pub unreadable: AtomicU64,
+    /// Requests let through unscreened by `CONTENT_SAFETY_FAIL_OPEN=true`.
     pub failed_open: AtomicU64,
     pub blocked: AtomicU64,
+    /// Refused: more calls needed than `CONTENT_SAFETY_MAX_CALLS_PER_REQUEST`.
+    pub too_long: AtomicU64,
+    /// Refused: `CONTENT_SAFETY_MAX_CONCURRENT_REQUESTS` already being screened.
+    pub busy: AtomicU64,
+    /// Content Safety calls made (answered or not).
+    pub calls: AtomicU64,
 }
 
 /// The verdict on one prompt.
@@ -155,14 +118,33 @@ pub enum Verdict {
         /// For the abuse record: severities, shield results, blocklist hits.
         details: Value,
     },
-    /// More text than [`MAX_PIECES`] calls can screen: refused unscreened.
+    /// A limit refusal: screening the prompt would take more calls than
+    /// `CONTENT_SAFETY_MAX_CALLS_PER_REQUEST`; refused unscreened (413).
     TooLong,
+    /// A limit refusal: `CONTENT_SAFETY_MAX_CONCURRENT_REQUESTS` requests are being screened in
+    /// this process; refused at once, unscreened (429 with retry-after).
+    Busy,
+}
+
+impl Verdict {
+    /// The answer to a limit refusal ([`Verdict::TooLong`], [`Verdict::Busy`]); `None` for the
+    /// others. The gate records the refusal, then answers with this.
+    pub fn limit_error(&self) -> Option<AppError> {
+        match self {
+            Verdict::TooLong => Some(AppError::TooLongToScreen),
+            Verdict::Busy => Some(AppError::ScreeningBusy {
+                retry_after: BUSY_RETRY_AFTER_SECS,
+            }),
+            Verdict::Allowed | Verdict::Blocked { .. } => None,
+        }
+    }
 }
 
 /// Screening could not be done.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unavailable {
     pub retry_after: Option<u64>,
+    /// For the log line: never prompt or answer text.
     pub why: String,
 }
 
@@ -173,6 +155,8 @@ pub struct ContentSafety {
     shield_url: http::Uri,
     credential: Credential,
     settings: ContentSafetySettings,
+    /// One permit per request being screened (`CONTENT_SAFETY_MAX_CONCURRENT_REQUESTS`).
+    in_flight: Semaphore,
     pub counters: Counters,
 }
 
@@ -198,6 +182,7 @@ impl ContentSafety {
             shield_url: format!("{base}/contentsafety/text:shieldPrompt?api-version={API_VERSION}")
                 .parse()?,
             credential,
+            in_flight: Semaphore::new(settings.max_concurrent as usize),
             settings,
             counters: Counters::default(),
         })
@@ -219,26 +204,59 @@ impl ContentSafety {
         self.settings.fail_open
     }
 
-    /// Screen one prompt. `Err` only when the service could not answer.
+    /// Screen one prompt; `shield` when the operation gets Prompt Shields. `Err` when a call
+    /// failed (see [`ContentSafety::on_unavailable`]); the limits give [`Verdict::TooLong`] and
+    /// [`Verdict::Busy`] without calling the service.
     pub async fn screen(&self, prompt: &PromptText, shield: bool) -> Result<Verdict, Unavailable> {
-        let all: Vec<&str> = prompt.all().map(|t| t.text.as_str()).collect();
-        let analyze_pieces = split(&all.join("\n"), MAX_CHARS);
-        let (prompt_pieces, doc_batches) = if shield && self.settings.shields {
-            (
-                split(&join(&prompt.user), MAX_CHARS),
-                batch_documents(&prompt.documents),
+        // Everything gets harm screening, joined so a phrase across two fields is seen whole.
+        let all = join(prompt.all());
+        let analyze: Vec<&str> = pieces(&all);
+        let shielding = shield && self.settings.shields;
+        let user = if shielding {
+            join(prompt.user.iter())
+        } else {
+            Cow::Borrowed("")
+        };
+        let user_pieces: Vec<&str> = pieces(&user);
+        let doc_batches: Vec<Vec<&str>> = if shielding {
+            batch(
+                prompt.documents.iter().flat_map(|d| pieces(&d.text)),
+                MAX_DOCUMENTS,
+                MAX_CHARS,
             )
         } else {
-            (Vec::new(), Vec::new())
+            Vec::new()
         };
-        let shield_calls = prompt_pieces.len().max(doc_batches.len());
-        if analyze_pieces.len() + shield_calls > MAX_PIECES {
+        // Piece i of the user prompt and batch i of the documents share a call.
+        let shield_calls = user_pieces.len().max(doc_batches.len());
+        let needed = analyze.len() + shield_calls;
+        if needed > self.settings.max_calls as usize {
+            self.counters.too_long.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                target: "content_safety",
+                calls_needed = needed,
+                max_calls = self.settings.max_calls,
+                "prompt refused unscreened: more calls than CONTENT_SAFETY_MAX_CALLS_PER_REQUEST"
+            );
             return Ok(Verdict::TooLong);
         }
+        if needed == 0 {
+            return Ok(Verdict::Allowed);
+        }
+        // Held until the verdict: the calls of this request count against the process limit.
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                target: "content_safety",
+                max_concurrent = self.settings.max_concurrent,
+                "prompt refused unscreened: CONTENT_SAFETY_MAX_CONCURRENT_REQUESTS reached"
+            );
+            return Ok(Verdict::Busy);
+        };
 
         // Request bodies serialised straight from borrowed text (no `Value` tree per call).
-        let mut calls = Vec::with_capacity(analyze_pieces.len() + shield_calls);
-        for text in &analyze_pieces {
+        let mut calls = Vec::with_capacity(needed);
+        for text in analyze {
             let body = serde_json::to_vec(&AnalyzeBody {
                 text,
                 categories: CATEGORIES.map(|(c, _)| c),
@@ -251,42 +269,37 @@ impl ContentSafety {
             ));
         }
         for i in 0..shield_calls {
+            let user_prompt = user_pieces.get(i).copied();
+            let documents = doc_batches.get(i).map(Vec::as_slice);
             let body = serde_json::to_vec(&ShieldBody {
-                user_prompt: prompt_pieces.get(i).map(String::as_str),
-                documents: doc_batches.get(i).map(Vec::as_slice),
+                user_prompt,
+                documents,
             });
-            calls.push(Call::Shield(
-                body.map_err(|e| unavailable(None, e.to_string()))?,
-            ));
+            calls.push(Call::Shield {
+                body: body.map_err(|e| unavailable(None, e.to_string()))?,
+                prompt: user_prompt.is_some(),
+                documents: documents.map_or(0, <[&str]>::len),
+            });
         }
 
-        let answers: Vec<Result<Answer, Unavailable>> = stream::iter(calls)
+        // The first failure ends the request: the calls still in flight are dropped.
+        let mut answers = stream::iter(calls)
             .map(|call| self.call(call))
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-
+            .buffer_unordered(CONCURRENCY);
         let mut severities = [0u8; 4];
-        let mut blocklist_hits: Vec<Value> = Vec::new();
+        let mut blocklist_hits: Vec<(String, String)> = Vec::new();
         let (mut jailbreak, mut indirect) = (false, false);
-        for answer in answers {
+        while let Some(answer) = answers.next().await {
             match answer? {
                 Answer::Analyze(a) => {
-                    for c in a.categories_analysis {
-                        if let Some(i) = CATEGORIES.iter().position(|(n, _)| *n == c.category) {
-                            severities[i] = severities[i].max(c.severity.unwrap_or(0));
-                        }
+                    for (s, new) in severities.iter_mut().zip(a.severities) {
+                        *s = (*s).max(new);
                     }
-                    for m in a.blocklists_match {
-                        blocklist_hits.push(json!({
-                            "blocklistName": m.blocklist_name,
-                            "blocklistItemId": m.blocklist_item_id,
-                        }));
-                    }
+                    blocklist_hits.extend(a.blocklist_hits);
                 }
                 Answer::Shield(s) => {
-                    jailbreak |= s.user_prompt_analysis.is_some_and(|u| u.attack_detected);
-                    indirect |= s.documents_analysis.iter().any(|d| d.attack_detected);
+                    jailbreak |= s.jailbreak;
+                    indirect |= s.indirect;
                 }
             }
         }
@@ -296,14 +309,14 @@ impl ContentSafety {
             jailbreak,
             indirect,
             shield_calls > 0,
-            !prompt.documents.is_empty(),
+            !doc_batches.is_empty(),
         ))
     }
 
     fn verdict(
         &self,
         severities: [u8; 4],
-        blocklist_hits: Vec<Value>,
+        blocklist_hits: Vec<(String, String)>,
         jailbreak: bool,
         indirect: bool,
         shielded: bool,
@@ -348,16 +361,17 @@ impl ContentSafety {
         if !blocklist_hits.is_empty() {
             let ids: Vec<Value> = blocklist_hits
                 .iter()
-                .map(|h| json!({"filtered": true, "id": h["blocklistName"]}))
+                .map(|(name, _)| json!({"filtered": true, "id": name}))
                 .collect();
             result.insert(
                 "custom_blocklists".into(),
                 json!({"filtered": true, "details": ids}),
             );
-            details.insert(
-                "blocklist_hits".into(),
-                Value::Array(blocklist_hits.clone()),
-            );
+            let hits: Vec<Value> = blocklist_hits
+                .into_iter()
+                .map(|(name, item)| json!({"blocklistName": name, "blocklistItemId": item}))
+                .collect();
+            details.insert("blocklist_hits".into(), Value::Array(hits));
         }
         self.counters.blocked.fetch_add(1, Ordering::Relaxed);
         Verdict::Blocked {
@@ -368,9 +382,15 @@ impl ContentSafety {
     }
 
     async fn call(&self, call: Call) -> Result<Answer, Unavailable> {
-        let (url, body, is_analyze) = match call {
-            Call::Analyze(b) => (&self.analyze_url, b, true),
-            Call::Shield(b) => (&self.shield_url, b, false),
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        // `shield`: (user prompt sent, documents sent), what a Prompt Shields answer must cover.
+        let (url, body, shield) = match call {
+            Call::Analyze(b) => (&self.analyze_url, b, None),
+            Call::Shield {
+                body,
+                prompt,
+                documents,
+            } => (&self.shield_url, body, Some((prompt, documents))),
         };
         let mut req = http::Request::new(
             Full::new(Bytes::from(body))
@@ -418,10 +438,10 @@ impl ContentSafety {
                 unavailable(None, kind.to_string())
             })?;
             let (parts, body) = resp.into_parts();
-            let bytes = body
+            let bytes = Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|_| unavailable(None, "body".into()))?
+                .map_err(|_| unavailable(None, "answer body unreadable or too large".into()))?
                 .to_bytes();
             Ok::<_, Unavailable>((parts, bytes))
         };
@@ -435,21 +455,36 @@ impl ContentSafety {
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok());
-            let code = serde_json::from_slice::<Value>(&bytes)
-                .ok()
-                .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
-                .unwrap_or_default();
             return Err(unavailable(
                 retry_after,
-                format!("status {} {code}", status.as_u16()),
+                format!("status {} {}", status.as_u16(), error_code(&bytes)),
             ));
         }
-        let parsed = if is_analyze {
-            serde_json::from_slice(&bytes).map(Answer::Analyze)
-        } else {
-            serde_json::from_slice(&bytes).map(Answer::Shield)
-        };
-        parsed.map_err(|e| unavailable(None, format!("unexpected answer shape: {e}")))
+        let read = answer::check_content_type(&parts.headers).and_then(|()| match shield {
+            None => {
+                answer::analyze(&bytes, !self.settings.blocklists.is_empty()).map(Answer::Analyze)
+            }
+            Some((prompt, documents)) => {
+                answer::shield(&bytes, prompt, documents).map(Answer::Shield)
+            }
+        });
+        read.map_err(|e| {
+            self.counters.unreadable.fetch_add(1, Ordering::Relaxed);
+            unavailable(None, format!("unreadable answer: {}", e.0))
+        })
+    }
+
+    /// Record a limit refusal ([`Verdict::TooLong`], [`Verdict::Busy`]) in a log line and
+    /// return its answer; `None` for other verdicts.
+    pub fn on_limit(&self, verdict: &Verdict, request_id: &str) -> Option<AppError> {
+        let error = verdict.limit_error()?;
+        tracing::warn!(
+            target: "content_safety",
+            request_id,
+            refusal = error.code(),
+            "screening limit reached: refused unscreened"
+        );
+        Some(error)
     }
 
     /// Record an outage: log line and counter. Returns the error to answer with, or `None` when
@@ -486,10 +521,31 @@ fn unavailable(retry_after: Option<u64>, why: String) -> Unavailable {
     Unavailable { retry_after, why }
 }
 
-/// One Content Safety call, its JSON body already serialised.
+/// The service's `error.code`, kept only when it looks like one (it goes to a log line).
+fn error_code(bytes: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Error,
+    }
+    #[derive(serde::Deserialize)]
+    struct Error {
+        code: String,
+    }
+    serde_json::from_slice::<Body>(bytes)
+        .ok()
+        .map(|b| b.error.code)
+        .filter(|c| c.len() <= 64 && c.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or_default()
+}
+
+/// One Content Safety call, its JSON body already serialised, with what the answer must cover.
 enum Call {
     Analyze(Vec<u8>),
-    Shield(Vec<u8>),
+    Shield {
+        body: Vec<u8>,
+        prompt: bool,
+        documents: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -508,56 +564,36 @@ struct ShieldBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     user_prompt: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    documents: Option<&'a [String]>,
+    documents: Option<&'a [&'a str]>,
 }
 
 enum Answer {
-    Analyze(AnalyzeResponse),
-    Shield(ShieldResponse),
+    Analyze(answer::Analysis),
+    Shield(answer::Shield),
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AnalyzeResponse {
-    #[serde(default)]
-    blocklists_match: Vec<BlocklistMatch>,
-    #[serde(default)]
-    categories_analysis: Vec<CategoryAnalysis>,
+/// The texts joined by newlines (one text is borrowed, not copied).
+fn join<'a>(mut texts: impl Iterator<Item = &'a Text>) -> Cow<'a, str> {
+    let Some(first) = texts.next() else {
+        return Cow::Borrowed("");
+    };
+    let Some(second) = texts.next() else {
+        return Cow::Borrowed(&first.text);
+    };
+    let mut all = String::with_capacity(first.text.len() + second.text.len() + 1);
+    all.push_str(&first.text);
+    for t in std::iter::once(second).chain(texts) {
+        all.push('\n');
+        all.push_str(&t.text);
+    }
+    Cow::Owned(all)
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct BlocklistMatch {
-    #[serde(default)]
-    blocklist_name: String,
-    #[serde(default)]
-    blocklist_item_id: String,
-}
-
-#[derive(Deserialize)]
-struct CategoryAnalysis {
-    category: String,
-    severity: Option<u8>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ShieldResponse {
-    user_prompt_analysis: Option<AttackAnalysis>,
-    #[serde(default)]
-    documents_analysis: Vec<AttackAnalysis>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AttackAnalysis {
-    #[serde(default)]
-    attack_detected: bool,
-}
-
-fn join(texts: &[Text]) -> String {
-    let all: Vec<&str> = texts.iter().map(|t| t.text.as_str()).collect();
-    all.join("\n")
+/// `text` split for the service, without pieces that are only whitespace.
+fn pieces(text: &str) -> Vec<&str> {
+    let mut out = split::split(text, MAX_CHARS, OVERLAP);
+    out.retain(|p| !p.trim().is_empty());
+    out
 }
 
 /// AOAI's severity words for the four-level scale (and the eight-level one).
@@ -570,100 +606,29 @@ fn severity_word(severity: u8) -> &'static str {
     }
 }
 
-/// Split `text` into pieces of at most `max` UTF-16 code units (the unit the service counts
-/// is not documented; UTF-16 is never shorter than characters, so this is safe either way),
-/// preferring to cut at whitespace in the last tenth of a piece.
-pub fn split(text: &str, max: usize) -> Vec<String> {
-    let mut pieces = Vec::new();
-    let mut rest = text.trim();
-    while !rest.is_empty() {
-        let mut units = 0;
-        let mut cut = rest.len();
-        let mut last_space = None;
-        for (i, c) in rest.char_indices() {
-            if units + c.len_utf16() > max {
-                cut = i;
-                break;
-            }
-            units += c.len_utf16();
-            if c.is_whitespace() && units > max - max / 10 {
-                last_space = Some(i);
-            }
-        }
-        if cut < rest.len() {
-            if let Some(s) = last_space {
-                cut = s;
-            }
-        }
-        let (piece, tail) = rest.split_at(cut);
-        if !piece.trim().is_empty() {
-            pieces.push(piece.to_string());
-        }
-        rest = tail.trim_start();
-    }
-    pieces
-}
-
-/// Documents for Prompt Shields: long ones split, then packed at most `MAX_DOCUMENTS` a call
-/// and `MAX_CHARS` in total a call.
-fn batch_documents(docs: &[Text]) -> Vec<Vec<String>> {
-    let mut batches: Vec<Vec<String>> = Vec::new();
-    let mut current: Vec<String> = Vec::new();
-    let mut size = 0;
-    for piece in docs.iter().flat_map(|d| split(&d.text, MAX_CHARS)) {
-        let len: usize = piece.chars().map(char::len_utf16).sum();
-        if !current.is_empty() && (current.len() == MAX_DOCUMENTS || size + len > MAX_CHARS) {
-            batches.push(std::mem::take(&mut current));
-            size = 0;
-        }
-        size += len;
-        current.push(piece);
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    batches
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn split_respects_the_limit_and_keeps_every_character() {
-        let text = "word ".repeat(5000); // 25,000 chars
-        let pieces = split(&text, MAX_CHARS);
-        assert_eq!(pieces.len(), 3);
-        assert!(pieces.iter().all(|p| p.chars().count() <= MAX_CHARS));
-        let rejoined: String = pieces.join(" ");
-        assert_eq!(rejoined.split_whitespace().count(), 5000);
-        // no whitespace at all: hard cuts
-        let solid = "x".repeat(20_001);
-        let pieces = split(&solid, MAX_CHARS);
-        assert_eq!(
-            pieces.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            [10_000, 10_000, 1]
-        );
-        // astral characters count twice in UTF-16
-        let emoji = "😀".repeat(6000);
-        assert!(split(&emoji, MAX_CHARS)
-            .iter()
-            .all(|p| p.chars().count() <= 5000));
-        assert!(split("   ", MAX_CHARS).is_empty());
+    fn text(t: &str) -> Text {
+        Text {
+            text: t.into(),
+            ..Text::default()
+        }
     }
 
     #[test]
-    fn documents_are_batched_within_limits() {
-        let doc = |t: String| Text {
-            text: t,
-            ..Text::default()
-        };
-        let docs: Vec<Text> = (0..12).map(|i| doc(format!("doc {i}"))).collect();
-        let b = batch_documents(&docs);
-        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [5, 5, 2]);
-        let big = vec![doc("y".repeat(6000)), doc("z".repeat(6000))];
-        let b = batch_documents(&big);
-        assert_eq!(b.len(), 2);
+    fn join_borrows_one_text_and_joins_several() {
+        assert!(matches!(join([text("a")].iter()), Cow::Borrowed("a")));
+        assert_eq!(join([text("a"), text("b"), text("c")].iter()), "a\nb\nc");
+        assert_eq!(join(std::iter::empty()), "");
+    }
+
+    #[test]
+    fn blank_pieces_are_not_sent() {
+        assert!(pieces("  \n\t ").is_empty());
+        let text = format!("{}{}", "a".repeat(MAX_CHARS), " ".repeat(MAX_CHARS));
+        assert!(pieces(&text).iter().all(|p| !p.trim().is_empty()));
     }
 
     #[test]
@@ -672,5 +637,15 @@ mod tests {
             [0, 2, 4, 6, 7].map(severity_word),
             ["safe", "low", "medium", "high", "high"]
         );
+    }
+
+    #[test]
+    fn service_error_codes_are_kept_only_when_they_look_like_codes() {
+        assert_eq!(
+            error_code(br#"{"error":{"code":"ServerBusy"}}"#),
+            "ServerBusy"
+        );
+        assert_eq!(error_code(br#"{"error":{"code":"some prompt text"}}"#), "");
+        assert_eq!(error_code(b"not json"), "");
     }
 }
