@@ -261,6 +261,8 @@ pub async fn closed_port() -> String {
 
 /// The Content Safety fake lives in `tests/support/content_safety.rs` (one fake for every
 /// test); `MockContentSafety` is its old name here.
+/// (Tests that also declare `mod support` compile the file twice; either path works.)
+#[allow(clippy::duplicate_mod)]
 #[path = "../support/content_safety.rs"]
 mod content_safety_fake;
 #[allow(unused_imports)]

@@ -3,6 +3,7 @@
 //! needs with `mod support;`.
 #![allow(dead_code)]
 
+#[allow(clippy::duplicate_mod)]
 pub mod content_safety;
 pub mod cosmos_emu;
 pub mod keyvault_stub;
