@@ -398,14 +398,45 @@ async fn answers_that_are_not_json_by_content_type_fail_closed() {
 }
 
 #[tokio::test]
-async fn a_flagged_prompt_with_an_unreadable_shield_answer_is_still_refused() {
-    // a harm hit and a broken shield answer: the request never reaches AOAI either way
-    let s = set(&[]).await;
-    s.cs.answer_endpoint_with(Endpoint::Shield, 200, JSON, "{}");
-    let resp = s.app.post(CHAT_URL, &chat("a bloodbath")).await;
-    let status = resp.status().as_u16();
-    assert!(status == 400 || status == 503, "{status}");
-    assert!(s.aoai.seen().is_empty());
+async fn a_block_wins_over_a_failed_call_even_when_failing_open() {
+    // `text:analyze` flags the prompt, Prompt Shields answers garbage: failing open must not
+    // let a flagged prompt through. (Failing closed, the first failure ends screening, so the
+    // answer is 400 or 503 by arrival order: refused either way, checked below too.)
+    for fail_open in ["true", "false"] {
+        let s = set(&[("CONTENT_SAFETY_FAIL_OPEN", fail_open)]).await;
+        s.cs.answer_endpoint_with(Endpoint::Shield, 200, JSON, "{}");
+        s.cs.hold(); // both calls arrive before either answers: the order cannot matter
+        let (client, url) = (s.app.client.clone(), s.app.url(CHAT_URL));
+        let request = tokio::spawn(async move {
+            client
+                .post(url)
+                .header("api-key", IN_KEY)
+                .header("content-type", "application/json")
+                .body(chat("a bloodbath"))
+                .send()
+                .await
+                .unwrap()
+        });
+        s.cs.wait_for_calls(2).await;
+        s.cs.release();
+        let resp = request.await.unwrap();
+        if fail_open == "true" {
+            assert_eq!(assert_aoai_error(resp, 400).await, "content_filter");
+        } else {
+            let code = match resp.status().as_u16() {
+                400 => assert_aoai_error(resp, 400).await,
+                _ => assert_aoai_error(resp, 503).await,
+            };
+            assert!(
+                ["content_filter", "content_safety_unavailable"].contains(&code.as_str()),
+                "{code}"
+            );
+        }
+        assert_eq!(s.cs.count(Endpoint::Analyze), 1);
+        assert_eq!(s.cs.count(Endpoint::Shield), 1);
+        assert!(s.aoai.seen().is_empty());
+        assert_eq!(s.counter(failed_open), 0);
+    }
 }
 
 #[tokio::test]

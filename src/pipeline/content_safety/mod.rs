@@ -282,35 +282,52 @@ impl ContentSafety {
             });
         }
 
-        // The first failure ends the request: the calls still in flight are dropped.
+        // A block found by any call wins over a failure of another: with
+        // CONTENT_SAFETY_FAIL_OPEN=true a failed Prompt Shields call must not let through a
+        // prompt `text:analyze` flagged. Failing closed, the first failure ends the calls (the
+        // request is refused either way; those in flight are dropped, saving quota); failing
+        // open, every call runs so that every block is seen.
         let mut answers = stream::iter(calls)
             .map(|call| self.call(call))
             .buffer_unordered(CONCURRENCY);
         let mut severities = [0u8; 4];
         let mut blocklist_hits: Vec<(String, String)> = Vec::new();
         let (mut jailbreak, mut indirect) = (false, false);
+        let mut failure = None;
         while let Some(answer) = answers.next().await {
-            match answer? {
-                Answer::Analyze(a) => {
+            match answer {
+                Ok(Answer::Analyze(a)) => {
                     for (s, new) in severities.iter_mut().zip(a.severities) {
                         *s = (*s).max(new);
                     }
                     blocklist_hits.extend(a.blocklist_hits);
                 }
-                Answer::Shield(s) => {
+                Ok(Answer::Shield(s)) => {
                     jailbreak |= s.jailbreak;
                     indirect |= s.indirect;
                 }
+                Err(u) => {
+                    failure.get_or_insert(u);
+                    if !self.settings.fail_open {
+                        break;
+                    }
+                }
             }
         }
-        Ok(self.verdict(
+        drop(answers);
+        let verdict = self.verdict(
             severities,
             blocklist_hits,
             jailbreak,
             indirect,
             shield_calls > 0,
             !doc_batches.is_empty(),
-        ))
+        );
+        match (verdict, failure) {
+            (blocked @ Verdict::Blocked { .. }, _) => Ok(blocked),
+            (_, Some(failure)) => Err(failure),
+            (verdict, None) => Ok(verdict),
+        }
     }
 
     fn verdict(
