@@ -198,10 +198,9 @@ mod tests {
                 hi += 1;
             }
             let (a, b) = (bounds[lo], bounds[hi]);
-            prop_assert!(
-                ranges.iter().any(|r| r.start <= a && b <= r.end),
-                "window {a}..{b} lies in no piece"
-            );
+            // the last piece starting at or before `a` is the one that can hold the window
+            let i = ranges.partition_point(|r| r.start <= a) - 1;
+            prop_assert!(b <= ranges[i].end, "window {a}..{b} lies in no piece");
         }
         Ok(())
     }
@@ -209,14 +208,18 @@ mod tests {
     /// Text shapes that matter: words with spaces and newlines, no whitespace at all,
     /// astral characters (two UTF-16 units), multi-byte BMP characters.
     fn texts(max_len: usize) -> impl Strategy<Value = String> {
+        // letters from a byte range, not a regex: generation stays fast in debug builds
+        let word = |len: std::ops::Range<usize>| {
+            prop::collection::vec(b'a'..=b'z', len).prop_map(|b| String::from_utf8(b).unwrap())
+        };
         let atom = prop_oneof![
-            4 => "[a-z]{1,12}",
+            4 => word(1..12),
             2 => Just(" ".to_string()),
             1 => Just("\n".to_string()),
             1 => Just("😀".to_string()),
             1 => Just("é".to_string()),
             1 => Just("中文".to_string()),
-            1 => "[a-z]{40,90}",
+            1 => word(40..90),
         ];
         prop::collection::vec(atom, 0..max_len).prop_map(|v| v.concat())
     }
@@ -236,11 +239,11 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
-        /// The real limits, on texts of a few pieces.
+        /// The real limits, on texts of a few pieces (up to ~60,000 units).
         #[test]
-        fn service_limits_keep_every_property(text in texts(5_000)) {
+        fn service_limits_keep_every_property(text in texts(4_000)) {
             check(&text, MAX, OVERLAP)?;
         }
 
