@@ -447,9 +447,8 @@ async fn gate(
                 }
                 Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
                     let rid = log.request_id.to_str().unwrap_or("");
-                    if let Some(e) = cs.on_limit(&limit, rid) {
-                        return Err(e);
-                    }
+                    // a limit refusal is never forwarded
+                    return Err(cs.on_limit(&limit, rid).unwrap_or(AppError::Internal));
                 }
                 Err(unavailable) => {
                     let rid = log.request_id.to_str().unwrap_or("");
