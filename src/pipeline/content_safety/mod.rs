@@ -21,13 +21,14 @@
 //! this process a new one is refused at once ([`Verdict::Busy`], 429 with retry-after) instead
 //! of queueing. Adds the verdict details to the request context for the audit.
 //!
-//! Layout: this file holds the client, the calls and the verdict; [`settings`] the
-//! `CONTENT_SAFETY_*` settings; [`answer`] the strict reading of answers; [`split`] splitting
-//! and batching.
+//! Layout: this file holds the client, planning the calls and making them; [`settings`] the
+//! `CONTENT_SAFETY_*` settings; [`split`] splitting and batching; [`answer`] the strict reading
+//! of answers; [`verdict`] the verdict and its AOAI-shaped result.
 
 pub mod answer;
 pub mod settings;
 pub mod split;
+pub mod verdict;
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,10 +39,8 @@ use futures_util::{stream, StreamExt};
 use http::HeaderValue;
 use http_body_util::{BodyExt, Full, Limited};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 
-use super::audit::Reason;
 use super::forward::{https_client, BoxError, HttpsClient};
 use super::policy::{PromptText, Text};
 use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
@@ -49,6 +48,7 @@ use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;
 pub use settings::ContentSafetySettings;
 use split::{batch, OVERLAP};
+pub use verdict::Verdict;
 
 /// The key header of the Cognitive Services resource.
 const SUBSCRIPTION_KEY: http::HeaderName =
@@ -105,39 +105,6 @@ pub struct Counters {
     pub busy: AtomicU64,
     /// Content Safety calls made (answered or not).
     pub calls: AtomicU64,
-}
-
-/// The verdict on one prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    Allowed,
-    Blocked {
-        reason: Reason,
-        /// AOAI's `content_filter_result` object.
-        result: Value,
-        /// For the abuse record: severities, shield results, blocklist hits.
-        details: Value,
-    },
-    /// A limit refusal: screening the prompt would take more calls than
-    /// `CONTENT_SAFETY_MAX_CALLS_PER_REQUEST`; refused unscreened (413).
-    TooLong,
-    /// A limit refusal: `CONTENT_SAFETY_MAX_CONCURRENT_REQUESTS` requests are being screened in
-    /// this process; refused at once, unscreened (429 with retry-after).
-    Busy,
-}
-
-impl Verdict {
-    /// The answer to a limit refusal ([`Verdict::TooLong`], [`Verdict::Busy`]); `None` for the
-    /// others. The gate records the refusal, then answers with this.
-    pub fn limit_error(&self) -> Option<AppError> {
-        match self {
-            Verdict::TooLong => Some(AppError::TooLongToScreen),
-            Verdict::Busy => Some(AppError::ScreeningBusy {
-                retry_after: BUSY_RETRY_AFTER_SECS,
-            }),
-            Verdict::Allowed | Verdict::Blocked { .. } => None,
-        }
-    }
 }
 
 /// Screening could not be done.
@@ -315,7 +282,8 @@ impl ContentSafety {
             }
         }
         drop(answers);
-        let verdict = self.verdict(
+        let verdict = verdict::build(
+            &self.settings.thresholds,
             severities,
             blocklist_hits,
             jailbreak,
@@ -323,78 +291,13 @@ impl ContentSafety {
             shield_calls > 0,
             !doc_batches.is_empty(),
         );
+        if matches!(verdict, Verdict::Blocked { .. }) {
+            self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+        }
         match (verdict, failure) {
             (blocked @ Verdict::Blocked { .. }, _) => Ok(blocked),
             (_, Some(failure)) => Err(failure),
             (verdict, None) => Ok(verdict),
-        }
-    }
-
-    fn verdict(
-        &self,
-        severities: [u8; 4],
-        blocklist_hits: Vec<(String, String)>,
-        jailbreak: bool,
-        indirect: bool,
-        shielded: bool,
-        had_documents: bool,
-    ) -> Verdict {
-        let filtered_category =
-            (0..CATEGORIES.len()).any(|i| severities[i] >= self.settings.thresholds[i]);
-        let reason = if jailbreak {
-            Reason::JailbreakDetected
-        } else if indirect {
-            Reason::IndirectAttackDetected
-        } else if filtered_category || !blocklist_hits.is_empty() {
-            Reason::ContentFiltered
-        } else {
-            // The common case: nothing to report, so no JSON to build.
-            return Verdict::Allowed;
-        };
-        let mut result = Map::new();
-        let mut details = Map::new();
-        for (i, (service, aoai)) in CATEGORIES.iter().enumerate() {
-            let filtered = severities[i] >= self.settings.thresholds[i];
-            result.insert(
-                (*aoai).into(),
-                json!({"filtered": filtered, "severity": severity_word(severities[i])}),
-            );
-            details.insert((*service).into(), json!(severities[i]));
-        }
-        if shielded {
-            result.insert(
-                "jailbreak".into(),
-                json!({"filtered": jailbreak, "detected": jailbreak}),
-            );
-            details.insert("jailbreak".into(), json!(jailbreak));
-            if had_documents {
-                result.insert(
-                    "indirect_attack".into(),
-                    json!({"filtered": indirect, "detected": indirect}),
-                );
-                details.insert("indirect_attack".into(), json!(indirect));
-            }
-        }
-        if !blocklist_hits.is_empty() {
-            let ids: Vec<Value> = blocklist_hits
-                .iter()
-                .map(|(name, _)| json!({"filtered": true, "id": name}))
-                .collect();
-            result.insert(
-                "custom_blocklists".into(),
-                json!({"filtered": true, "details": ids}),
-            );
-            let hits: Vec<Value> = blocklist_hits
-                .into_iter()
-                .map(|(name, item)| json!({"blocklistName": name, "blocklistItemId": item}))
-                .collect();
-            details.insert("blocklist_hits".into(), Value::Array(hits));
-        }
-        self.counters.blocked.fetch_add(1, Ordering::Relaxed);
-        Verdict::Blocked {
-            reason,
-            result: Value::Object(result),
-            details: Value::Object(details),
         }
     }
 
@@ -613,16 +516,6 @@ fn pieces(text: &str) -> Vec<&str> {
     out
 }
 
-/// AOAI's severity words for the four-level scale (and the eight-level one).
-fn severity_word(severity: u8) -> &'static str {
-    match severity {
-        0..=1 => "safe",
-        2..=3 => "low",
-        4..=5 => "medium",
-        _ => "high",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,14 +539,6 @@ mod tests {
         assert!(pieces("  \n\t ").is_empty());
         let text = format!("{}{}", "a".repeat(MAX_CHARS), " ".repeat(MAX_CHARS));
         assert!(pieces(&text).iter().all(|p| !p.trim().is_empty()));
-    }
-
-    #[test]
-    fn severity_words_match_aoai() {
-        assert_eq!(
-            [0, 2, 4, 6, 7].map(severity_word),
-            ["safe", "low", "medium", "high", "high"]
-        );
     }
 
     #[test]
