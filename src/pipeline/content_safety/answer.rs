@@ -18,7 +18,10 @@
 //! happy path costs one pass over a few hundred bytes. Reasons name the check that failed and
 //! never quote the answer, which could echo prompt text.
 
-use serde::Deserialize;
+use std::marker::PhantomData;
+
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 /// Why an answer could not be read (for the log line; never contains answer text).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,11 +43,31 @@ enum Category {
     Violence,
 }
 
+/// `T` from a JSON object only: a derived struct also accepts an array (fields by position),
+/// a shape the service never sends.
+struct Obj<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(V(PhantomData)).map(Obj)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct AnalyzeAnswer {
-    blocklists_match: Option<Vec<BlocklistMatch>>,
-    categories_analysis: Option<Vec<CategoryAnalysis>>,
+    blocklists_match: Option<Vec<Obj<BlocklistMatch>>>,
+    categories_analysis: Option<Vec<Obj<CategoryAnalysis>>>,
 }
 
 #[derive(Deserialize)]
@@ -63,8 +86,8 @@ struct CategoryAnalysis {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ShieldAnswer {
-    user_prompt_analysis: Option<AttackAnalysis>,
-    documents_analysis: Option<Vec<AttackAnalysis>>,
+    user_prompt_analysis: Option<Obj<AttackAnalysis>>,
+    documents_analysis: Option<Vec<Obj<AttackAnalysis>>>,
 }
 
 #[derive(Deserialize)]
@@ -110,7 +133,7 @@ pub fn analyze(bytes: &[u8], blocklists_asked: bool) -> Result<Analysis, Unreada
         .categories_analysis
         .ok_or_else(|| Unreadable::new("categoriesAnalysis missing"))?;
     let mut severities: [Option<u8>; 4] = [None; 4];
-    for c in categories {
+    for Obj(c) in categories {
         let slot = &mut severities[c.category as usize];
         if slot.is_some() {
             return Err(Unreadable::new("a category is listed twice"));
@@ -133,7 +156,7 @@ pub fn analyze(bytes: &[u8], blocklists_asked: bool) -> Result<Analysis, Unreada
         Some(hits) => {
             out.blocklist_hits = hits
                 .into_iter()
-                .map(|m| (m.blocklist_name, m.blocklist_item_id))
+                .map(|Obj(m)| (m.blocklist_name, m.blocklist_item_id))
                 .collect();
         }
         None if blocklists_asked => {
@@ -151,7 +174,7 @@ pub fn analyze(bytes: &[u8], blocklists_asked: bool) -> Result<Analysis, Unreada
 pub fn shield(bytes: &[u8], prompt_sent: bool, documents: usize) -> Result<Shield, Unreadable> {
     let answer: ShieldAnswer = parse(bytes)?;
     let jailbreak = match (prompt_sent, answer.user_prompt_analysis) {
-        (true, Some(a)) => a.attack_detected,
+        (true, Some(Obj(a))) => a.attack_detected,
         (true, None) => return Err(Unreadable::new("userPromptAnalysis missing")),
         (false, _) => false,
     };
@@ -165,32 +188,30 @@ pub fn shield(bytes: &[u8], prompt_sent: bool, documents: usize) -> Result<Shiel
     }
     Ok(Shield {
         jailbreak,
-        indirect: docs.iter().any(|d| d.attack_detected),
+        indirect: docs.iter().any(|Obj(d)| d.attack_detected),
     })
 }
 
 /// One JSON object and nothing else, into `T`; serde's derive refuses duplicate fields.
 fn parse<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, Unreadable> {
-    // A derived struct also accepts a JSON array (fields by position); an answer is an object.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Unreadable::new("answer is not a JSON object"));
-    }
-    serde_json::from_slice(bytes).map_err(|e| {
-        // serde's message can quote the answer; keep only its class and position
-        let class = match e.classify() {
-            serde_json::error::Category::Io => "unreadable",
-            serde_json::error::Category::Syntax => "not valid JSON",
-            serde_json::error::Category::Data => {
-                "a field is missing, repeated or of the wrong type"
-            }
-            serde_json::error::Category::Eof => "truncated",
-        };
-        Unreadable::new(format!(
-            "answer {class} (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
-    })
+    serde_json::from_slice::<Obj<T>>(bytes)
+        .map(|Obj(t)| t)
+        .map_err(|e| {
+            // serde's message can quote the answer; keep only its class and position
+            let class = match e.classify() {
+                serde_json::error::Category::Io => "unreadable",
+                serde_json::error::Category::Syntax => "not valid JSON",
+                serde_json::error::Category::Data => {
+                    "a field is missing, repeated or of the wrong type"
+                }
+                serde_json::error::Category::Eof => "truncated",
+            };
+            Unreadable::new(format!(
+                "answer {class} (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -267,6 +288,9 @@ mod tests {
             "not json".to_string(),
             "[]".to_string(),
             "null".to_string(),
+            // fields by position instead of by name
+            r#"[[],[["Hate",0],["SelfHarm",0],["Sexual",0],["Violence",0]]]"#.to_string(),
+            r#"{"blocklistsMatch":[],"categoriesAnalysis":[["Hate",0],["SelfHarm",0],["Sexual",0],["Violence",0]]}"#.to_string(),
         ];
         for case in &cases {
             assert!(analyze(case.as_bytes(), true).is_err(), "accepted: {case}");
@@ -309,6 +333,8 @@ mod tests {
             r#"{"userPromptAnalysis":{"attackDetected":false,"attackDetected":true},"documentsAnalysis":[]}"#,
             r#"{"userPromptAnalysis":{"attackDetected":false},"documentsAnalysis":null,"documentsAnalysis":[]}"#,
             r#"{"userPromptAnalysis":{"attackDetected":false},"documentsAnalysis":[{}]}"#,
+            r#"{"userPromptAnalysis":[false],"documentsAnalysis":[]}"#,
+            r#"[[false],[]]"#,
         ] {
             assert!(shield(bad.as_bytes(), true, 0).is_err(), "accepted: {bad}");
         }
