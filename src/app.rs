@@ -445,10 +445,10 @@ async fn gate(
                     record_abuse(state, target, parts, log, reason, &inspected, details);
                     return Err(AppError::ContentFiltered(result));
                 }
-                Ok(Verdict::TooLong) => {
-                    return Err(AppError::InvalidBody(
-                        "The prompt is too long to be screened for content safety".into(),
-                    ))
+                Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
+                    let rid = log.request_id.to_str().unwrap_or("");
+                    // a limit refusal is never forwarded
+                    return Err(cs.on_limit(&limit, rid).unwrap_or(AppError::Internal));
                 }
                 Err(unavailable) => {
                     let rid = log.request_id.to_str().unwrap_or("");
