@@ -261,7 +261,7 @@ pub async fn serve(
 ///
 /// Our own accept loop rather than `axum::serve`: hyper's HTTP/1 header read timeout only runs
 /// with a timer, which `axum::serve` does not give it, so a client that opens a connection and
-/// never finishes its headers would hold it (and its buffer) forever.
+/// never finishes its headers would hold it (and its buffer) forever. HTTP/1.1 only (no h2c).
 pub async fn serve_with(
     listener: TcpListener,
     app: Router,
@@ -269,12 +269,13 @@ pub async fn serve_with(
     grace: Duration,
     limits: ServerLimits,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto;
+    use hyper_util::rt::{TokioIo, TokioTimer};
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: the Functions host proxies to the handler over HTTP/1.1, and protocol
+    // detection (h1 or h2 prior knowledge) would wait for a silent connection's first bytes
+    // with no timeout at all.
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -299,10 +300,7 @@ pub async fn serve_with(
         // tokens arrive in bursts.
         let _ = tcp.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
         tokio::spawn(async move {
             // Errors here are the connection's (client went away, header timeout, malformed
             // request line): hyper already answered what it could; nothing to add.
