@@ -36,7 +36,7 @@ step "$current"
 E2E_PROFILE=debug bash scripts/e2e.sh
 
 if [ -x infra/tests/check.sh ] || [ -f infra/tests/check.sh ]; then
-  current="infra checks (checkov, structure)"
+  current="infra checks (structure, Bicep syntax, checkov)"
   step "$current"
   bash infra/tests/check.sh
 fi
