@@ -4,6 +4,11 @@
 //! Every request, on any path, goes through [`handle`], which runs the stages of
 //! [`crate::pipeline`] in this order and stops at the first that answers:
 //!
+//! 0. the edge (in [`serve_with`] and [`handle`]): hyper closes connections whose headers do not
+//!    arrive within `HEADER_READ_TIMEOUT_MS`; headers over [`MAX_HEADER_BYTES`] are answered 431;
+//!    a body declared over `MAX_BODY_BYTES` is kept from the stages (each answers 413 from the
+//!    declared length) and drained before the answer goes out; everything below runs within
+//!    `AOAI_TIMEOUT_MS` of the request's arrival (504 after that);
 //! 1. request id: taken from `x-request-id` when sane, otherwise created; returned on every answer;
 //! 2. [`route`](crate::pipeline::route): health (answered here, no key), or the AOAI target;
 //! 3. [`auth`](crate::pipeline::auth): the internal key → caller;

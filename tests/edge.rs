@@ -17,7 +17,8 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const CHAT_PATH: &str = "/api/FwdProxy/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+const CHAT_PATH: &str =
+    "/api/FwdProxy/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
 const CHAT: &str = r#"{"messages":[{"role":"user","content":"hello"}],"user":"alice"}"#;
 /// Every raw exchange must be over within this (a bound, not a latency expectation).
 const BOUND: Duration = Duration::from_secs(20);
@@ -72,13 +73,17 @@ impl Raw {
             Some("application/json"),
             "{self:?}"
         );
-        let doc: serde_json::Value = serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)));
+        let doc: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body))
+        });
         assert!(
             !doc["error"]["message"].as_str().unwrap_or("").is_empty(),
             "{doc}"
         );
-        doc["error"]["code"].as_str().expect("error.code").to_string()
+        doc["error"]["code"]
+            .as_str()
+            .expect("error.code")
+            .to_string()
     }
 }
 
@@ -91,7 +96,10 @@ async fn read_response(stream: &mut TcpStream) -> Raw {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
-            let n = stream.read(&mut chunk).await.expect("read the response head");
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .expect("read the response head");
             assert!(
                 n > 0,
                 "connection closed before a response head; got {:?}",
@@ -208,7 +216,10 @@ async fn declared_oversized_body_sent_whole_is_answered_413_not_reset() {
         assert_eq!(raw.aoai_code(), "request_too_large", "{name}");
         assert_eq!(raw.header("connection"), Some("close"), "{name}");
     }
-    assert!(aoai.seen().is_empty(), "nothing over the limit is forwarded");
+    assert!(
+        aoai.seen().is_empty(),
+        "nothing over the limit is forwarded"
+    );
 }
 
 #[tokio::test]
@@ -269,8 +280,14 @@ async fn a_body_within_the_limit_still_flows_and_the_connection_is_reused() {
 const BAD_CHUNKS: &[(&str, &str)] = &[
     ("size is not hex", "5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n"),
     ("no CRLF after the data", "5\r\nhelloXX\r\n0\r\n\r\n"),
-    ("size overflows", "fffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
-    ("size line never ends", "5\r\nhello\r\n5 garbage\u{1}\r\nworld\r\n0\r\n\r\n"),
+    (
+        "size overflows",
+        "fffffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "size line never ends",
+        "5\r\nhello\r\n5 garbage\u{1}\r\nworld\r\n0\r\n\r\n",
+    ),
 ];
 
 async fn malformed_chunked_is_400(settings: &[(&str, &str)], upstream_may_see_it: bool) {
@@ -283,7 +300,10 @@ async fn malformed_chunked_is_400(settings: &[(&str, &str)], upstream_may_see_it
         assert_eq!(raw.aoai_code(), "invalid_body", "{name}");
     }
     if !upstream_may_see_it {
-        assert!(aoai.seen().is_empty(), "a body the gate cannot read is never forwarded");
+        assert!(
+            aoai.seen().is_empty(),
+            "a body the gate cannot read is never forwarded"
+        );
     }
 }
 
@@ -318,19 +338,30 @@ async fn headers_over_32_kb_in_total_are_431_and_never_forwarded() {
         // A big cookie-like header just under the limit with the usual ones around it: over
         // the limit only in total.
         let total = format!("cookie: {}\r\n", "c".repeat(32 * 1024 - 100));
-        for (shape, extra) in [("one header", &one_big), ("80 headers", &many), ("in total", &total)] {
+        for (shape, extra) in [
+            ("one header", &one_big),
+            ("80 headers", &many),
+            ("in total", &total),
+        ] {
             let head = post_head(
                 CHAT_PATH,
                 &format!("{extra}content-length: {}\r\n", CHAT.len()),
             );
             let raw = send_whole_then_read(app.addr, &head, CHAT.as_bytes()).await;
             assert_eq!(raw.status, 431, "{name}, {shape}: {raw:?}");
-            assert_eq!(raw.aoai_code(), "request_headers_too_large", "{name}, {shape}");
+            assert_eq!(
+                raw.aoai_code(),
+                "request_headers_too_large",
+                "{name}, {shape}"
+            );
             assert!(raw.header("x-request-id").is_some());
         }
         // Just under: served.
         let under = format!("x-big: {}\r\n", "a".repeat(30 * 1024));
-        let head = post_head(CHAT_PATH, &format!("{under}content-length: {}\r\n", CHAT.len()));
+        let head = post_head(
+            CHAT_PATH,
+            &format!("{under}content-length: {}\r\n", CHAT.len()),
+        );
         let raw = send_whole_then_read(app.addr, &head, CHAT.as_bytes()).await;
         assert_eq!(raw.status, 200, "{name}, under the limit: {raw:?}");
     }
@@ -440,7 +471,10 @@ async fn connections_that_never_finish_their_headers_are_closed() {
     for (name, sent) in [
         ("silent", ""),
         ("half a request line", "POST /openai/depl"),
-        ("headers never ended", "GET /api/FwdProxy/openai/deployments/health/check HTTP/1.1\r\nhost: x\r\n"),
+        (
+            "headers never ended",
+            "GET /api/FwdProxy/openai/deployments/health/check HTTP/1.1\r\nhost: x\r\n",
+        ),
     ] {
         let mut stream = TcpStream::connect(app.addr).await.unwrap();
         stream.write_all(sent.as_bytes()).await.unwrap();
@@ -473,7 +507,10 @@ async fn a_long_header_timeout_keeps_a_silent_connection_open() {
     let aoai = MockAoai::start().await;
     let app = start(&aoai.base(), &[("HEADER_READ_TIMEOUT_MS", "600000")]).await;
     let mut stream = TcpStream::connect(app.addr).await.unwrap();
-    stream.write_all(b"GET /api/FwdProxy/openai/deployments/health/ch").await.unwrap();
+    stream
+        .write_all(b"GET /api/FwdProxy/openai/deployments/health/ch")
+        .await
+        .unwrap();
     assert!(!closed_within(&mut stream, Duration::from_millis(500)).await);
     stream
         .write_all(b"eck HTTP/1.1\r\nhost: x\r\n\r\n")
