@@ -6,7 +6,9 @@
 #      node) and has no `#` the Bicep lexer refuses (BCP001: only #disable-next-line,
 #      #disable-diagnostics, #restore-diagnostics at a line start), plus its own self-test
 #      (bad fixtures must fail it), so `az bicep build` would accept what we ship;
-#   3. checkov over the Bicep with zero failed checks and zero parsing errors (a file checkov
+#   3. test_smoke.py: infra/smoke.py against a fake gateway, healthy (all PASS) and broken in
+#      each way it checks (the matching item FAILs), so the post-deployment check cannot rot;
+#   4. checkov over the Bicep with zero failed checks and zero parsing errors (a file checkov
 #      cannot parse would otherwise be skipped silently). Deliberate skips live inline in the
 #      Bicep as `//checkov:skip=CKV_...:reason` (a comment: `#checkov` does not compile).
 # checkov and the grammar are installed once into the repo's .venv-infra at the versions pinned
@@ -24,6 +26,13 @@ passed=0
 
 echo "== infra structure"
 if python3 "$here/check_structure.py"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+fi
+
+echo "== smoke check self-test (infra/smoke.py against a fake gateway, healthy and broken)"
+if python3 "$here/test_smoke.py"; then
   passed=$((passed + 1))
 else
   failed=$((failed + 1))
