@@ -79,7 +79,8 @@ pub struct Settings {
     pub aoai_key: Option<Secret>,
     /// `AOAI_CONNECT_TIMEOUT_MS`.
     pub connect_timeout: Duration,
-    /// `AOAI_TIMEOUT_MS`: the whole upstream exchange, streaming included.
+    /// `AOAI_TIMEOUT_MS`: the whole exchange counted from the request's arrival (screening, the
+    /// AOAI call and its streamed answer).
     pub upstream_timeout: Duration,
     /// `MAX_BODY_BYTES`.
     pub max_body_bytes: u64,

@@ -377,10 +377,27 @@ async fn headers_beyond_the_read_buffer_are_refused_by_the_server_and_never_forw
     let huge = format!("x-huge: {}\r\n", "a".repeat(600 * 1024));
     let mut stream = TcpStream::connect(app.addr).await.unwrap();
     let head = post_head(CHAT_PATH, &format!("{huge}content-length: 0\r\n"));
-    // The server may stop reading (and answer) before all of it is written.
+    // The server may stop reading (and answer) before all of it is written; it then closes on
+    // unread bytes, so the kernel may reset the connection before the 431 is read. Either way:
+    // refused, and nothing else (no 2xx, no 5xx) comes back.
     let _ = tokio::time::timeout(BOUND, stream.write_all(head.as_bytes())).await;
-    let raw = read_response(&mut stream).await;
-    assert_eq!(raw.status, 431, "{raw:?}");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(BOUND, async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection stayed open past the bound");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431 "),
+        "expected 431 or a closed connection, got {text:?}"
+    );
     assert!(aoai.seen().is_empty());
 }
 
@@ -426,11 +443,12 @@ fn screened(cs: &str) -> Vec<(&str, &str)> {
 
 #[tokio::test]
 async fn screening_time_counts_against_aoai_timeout() {
-    // Screening takes 700 ms, AOAI 700 ms: each alone is within the 1000 ms budget, together
-    // they are not. Counted from arrival, the answer is 504 whatever the machine's speed.
+    // Screening takes 500 ms, AOAI 900 ms: each alone is within the 1000 ms budget, together
+    // they are not. Counted from arrival, the answer is 504 whatever the machine's speed (and
+    // AOAI, reached at ~500 ms, has half the budget left to record the call).
     let aoai = MockAoai::start().await;
-    aoai.reply(Reply::Slow(Duration::from_millis(700)));
-    let (cs, calls) = slow_content_safety(Duration::from_millis(700)).await;
+    aoai.reply(Reply::Slow(Duration::from_millis(900)));
+    let (cs, calls) = slow_content_safety(Duration::from_millis(500)).await;
     let app = start(&aoai.base(), &screened(&cs)).await;
     let raw = send_whole_then_read(
         app.addr,
