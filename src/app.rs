@@ -397,7 +397,10 @@ async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Res
     // oversized declared body is held back here (every stage answers 413 from the declared
     // length without reading it) and drained after the answer is known.
     let mut oversized_body = None;
+    let mut close = false;
     let outcome = if header_bytes(request.headers()) > MAX_HEADER_BYTES {
+        // Its body (if any) is never read: the connection is not reused.
+        close = true;
         Ok(Err(AppError::HeadersTooLarge {
             limit: MAX_HEADER_BYTES,
         }))
@@ -440,11 +443,9 @@ async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Res
     response.headers_mut().insert("x-request-id", request_id);
     if let Some(body) = oversized_body {
         discard(body, DRAIN_MAX_BYTES, DRAIN_MAX_TIME).await;
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    } else if log.error == Some("request_headers_too_large") {
-        // Its body (if any) was never read: do not try to reuse the connection.
+        close = true;
+    }
+    if close {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -10,8 +10,8 @@
 //!
 //! Short-circuits with 400 (the client's body broke while streaming up), 413 (body over the
 //! limit), 502 (AOAI unreachable or broke the exchange before answering) and 504 (no answer
-//! within `AOAI_TIMEOUT_MS` of the request's arrival, enforced by the caller's deadline). Adds the upstream
-//! latency (time to AOAI's response headers) to the request context.
+//! within `AOAI_TIMEOUT_MS` of the request's arrival, enforced by the caller's deadline). Adds
+//! the upstream latency (time to AOAI's response headers) to the request context.
 
 use std::future::Future;
 use std::pin::Pin;
