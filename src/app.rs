@@ -405,10 +405,22 @@ async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Res
             limit: MAX_HEADER_BYTES,
         }))
     } else {
-        if content_length(request.headers()).is_some_and(|n| n > state.settings.max_body_bytes)
-            && !expects_continue(request.headers())
-        {
-            oversized_body = Some(std::mem::take(request.body_mut()));
+        match content_length(request.headers()) {
+            Some(n)
+                if n > state.settings.max_body_bytes && !expects_continue(request.headers()) =>
+            {
+                oversized_body = Some(std::mem::take(request.body_mut()));
+            }
+            // A chunked body's size shows only while it is read: whichever stage gives up on it
+            // (over the limit, or an early answer), the rest is drained rather than reset.
+            None if request.headers().contains_key(header::TRANSFER_ENCODING) => {
+                let inner = std::mem::take(request.body_mut());
+                *request.body_mut() = Body::new(DrainOnDrop {
+                    inner,
+                    ended: false,
+                });
+            }
+            _ => {}
         }
         // AOAI_TIMEOUT_MS counts from the request's arrival, screening included, so nothing the
         // gate does can push an exchange past the platform's 230 s cut.
@@ -478,6 +490,52 @@ fn expects_continue(headers: &http::HeaderMap) -> bool {
     headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// A request body that, dropped before its end, has its rest read and thrown away in the
+/// background (bounded as the declared-oversize drain), so the answer the stage gave is read by
+/// a client still sending instead of being lost to a reset. Used for chunked bodies only: they
+/// are rare, and this costs an allocation.
+struct DrainOnDrop {
+    inner: Body,
+    ended: bool,
+}
+
+impl http_body::Body for DrainOnDrop {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // An error ends it too: nothing more can be read from a broken body.
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        if self.ended || http_body::Body::is_end_stream(&self.inner) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let rest = std::mem::take(&mut self.inner);
+            runtime.spawn(discard(rest, DRAIN_MAX_BYTES, DRAIN_MAX_TIME));
+        }
+    }
 }
 
 /// Read and throw away up to `max_bytes` of `body` for at most `within`.

@@ -223,6 +223,38 @@ async fn declared_oversized_body_sent_whole_is_answered_413_not_reset() {
 }
 
 #[tokio::test]
+async fn chunked_body_over_the_limit_sent_whole_is_answered_413_not_reset() {
+    // No Content-Length: the size shows only while reading, on either path.
+    let aoai = MockAoai::start().await;
+    let gated = [("MAX_BODY_BYTES", "1024"), ("USER_CHECK", "present")];
+    let streamed = [("MAX_BODY_BYTES", "1024")];
+    for (name, settings) in [("gated", &gated[..]), ("streamed", &streamed[..])] {
+        let app = start(&aoai.base(), settings).await;
+        let piece = vec![b'x'; 64 * 1024];
+        let mut body = Vec::new();
+        for _ in 0..128 {
+            body.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            body.extend_from_slice(&piece);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        let head = post_head(CHAT_PATH, "transfer-encoding: chunked\r\n");
+        let raw = send_whole_then_read(app.addr, &head, &body).await;
+        assert_eq!(raw.status, 413, "{name}: {raw:?}");
+        assert_eq!(raw.aoai_code(), "request_too_large", "{name}");
+    }
+    // The streamed path may have sent AOAI the start of the body before the limit was reached;
+    // whatever AOAI saw, it was never more than the limit.
+    for seen in aoai.seen() {
+        assert!(
+            seen.body.len() <= 1024,
+            "{} bytes reached AOAI",
+            seen.body.len()
+        );
+    }
+}
+
+#[tokio::test]
 async fn oversized_body_of_an_unauthenticated_client_is_refused_without_a_reset_too() {
     let aoai = MockAoai::start().await;
     let app = start(&aoai.base(), &[("MAX_BODY_BYTES", "1024")]).await;
