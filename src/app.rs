@@ -7,7 +7,8 @@
 //! 0. the edge (in [`serve_with`] and [`handle`]): hyper closes connections whose headers do not
 //!    arrive within `HEADER_READ_TIMEOUT_MS`; headers over [`MAX_HEADER_BYTES`] are answered 431;
 //!    a body declared over `MAX_BODY_BYTES` is kept from the stages (each answers 413 from the
-//!    declared length) and drained before the answer goes out; everything below runs within
+//!    declared length) and drained before the answer goes out, and the unread rest of a chunked
+//!    body a stage gave up on is drained in the background; everything below runs within
 //!    `AOAI_TIMEOUT_MS` of the request's arrival (504 after that);
 //! 1. request id: taken from `x-request-id` when sane, otherwise created; returned on every answer;
 //! 2. [`route`](crate::pipeline::route): health (answered here, no key), or the AOAI target;
