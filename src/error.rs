@@ -28,6 +28,10 @@ pub enum AppError {
     /// No internal key, or a wrong one.
     #[error("Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.")]
     Unauthorized,
+    /// The request headers exceed 32 KB in total (nothing legitimate sends that much; the
+    /// gateway and the Functions host have limits of that order).
+    #[error("The request headers exceed the limit of {limit} bytes in total")]
+    HeadersTooLarge { limit: usize },
     /// The request body exceeds the configured limit.
     #[error("The request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
@@ -79,6 +83,7 @@ impl AppError {
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             AppError::BadGateway => StatusCode::BAD_GATEWAY,
             AppError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -103,6 +108,7 @@ impl AppError {
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Unauthorized => "401",
             AppError::PayloadTooLarge { .. } => "request_too_large",
+            AppError::HeadersTooLarge { .. } => "request_headers_too_large",
             AppError::BadGateway => "upstream_unreachable",
             AppError::GatewayTimeout => "upstream_timeout",
             AppError::Internal => "internal_error",
@@ -176,6 +182,7 @@ mod tests {
             AppError::MethodNotAllowed,
             AppError::Unauthorized,
             AppError::PayloadTooLarge { limit: 1 },
+            AppError::HeadersTooLarge { limit: 1 },
             AppError::InvalidBody("x".into()),
             AppError::MissingUser("x".into()),
             AppError::UnregisteredUser,
