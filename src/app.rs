@@ -7,8 +7,9 @@
 //! 1. request id: taken from `x-request-id` when sane, otherwise created; returned on every answer;
 //! 2. [`route`](crate::pipeline::route): health (answered here, no key), or the AOAI target;
 //! 3. [`auth`](crate::pipeline::auth): the internal key → caller;
-//! 4. [`policy`](crate::pipeline::policy): only for prompt-carrying operations when the user
-//!    check or screening is on — buffers the body, checks `user`;
+//! 4. [`policy`](crate::pipeline::policy): only for operations whose body the model reads, when
+//!    the user check or screening is on — buffers the body, reads it strictly, extracts what the
+//!    model reads, checks `user`;
 //! 5. [`content_safety`](crate::pipeline::content_safety): screens the prompt when configured;
 //! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, off the
 //!    request path;
@@ -377,8 +378,9 @@ async fn pipeline(
         .await
 }
 
-/// Policy and content safety on a buffered body; every refusal is audited. Returns the
-/// client's bytes, unchanged, for forwarding.
+/// Policy and content safety on a buffered body; every refusal is audited, and so is a request
+/// let through unscreened by `CONTENT_SAFETY_FAIL_OPEN`. Returns the client's bytes, exactly
+/// those that were read and screened, for forwarding.
 async fn gate(
     state: &AppState,
     target: &UpstreamTarget,
@@ -387,20 +389,36 @@ async fn gate(
     log: &RequestLog,
 ) -> Result<Bytes, AppError> {
     let limit = state.settings.max_body_bytes;
+    let too_large = |state: &AppState| {
+        let error = AppError::PayloadTooLarge { limit };
+        let details = refusal_details(&error);
+        record_abuse(
+            state,
+            target,
+            parts,
+            log,
+            Reason::RequestTooLarge,
+            &Inspected::default(),
+            details,
+        );
+        error
+    };
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
-        return Err(AppError::PayloadTooLarge { limit });
+        return Err(too_large(state));
     }
     let bytes =
-        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
+        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
             .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    AppError::PayloadTooLarge { limit }
-                } else {
-                    AppError::InvalidBody("The request body could not be read".into())
-                }
-            })?
-            .to_bytes();
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large(state)),
+            // the client went away or broke the framing: nobody is left to answer
+            Err(_) => {
+                return Err(AppError::InvalidBody(
+                    "The request body could not be read".into(),
+                ))
+            }
+        };
 
     let screening = state.content_safety.as_ref();
     let inspected = match policy::inspect(
@@ -413,10 +431,7 @@ async fn gate(
     ) {
         Ok(i) => i,
         Err(refusal) => {
-            let details = serde_json::json!({
-                "error": refusal.error.code(),
-                "message": refusal.error.to_string(),
-            });
+            let details = refusal_details(&refusal.error);
             record_abuse(
                 state,
                 target,
@@ -430,36 +445,71 @@ async fn gate(
         }
     };
 
-    if let Some(cs) = screening {
-        if !inspected.prompt.is_empty() {
-            match cs
-                .screen(&inspected.prompt, target.operation.shieldable())
-                .await
-            {
-                Ok(Verdict::Allowed) => {}
-                Ok(Verdict::Blocked {
-                    reason,
-                    result,
-                    details,
-                }) => {
-                    record_abuse(state, target, parts, log, reason, &inspected, details);
-                    return Err(AppError::ContentFiltered(result));
-                }
-                Ok(Verdict::TooLong) => {
-                    return Err(AppError::InvalidBody(
-                        "The prompt is too long to be screened for content safety".into(),
-                    ))
-                }
-                Err(unavailable) => {
-                    let rid = log.request_id.to_str().unwrap_or("");
-                    if let Some(e) = cs.on_unavailable(&unavailable, rid) {
-                        return Err(e);
-                    }
-                }
+    let Some(cs) = screening else {
+        return Ok(bytes);
+    };
+    if inspected.prompt.is_empty() {
+        return Ok(bytes);
+    }
+    match cs
+        .screen(&inspected.prompt, target.operation.shieldable())
+        .await
+    {
+        Ok(Verdict::Allowed) => Ok(bytes),
+        Ok(Verdict::Blocked {
+            reason,
+            result,
+            details,
+        }) => {
+            record_abuse(state, target, parts, log, reason, &inspected, details);
+            Err(AppError::ContentFiltered(result))
+        }
+        Ok(Verdict::TooLong) => {
+            let error = AppError::InvalidBody(
+                "The prompt is too long to be screened for content safety".into(),
+            );
+            let details = refusal_details(&error);
+            record_abuse(
+                state,
+                target,
+                parts,
+                log,
+                Reason::TooLongToScreen,
+                &inspected,
+                details,
+            );
+            Err(error)
+        }
+        Err(unavailable) => {
+            let rid = log.request_id.to_str().unwrap_or("");
+            if let Some(e) = cs.on_unavailable(&unavailable, rid) {
+                return Err(e);
             }
+            // failing open: the request goes on, and the record says nobody screened it
+            let details = serde_json::json!({
+                "unscreened": true,
+                "why": unavailable.why,
+            });
+            record_abuse(
+                state,
+                target,
+                parts,
+                log,
+                Reason::PassedUnscreened,
+                &inspected,
+                details,
+            );
+            Ok(bytes)
         }
     }
-    Ok(bytes)
+}
+
+/// The record's `details` for a refusal the handler itself decided.
+fn refusal_details(error: &AppError) -> serde_json::Value {
+    serde_json::json!({
+        "error": error.code(),
+        "message": error.to_string(),
+    })
 }
 
 /// Build the abuse record for a refusal and hand it to the audit log (never blocks, never fails).

@@ -62,6 +62,13 @@ pub enum Reason {
     JailbreakDetected,
     /// Prompt Shields detected an indirect attack in documents or tool content.
     IndirectAttackDetected,
+    /// The body was over `MAX_BODY_BYTES` (refused 413 before it was read).
+    RequestTooLarge,
+    /// More text than one request may have screened: refused unscreened.
+    TooLongToScreen,
+    /// Screening was unavailable and `CONTENT_SAFETY_FAIL_OPEN=true` let the request through
+    /// unscreened: not a refusal, but the record of a prompt nobody screened.
+    PassedUnscreened,
 }
 
 /// One non-compliant request. Partition key: `user` (`"(none)"` when the request named none).
