@@ -56,7 +56,7 @@ impl From<json::Error> for Problem {
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Problem::Json(e) => write!(f, "The request body is not valid JSON: {e}"),
+            Problem::Json(e) => write!(f, "The request body is not a valid JSON document: {e}"),
             Problem::NotAnObject => write!(f, "The request body must be a JSON object"),
             Problem::UserNotString => write!(f, "The 'user' field must be a string"),
             Problem::TooManyTexts => write!(

@@ -421,7 +421,7 @@ mod tests {
             .to_string()
             .contains("'user' field must be a string"));
         let r = run(r#"{"user":"a""#, chat, UserCheck::Off).unwrap_err();
-        assert!(r.error.to_string().contains("not valid JSON"));
+        assert!(r.error.to_string().contains("not a valid JSON"));
         let r = run(r#"[1,2]"#, chat, UserCheck::Off).unwrap_err();
         assert_eq!(r.reason, Reason::InvalidBody);
         let long = format!(r#"{{"user":"{}"}}"#, "u".repeat(MAX_USER_LEN + 1));
