@@ -683,3 +683,71 @@ async fn with_the_gate_off_request_bodies_stream_unbuffered() {
         .unwrap();
     assert!(String::from_utf8_lossy(&got).contains("FIRST-CHUNK"));
 }
+
+/// A JSON string's content with each character written as itself or as `\u` escapes
+/// (surrogate pairs for astral characters), as `hows` says.
+fn encode(text: &str, hows: &[bool]) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if hows[i % hows.len()] || (c as u32) < 0x20 => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Generated bodies through the running app: flagged ones never reach the upstream, clean ones
+/// reach it byte for byte.
+#[test]
+fn generated_bodies_through_the_app() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let g = rt.block_on(gate(&[]));
+    let n = positions().len();
+    let strategy = (
+        0..n,
+        proptest::collection::vec(any::<bool>(), 1..6),
+        any::<bool>(),
+        "[a-z é😀]{0,10}",
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 200,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, |(pos, hows, flagged, noise)| {
+            let (name, url, tpl) = positions().swap_remove(pos);
+            let word = if flagged { BAD } else { "sunshine" };
+            let text = format!("{noise} {word} {noise}");
+            let mut enc = encode(&text, &hows);
+            if tpl.contains("\\\"@@\\\"") {
+                enc = enc.replace('\\', "\\\\").replace('"', "\\\"");
+            }
+            let body = tpl.replace("@@", &enc);
+            let before = g.aoai.seen().len();
+            let (status, seen) = rt.block_on(async {
+                let status = g.json(url, &body).await.status().as_u16();
+                (status, g.aoai.seen())
+            });
+            if flagged {
+                prop_assert_eq!(status, 400, "{} {}", name, body);
+                prop_assert_eq!(seen.len(), before, "{} reached the upstream", name);
+            } else {
+                prop_assert_eq!(status, 200, "{} {}", name, body);
+                prop_assert_eq!(seen.len(), before + 1);
+                prop_assert_eq!(seen.last().unwrap().body.as_ref(), body.as_bytes());
+            }
+            Ok(())
+        })
+        .unwrap();
+}

@@ -27,6 +27,8 @@ pub mod extract;
 pub mod json;
 pub mod map;
 pub mod multipart;
+#[cfg(test)]
+mod proptests;
 
 use super::audit::Reason;
 use super::route::Operation;
