@@ -85,7 +85,7 @@ pub struct Failure {
 
 /// Read a JSON body. With `want_text` false only `user` and `model` are kept, but the whole
 /// body is still read strictly.
-pub fn json_body(body: &[u8], spec: &Spec, want_text: bool) -> Result<Extracted, Failure> {
+pub fn json_body(body: &[u8], spec: &Spec, want_text: bool) -> Result<Extracted, Box<Failure>> {
     let mut w = Walker {
         p: None,
         want_text,
@@ -94,10 +94,10 @@ pub fn json_body(body: &[u8], spec: &Spec, want_text: bool) -> Result<Extracted,
     };
     match w.run(body, spec) {
         Ok(()) => Ok(w.out),
-        Err(problem) => Err(Failure {
+        Err(problem) => Err(Box::new(Failure {
             problem,
             partial: w.out,
-        }),
+        })),
     }
 }
 
@@ -544,22 +544,41 @@ fn decoded_strings(s: &str, depth: usize) -> Option<String> {
 
 /// Read the parts of a multipart form: `user`, `model`, and the text fields the map names (or
 /// does not know: screened). Files other than those cannot be screened; the README says so.
-pub fn form(parts: &[Part<'_>], spec: &Spec, want_text: bool) -> Result<Extracted, Failure> {
+pub fn form(parts: &[Part<'_>], spec: &Spec, want_text: bool) -> Result<Extracted, Box<Failure>> {
     let mut out = Extracted::default();
     let fail = |problem, out| {
-        Err(Failure {
+        Err(Box::new(Failure {
             problem,
             partial: out,
-        })
+        }))
     };
     for (i, part) in parts.iter().enumerate() {
         let name = part.name.as_str();
         if !name.ends_with("[]") && parts[..i].iter().any(|p| p.name == name) {
             return fail(Problem::DuplicateField(name.to_string()), out);
         }
+        // RFC 7578 §4.6: a `_charset_` field sets the charset of the others; only UTF-8 is
+        // read the same way by the gate and by AOAI
+        if name == "_charset_" && !is_utf8_label(std::str::from_utf8(part.body).unwrap_or("")) {
+            return fail(
+                Problem::Multipart("a _charset_ field other than UTF-8"),
+                out,
+            );
+        }
         let read = spec.read(name);
         if matches!(read, Read::Ignore) {
             continue;
+        }
+        let charset = part.content_type.as_deref().and_then(|ct| {
+            ct.split(';').skip(1).find_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                k.trim()
+                    .eq_ignore_ascii_case("charset")
+                    .then(|| v.trim().trim_matches('"'))
+            })
+        });
+        if charset.is_some_and(|c| !is_utf8_label(c)) {
+            return fail(Problem::NotUtf8Field(name.to_string()), out);
         }
         let text = match std::str::from_utf8(part.body) {
             Ok(t) => t,
@@ -584,6 +603,11 @@ pub fn form(parts: &[Part<'_>], spec: &Spec, want_text: bool) -> Result<Extracte
         }
     }
     Ok(out)
+}
+
+fn is_utf8_label(label: &str) -> bool {
+    let l = label.trim();
+    l.eq_ignore_ascii_case("utf-8") || l.eq_ignore_ascii_case("utf8")
 }
 
 #[cfg(test)]
@@ -768,5 +792,51 @@ mod tests {
         // the user is known for the record even when the body is refused later
         let f = json_body(br#"{"user":"eve","messages":[{"a":1,"a":1}]}"#, chat, true).unwrap_err();
         assert_eq!(f.partial.user.as_deref(), Some("eve"));
+    }
+
+    #[test]
+    fn forms() {
+        let part = |name: &str, ct: Option<&str>, body: &'static [u8]| Part {
+            name: name.to_string(),
+            filename: None,
+            content_type: ct.map(str::to_string),
+            body,
+        };
+        let audio = spec(Operation::AudioTranscriptions);
+        let e = form(
+            &[
+                part("file", None, b"\xff\xfe"),
+                part("prompt", Some("text/plain; charset=UTF-8"), b"hint"),
+                part("user", None, b"alice"),
+                part("timestamp_granularities[]", None, b"word"),
+                part("timestamp_granularities[]", None, b"segment"),
+                part("new_field", None, b"screened"),
+            ],
+            audio,
+            true,
+        )
+        .unwrap();
+        assert_eq!(e.user.as_deref(), Some("alice"));
+        assert_eq!(texts(&e.prompt.user), ["hint", "screened"]);
+        let problem = |parts: &[Part<'static>]| form(parts, audio, true).unwrap_err().problem;
+        assert_eq!(
+            problem(&[part("prompt", None, b"a"), part("prompt", None, b"b")]),
+            Problem::DuplicateField("prompt".into())
+        );
+        assert_eq!(
+            problem(&[part("prompt", Some("text/plain; charset=utf-16"), b"a\0")]),
+            Problem::NotUtf8Field("prompt".into())
+        );
+        assert_eq!(
+            problem(&[part("prompt", None, b"\xff")]),
+            Problem::NotUtf8Field("prompt".into())
+        );
+        assert!(matches!(
+            problem(&[
+                part("_charset_", None, b"iso-8859-1"),
+                part("prompt", None, b"a")
+            ]),
+            Problem::Multipart(_)
+        ));
     }
 }

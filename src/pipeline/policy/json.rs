@@ -85,7 +85,7 @@ impl<'a> Keys<'a> {
         if let Some(set) = self.set.as_mut() {
             return set.insert(key);
         }
-        if self.list.iter().any(|k| *k == key) {
+        if self.list.contains(&key) {
             return false;
         }
         self.list.push(key);

@@ -297,7 +297,7 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::Bool),
-        any::<i32>().prop_map(|n| serde_json::Value::from(n)),
+        any::<i32>().prop_map(serde_json::Value::from),
         "[a-z😀é ]{1,8}".prop_map(|s| serde_json::Value::String(format!("s{s}"))),
     ];
     leaf.prop_recursive(5, 40, 6, |inner| {
