@@ -389,10 +389,10 @@ async fn gate(
     log: &RequestLog,
 ) -> Result<Bytes, AppError> {
     let limit = state.settings.max_body_bytes;
-    let too_large = |state: &AppState| {
+    let too_large = || async {
         let error = AppError::PayloadTooLarge { limit };
         let details = refusal_details(&error);
-        record_abuse(
+        record_with_fields(
             state,
             target,
             parts,
@@ -400,23 +400,34 @@ async fn gate(
             Reason::RequestTooLarge,
             &Inspected::default(),
             details,
-        );
+        )
+        .await;
         error
     };
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
-        return Err(too_large(state));
+        return Err(too_large().await);
     }
     let bytes =
         match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
             .await
         {
             Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large(state)),
-            // the client went away or broke the framing: nobody is left to answer
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().await),
+            // the client went away or broke the framing: refused, and recorded like the rest
             Err(_) => {
-                return Err(AppError::InvalidBody(
-                    "The request body could not be read".into(),
-                ))
+                let error = AppError::InvalidBody("The request body could not be read".into());
+                let details = refusal_details(&error);
+                record_with_fields(
+                    state,
+                    target,
+                    parts,
+                    log,
+                    Reason::InvalidBody,
+                    &Inspected::default(),
+                    details,
+                )
+                .await;
+                return Err(error);
             }
         };
 
@@ -432,7 +443,7 @@ async fn gate(
         Ok(i) => i,
         Err(refusal) => {
             let details = refusal_details(&refusal.error);
-            record_abuse(
+            record_with_fields(
                 state,
                 target,
                 parts,
@@ -440,7 +451,8 @@ async fn gate(
                 refusal.reason,
                 &refusal.inspected,
                 details,
-            );
+            )
+            .await;
             return Err(refusal.error);
         }
     };
@@ -461,7 +473,7 @@ async fn gate(
             result,
             details,
         }) => {
-            record_abuse(state, target, parts, log, reason, &inspected, details);
+            record_with_fields(state, target, parts, log, reason, &inspected, details).await;
             Err(AppError::ContentFiltered(result))
         }
         Ok(Verdict::TooLong) => {
@@ -469,7 +481,7 @@ async fn gate(
                 "The prompt is too long to be screened for content safety".into(),
             );
             let details = refusal_details(&error);
-            record_abuse(
+            record_with_fields(
                 state,
                 target,
                 parts,
@@ -477,7 +489,8 @@ async fn gate(
                 Reason::TooLongToScreen,
                 &inspected,
                 details,
-            );
+            )
+            .await;
             Err(error)
         }
         Err(unavailable) => {
@@ -490,7 +503,7 @@ async fn gate(
                 "unscreened": true,
                 "why": unavailable.why,
             });
-            record_abuse(
+            record_with_fields(
                 state,
                 target,
                 parts,
@@ -498,10 +511,32 @@ async fn gate(
                 Reason::PassedUnscreened,
                 &inspected,
                 details,
-            );
+            )
+            .await;
             Ok(bytes)
         }
     }
+}
+
+/// Hand a record to [`record_abuse`], with `details.prompt_fields` (where each piece of the
+/// captured prompt came from: field, role, length) when prompt capture is on. Async so the gate
+/// already awaits it where `record_abuse` is to await durability.
+async fn record_with_fields(
+    state: &AppState,
+    target: &UpstreamTarget,
+    parts: &http::request::Parts,
+    log: &RequestLog,
+    reason: Reason,
+    inspected: &Inspected,
+    mut details: serde_json::Value,
+) {
+    if state.audit.capture_prompt() && !inspected.prompt.is_empty() {
+        if !details.is_object() {
+            details = serde_json::json!({ "verdict": details });
+        }
+        details["prompt_fields"] = inspected.prompt.fields();
+    }
+    record_abuse(state, target, parts, log, reason, inspected, details);
 }
 
 /// The record's `details` for a refusal the handler itself decided.

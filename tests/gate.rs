@@ -109,9 +109,9 @@ async fn missing_and_unregistered_users_are_refused_and_recorded() {
     assert_eq!(records[0]["operation"], "chat/completions");
     assert_eq!(records[1]["reason"], "unregistered_user");
     assert_eq!(records[1]["user"], "mallory");
-    assert!(
-        records[1]["prompt"].is_null(),
-        "prompt capture is off by default"
+    assert_eq!(
+        records[1]["prompt"], "hello",
+        "prompt capture is on by default"
     );
     assert_ne!(records[0]["id"], records[1]["id"]);
 }

@@ -3,6 +3,7 @@
 //! mock that must see nothing of what was refused and every byte of what was not.
 
 mod common;
+mod support;
 
 use common::*;
 use serde_json::json;
@@ -750,4 +751,74 @@ fn generated_bodies_through_the_app() {
             Ok(())
         })
         .unwrap();
+}
+
+#[tokio::test]
+async fn records_carry_the_prompt_with_field_and_role_and_logs_never_do() {
+    let logs = global_logs();
+    let g = gate(&[]).await;
+    let body = json!({"user":"alice","messages":[
+        {"role":"system","content":"be brief"},
+        {"role":"user","content":[{"type":"text","text":"summarise"}]},
+        {"role":"tool","tool_call_id":"c","content":"a bloodbath"}]})
+    .to_string();
+    let resp = g.json(CHAT, &body).await;
+    assert_eq!(assert_aoai_error(resp, 400).await, "content_filter");
+    let records = read_jsonl(&g.audit);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["prompt"], "be brief\nsummarise\na bloodbath");
+    assert_eq!(
+        records[0]["details"]["prompt_fields"],
+        json!([
+            {"field": "messages[0].content", "role": "system", "chars": 8},
+            {"field": "messages[1].content[0].text", "role": "user", "chars": 9},
+            {"field": "messages[2].content", "role": "tool", "chars": 11},
+        ])
+    );
+    // the verdict is still there
+    assert_eq!(records[0]["details"]["Violence"], 6);
+
+    let g = gate(&[("AUDIT_CAPTURE_PROMPT", "false")]).await;
+    let resp = g.json(CHAT, &body).await;
+    assert_eq!(assert_aoai_error(resp, 400).await, "content_filter");
+    let records = read_jsonl(&g.audit);
+    assert!(records[0]["prompt"].is_null());
+    assert!(records[0]["details"].get("prompt_fields").is_none());
+
+    // the request log line is written when the server drops the answer's body, which may be
+    // just after the client read it: let the server task run (bounded), then look
+    for _ in 0..10_000 {
+        if logs.text().matches("content_filter").count() >= 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let logs = logs.text();
+    assert!(
+        logs.matches("content_filter").count() >= 2,
+        "the capture saw both request log lines"
+    );
+    for secret in ["bloodbath", "summarise", "be brief"] {
+        assert!(!logs.contains(secret), "{secret} in a log line");
+    }
+}
+
+/// Every log line of this test binary from the first call on. Global rather than per-thread:
+/// tracing caches per-callsite interest across threads, so a thread-local capture misses lines
+/// while other tests run in parallel. Other tests' lines land here too, which only makes the
+/// "no prompt text in logs" check stronger.
+fn global_logs() -> support::logs::Captured {
+    static LOGS: std::sync::OnceLock<support::logs::Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = support::logs::Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        captured
+    })
+    .clone()
 }

@@ -86,7 +86,8 @@ pub struct AbuseRecord {
     pub reason: Reason,
     /// Verdict details: categories and severities, shield results, blocklist hits.
     pub details: serde_json::Value,
-    /// The prompt text, only when `AUDIT_CAPTURE_PROMPT=true`.
+    /// The prompt text (unless `AUDIT_CAPTURE_PROMPT=false`); `details.prompt_fields` says
+    /// which field and role each piece came from.
     pub prompt: Option<String>,
     /// `X-Forwarded-For` as AppGW set it.
     pub client_ip: Option<String>,
@@ -171,7 +172,7 @@ impl AuditSettings {
         }
         Ok(AuditSettings {
             log_path: PathBuf::from(src.get("AUDIT_LOG_PATH")?.unwrap_or("abuse-log.jsonl")),
-            capture_prompt: src.flag("AUDIT_CAPTURE_PROMPT", false)?,
+            capture_prompt: src.flag("AUDIT_CAPTURE_PROMPT", true)?,
             cosmos: CosmosSettings::from_source(src)?,
             spool_path: PathBuf::from(src.get("AUDIT_SPOOL_PATH")?.unwrap_or("abuse-spool.jsonl")),
             queue_capacity: queue_capacity as usize,

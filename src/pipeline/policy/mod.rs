@@ -182,6 +182,20 @@ impl PromptText {
         let all: Vec<&str> = self.all().map(|t| t.text.as_str()).collect();
         all.join("\n")
     }
+
+    /// Where each piece of [`PromptText::joined`] came from, in the same order: its field, role
+    /// and length in characters (the pieces are joined with one `\n`), for the abuse record.
+    pub fn fields(&self) -> serde_json::Value {
+        self.all()
+            .map(|t| {
+                serde_json::json!({
+                    "field": t.field,
+                    "role": t.role,
+                    "chars": t.text.chars().count(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// What the policy stage learned from the body.
