@@ -330,7 +330,7 @@ impl<'a> Parser<'a> {
     fn string(&mut self) -> Result<Cow<'a, str>, Error> {
         let b = self.src.as_bytes();
         let start = self.pos + 1;
-        let mut i = start;
+        let mut i = plain_run(b, start);
         // fast path: no escapes
         while i < b.len() {
             match b[i] {
@@ -396,6 +396,7 @@ impl<'a> Parser<'a> {
                 _ => {
                     // copy the run up to the next quote, backslash or control byte
                     let from = i;
+                    i = plain_run(b, i);
                     while i < b.len() && b[i] != b'"' && b[i] != b'\\' && b[i] >= 0x20 {
                         i += 1;
                     }
@@ -439,6 +440,28 @@ impl<'a> Parser<'a> {
         }
         Ok(())
     }
+}
+
+/// The index of the first byte at or after `i` that may end a plain run of string content (a
+/// quote, a backslash or a control byte), or a little before it: eight bytes are checked at a
+/// time (base64 images make strings of megabytes), the caller finishes byte by byte.
+fn plain_run(b: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while i + 8 <= b.len() {
+        let w = u64::from_le_bytes(b[i..i + 8].try_into().expect("eight bytes"));
+        let quote = w ^ (ONES * b'"' as u64);
+        let backslash = w ^ (ONES * b'\\' as u64);
+        // a zero byte in `quote`/`backslash`, or a byte below 0x20 in `w` (high bit clear)
+        let hit = (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (w.wrapping_sub(ONES * 0x20) & !w);
+        if hit & HIGH != 0 {
+            return i;
+        }
+        i += 8;
+    }
+    i
 }
 
 /// Check a whole document; `Ok` when it is strict JSON.
