@@ -276,6 +276,20 @@ proptest! {
     }
 
     #[test]
+    fn strings_read_back_exactly_as_serde_json_wrote_them(s in any::<String>(), pad in 0..9usize) {
+        // `pad` shifts the string against the eight-byte scan
+        let doc = format!("{}{}", " ".repeat(pad), serde_json::to_string(&s).unwrap());
+        let mut p = super::json::Parser::new(doc.as_bytes()).unwrap();
+        prop_assert_eq!(p.next().unwrap(), super::json::Token::Str(s.as_str().into()));
+        prop_assert!(p.finish().is_ok());
+        // and any raw control byte inside is refused
+        if !s.is_empty() {
+            let raw = format!("\"{}\u{1}{}\"", &s[..0], s.replace(['"', '\\'], ""));
+            prop_assert!(super::json::validate(raw.as_bytes()).is_err());
+        }
+    }
+
+    #[test]
     fn multipart_bytes_never_panic(
         parts in proptest::collection::vec((any::<prop::sample::Index>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..6),
     ) {
