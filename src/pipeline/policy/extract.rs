@@ -66,9 +66,10 @@ impl std::fmt::Display for Problem {
             Problem::Multipart(what) => {
                 write!(f, "The multipart/form-data body is malformed: {what}")
             }
-            Problem::DuplicateField(name) => {
-                write!(f, "The form field '{name}' appears more than once")
-            }
+            Problem::DuplicateField(name) => write!(
+                f,
+                "The field '{name}' appears more than once (names are compared ignoring case)"
+            ),
             Problem::NotUtf8Field(name) => {
                 write!(f, "The form field '{name}' is not UTF-8 text")
             }
@@ -134,10 +135,19 @@ impl<'a> Walker<'a> {
                 Ok(()) => Err(Problem::NotAnObject),
             };
         }
+        // top-level names that differ only in case are one field to a case-insensitive binder
+        let mut seen: Vec<String> = Vec::new();
         loop {
             match self.next()? {
                 Token::ObjEnd => break,
-                Token::Key(k) => self.field(&k, spec.read(&k))?,
+                Token::Key(k) => {
+                    let lower = k.to_ascii_lowercase();
+                    if seen.contains(&lower) {
+                        return Err(Problem::DuplicateField(k.into_owned()));
+                    }
+                    seen.push(lower);
+                    self.field(&k, spec.read(&k))?
+                }
                 _ => unreachable!("the reader yields keys or a closer inside an object"),
             }
         }
@@ -554,7 +564,7 @@ pub fn form(parts: &[Part<'_>], spec: &Spec, want_text: bool) -> Result<Extracte
     };
     for (i, part) in parts.iter().enumerate() {
         let name = part.name.as_str();
-        if !name.ends_with("[]") && parts[..i].iter().any(|p| p.name == name) {
+        if !name.ends_with("[]") && parts[..i].iter().any(|p| p.name.eq_ignore_ascii_case(name)) {
             return fail(Problem::DuplicateField(name.to_string()), out);
         }
         // RFC 7578 §4.6: a `_charset_` field sets the charset of the others; only UTF-8 is
@@ -789,6 +799,19 @@ mod tests {
             many.join(",")
         );
         assert_eq!(problem(&body, true), Problem::TooManyTexts);
+        // names that differ only in case are one field
+        assert_eq!(
+            problem(r#"{"user":"alice","USER":"mallory"}"#, false),
+            Problem::DuplicateField("USER".into())
+        );
+        let e = json_body(
+            br#"{"User":"bob","Messages":[{"role":"tool","content":"x"}]}"#,
+            chat,
+            true,
+        )
+        .unwrap();
+        assert_eq!(e.user.as_deref(), Some("bob"));
+        assert_eq!(texts(&e.prompt.documents), ["x"]);
         // the user is known for the record even when the body is refused later
         let f = json_body(br#"{"user":"eve","messages":[{"a":1,"a":1}]}"#, chat, true).unwrap_err();
         assert_eq!(f.partial.user.as_deref(), Some("eve"));
@@ -822,6 +845,10 @@ mod tests {
         assert_eq!(
             problem(&[part("prompt", None, b"a"), part("prompt", None, b"b")]),
             Problem::DuplicateField("prompt".into())
+        );
+        assert_eq!(
+            problem(&[part("user", None, b"alice"), part("User", None, b"mallory")]),
+            Problem::DuplicateField("User".into())
         );
         assert_eq!(
             problem(&[part("prompt", Some("text/plain; charset=utf-16"), b"a\0")]),

@@ -80,13 +80,19 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// How `field` is read.
+    /// How `field` is read. Names match regardless of ASCII case: ASP.NET front ends bind JSON
+    /// properties and form fields case-insensitively, so `"USER"` may be AOAI's `user`.
     pub fn read(&self, field: &str) -> Read {
         self.fields
             .iter()
-            .find(|(name, _)| *name == field)
+            .find(|(name, _)| name.eq_ignore_ascii_case(field))
             .map(|(_, r)| *r)
-            .or_else(|| self.ignore.contains(&field).then_some(Read::Ignore))
+            .or_else(|| {
+                self.ignore
+                    .iter()
+                    .any(|name| name.eq_ignore_ascii_case(field))
+                    .then_some(Read::Ignore)
+            })
             .unwrap_or(Read::Text(Bucket::User))
     }
 }
