@@ -13,7 +13,11 @@
 # Python 3 with .venv from tests/python/requirements.txt (created here when missing), curl.
 # Knobs: E2E_GATEWAY_PORT (default 0 = any free port), E2E_BACKENDS (default 2),
 #        E2E_PROFILE=debug reuses the debug build (e.g. right after scripts/test.sh built it;
-#        default release), E2E_KEEP=1 keeps the run directory (logs, audit records).
+#        default release), E2E_NO_BUILD=1 builds nothing (the binaries must exist: scripts/test.sh
+#        has `cargo test` build them, as a plain `cargo build` would compile the dependency tree
+#        again with other features), E2E_HANDLER=PATH runs that handler binary (e.g. the packaged
+#        dist/package/handler) instead of target/<profile>/handler,
+#        E2E_KEEP=1 keeps the run directory (logs, audit records).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +33,17 @@ case "$profile" in
   debug) build_flags=() ;;
   *) die "E2E_PROFILE must be release or debug" ;;
 esac
-step "build $profile binaries (handler, fwdproxy-dev)"
-cargo build "${build_flags[@]}" --locked --bin handler --bin fwdproxy-dev
+if [ "${E2E_NO_BUILD:-0}" = "1" ]; then
+  [ -x "target/$profile/fwdproxy-dev" ] || die "E2E_NO_BUILD=1 but target/$profile/fwdproxy-dev is missing"
+else
+  step "build $profile binaries (handler, fwdproxy-dev)"
+  cargo build "${build_flags[@]}" --locked --bin handler --bin fwdproxy-dev
+fi
+handler_args=()
+if [ -n "${E2E_HANDLER:-}" ]; then
+  [ -x "$E2E_HANDLER" ] || die "E2E_HANDLER=$E2E_HANDLER is not an executable"
+  handler_args=(--handler "$E2E_HANDLER")
+fi
 
 step "test tools (newman from package-lock.json, .venv from tests/python/requirements.txt)"
 if [ ! -x node_modules/.bin/newman ]; then
@@ -93,7 +106,7 @@ trap 'exit 143' TERM
 
 step "start the set (fwdproxy-dev)"
 started=$(date +%s%N)
-"target/$profile/fwdproxy-dev" --no-build --quiet \
+"target/$profile/fwdproxy-dev" --no-build --quiet ${handler_args[@]+"${handler_args[@]}"} \
   --gateway-port "${E2E_GATEWAY_PORT:-0}" --backends "${E2E_BACKENDS:-2}" \
   --ms-per-token 2 --first-token-ms 20 \
   --run-dir "$run_dir/set" --ready-file "$ready" >"$launcher_log" 2>&1 &

@@ -1,12 +1,32 @@
 #!/usr/bin/env bash
 # Runs every test of aoai-fwdproxy on a fresh machine (Rust toolchain, Python 3, Node/npm):
-# installs what the tests need, then runs the Rust tests, the OpenAI-SDK tests, the infra checks
-# and the package checks. Exits non-zero on the first failure, saying which step failed.
+# installs what the tests need, then runs the Rust tests, the package checks, the OpenAI-SDK
+# tests and the end-to-end set against the packaged handler, and the infra checks. Exits non-zero
+# on the first failure, saying which step failed.
+#
+# Each build happens once: `cargo test --workspace` compiles the dependency tree once, with the
+# test feature set, and builds the debug `handler` and `fwdproxy-dev` binaries the Rust tests
+# and the launcher use (a separate `cargo build --bins` would compile tokio, hyper, reqwest, the
+# Azure SDK ... a second time: dev-dependencies enable more features of the same crates, so the
+# plain binaries resolve a different feature set). The package step builds the release handler
+# that ships, and the SDK and end-to-end tests run exactly that binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 trap 'echo "FAILED at: ${current:-setup}" >&2' ERR
+
+# Faster links (scripts/linker.sh uses mold when present, cc otherwise): best effort only.
+if ! command -v mold >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  step "mold linker (optional; linking falls back to cc without it)"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo -n"; fi
+  if ! { $sudo apt-get install -y -qq mold >/dev/null 2>&1 ||
+         { $sudo apt-get update -qq >/dev/null 2>&1 &&
+           $sudo apt-get install -y -qq mold >/dev/null 2>&1; }; }; then
+    echo "mold could not be installed; linking with cc"
+  fi
+fi
 
 current="python test environment (.venv)"
 step "$current"
@@ -19,32 +39,28 @@ if [ ! -f "$req_stamp" ]; then
   touch "$req_stamp"
 fi
 
-current="cargo build (all binaries)"
-step "$current"
-cargo build --workspace --bins --locked
-
-current="cargo test"
+current="cargo test (builds the debug binaries too)"
 step "$current"
 cargo test --workspace --locked
 
-current="OpenAI Python SDK against the handler"
+current="Function App package checks (builds the release handler that ships)"
 step "$current"
-FWDPROXY_HANDLER="$PWD/target/debug/handler" .venv/bin/python -m pytest -q tests/python
+bash scripts/check-package.sh
+shipped="$PWD/dist/package/handler"
+[ -x "$shipped" ] || { echo "no packaged handler at $shipped" >&2; false; }
 
-current="end-to-end: the local set, newman and the OpenAI SDK through the gateway"
+current="OpenAI Python SDK against the packaged handler"
 step "$current"
-E2E_PROFILE=debug bash scripts/e2e.sh
+FWDPROXY_HANDLER="$shipped" .venv/bin/python -m pytest -q tests/python
+
+current="end-to-end: the local set with the packaged handler, newman and the OpenAI SDK"
+step "$current"
+E2E_PROFILE=debug E2E_NO_BUILD=1 E2E_HANDLER="$shipped" bash scripts/e2e.sh
 
 if [ -x infra/tests/check.sh ] || [ -f infra/tests/check.sh ]; then
   current="infra checks (checkov, structure)"
   step "$current"
   bash infra/tests/check.sh
-fi
-
-if [ -f scripts/check-package.sh ]; then
-  current="Function App package checks"
-  step "$current"
-  bash scripts/check-package.sh
 fi
 
 step "all tests passed"

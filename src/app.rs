@@ -609,7 +609,7 @@ fn health() -> Response {
 }
 
 /// The client's `x-request-id` when it is a sane token, a fresh UUID otherwise.
-fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+pub fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get("x-request-id") {
         let b = v.as_bytes();
         if !b.is_empty()

@@ -59,6 +59,9 @@ async fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The port actually bound (FUNCTIONS_CUSTOMHANDLER_PORT=0 asks the OS for a free one, as
+    // the tests do and read it back from this line).
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(
         %addr,
         ready_ms = started.elapsed().as_secs_f64() * 1000.0,

@@ -3,7 +3,6 @@
 //! mock that must see nothing of what was refused and every byte of what was not.
 
 mod common;
-mod support;
 
 use common::*;
 use serde_json::json;

@@ -4,11 +4,12 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aoai_fwdproxy::clients::identity::{IdentitySettings, TokenSource, COGNITIVE_SERVICES_SCOPE};
 use aoai_fwdproxy::settings::Source;
 use support::mi_stub;
+use support::wait::{eventually, within, PATIENCE};
 
 fn user_assigned(id: &str) -> TokenSource {
     mi_stub::stub();
@@ -58,40 +59,63 @@ async fn many_requests_share_one_token_fetch() {
 async fn a_token_is_renewed_before_it_expires_without_making_requests_wait() {
     let id = "22222222-2222-2222-2222-222222222222";
     let stub = mi_stub::stub();
-    stub.set_lifetime(id, 6); // renewal due after 3 s (half the lifetime)
+    // 8 s tokens: renewal due after 4 s (half the lifetime), unusable after 7.2 s.
+    stub.set_lifetime(id, 8);
     let source = user_assigned(id);
 
     let first = source.bearer(COGNITIVE_SERVICES_SCOPE).await.unwrap();
     assert_eq!(first.expose(), format!("tok-{id}-1"));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        source
-            .bearer(COGNITIVE_SERVICES_SCOPE)
-            .await
-            .unwrap()
-            .expose(),
-        first.expose()
-    );
-    assert_eq!(stub.calls(id), 1, "not due yet");
-
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    // Due: the current (still valid) token comes back at once, the renewal runs behind it.
-    let started = Instant::now();
-    let again = source.bearer(COGNITIVE_SERVICES_SCOPE).await.unwrap();
-    assert!(started.elapsed() < Duration::from_millis(50));
-    assert_eq!(again.expose(), first.expose());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stub.calls(id) < 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..50 {
+        assert_eq!(
+            source
+                .bearer(COGNITIVE_SERVICES_SCOPE)
+                .await
+                .unwrap()
+                .expose(),
+            first.expose()
+        );
     }
-    assert_eq!(stub.calls(id), 2, "renewed once, before expiry");
-    let renewed = source.bearer(COGNITIVE_SERVICES_SCOPE).await.unwrap();
-    assert_eq!(renewed.expose(), format!("tok-{id}-2"));
+    assert_eq!(stub.calls(id), 1, "not due yet: the cached token serves");
+
+    // Real time must pass for the token to become due (the cache reads the monotonic clock);
+    // this sleep waits for the clock, it synchronises nothing.
+    tokio::time::sleep(Duration::from_millis(4300)).await;
+    // Due: the current (still valid) token comes back at once, the renewal runs behind it.
+    // The stub holds every token request for this identity, so a caller that waited for the
+    // renewal would never return: returning at all proves it did not wait.
+    stub.hold(id);
+    let again = within(
+        PATIENCE,
+        "a due token must not wait for its renewal",
+        source.bearer(COGNITIVE_SERVICES_SCOPE),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.expose(), first.expose());
+    assert!(
+        eventually(PATIENCE, async || stub.waiting(id) == 1).await,
+        "the renewal started in the background"
+    );
+    assert_eq!(stub.calls(id), 1);
+    stub.release(id);
+    assert!(eventually(PATIENCE, async || stub.calls(id) == 2).await);
+    assert!(
+        eventually(PATIENCE, async || {
+            source
+                .bearer(COGNITIVE_SERVICES_SCOPE)
+                .await
+                .unwrap()
+                .expose()
+                == format!("tok-{id}-2")
+        })
+        .await,
+        "the renewed token is used"
+    );
     // Many requests right after the renewal start no further fetch.
     for _ in 0..100 {
         source.bearer(COGNITIVE_SERVICES_SCOPE).await.unwrap();
     }
-    assert_eq!(stub.calls(id), 2);
+    assert_eq!(stub.calls(id), 2, "renewed once, before expiry");
 }
 
 #[tokio::test]

@@ -7,13 +7,22 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aoai_fwdproxy::app::AppState;
 use aoai_fwdproxy::clients::identity::{IdentitySettings, TokenSource};
 use aoai_fwdproxy::clients::keyvault::{KeyVaultSettings, SecretUri, VaultSecret};
+use aoai_fwdproxy::pipeline::audit::Audit;
+use aoai_fwdproxy::pipeline::auth::Authenticator;
+use aoai_fwdproxy::pipeline::forward::{Upstream, UpstreamAuth};
+use aoai_fwdproxy::pipeline::policy::UserRegistry;
 use aoai_fwdproxy::settings::Source;
 use azure_core::http::{ClientOptions, Transport};
 use azure_security_keyvault_secrets::SecretClientOptions;
+use support::aoai::{MockAoai, Reply};
+use support::app::{test_settings, TestApp, API, IN_KEY};
 use support::keyvault_stub::KeyVaultStub;
 use support::mi_stub;
+use support::scratch::Scratch;
+use support::wait::{eventually, PATIENCE};
 
 fn options(vault: &KeyVaultStub) -> SecretClientOptions {
     SecretClientOptions {
@@ -119,12 +128,10 @@ async fn periodic_refresh_and_a_failing_vault_keeps_the_last_good_value() {
     secret.set_min_refresh_gap(Duration::ZERO);
     vault.put("cs-key", "content-safety-key-2");
     let task = secret.spawn_periodic(Duration::from_millis(200));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while secret.current().expose() != "content-safety-key-2"
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(PATIENCE, async || {
+        secret.current().expose() == "content-safety-key-2"
+    })
+    .await;
     assert_eq!(secret.current().expose(), "content-safety-key-2");
     task.abort();
 
@@ -202,4 +209,88 @@ fn settings_name_each_secret_uri() {
     )]))
     .unwrap_err();
     assert_eq!(e.name, "COSMOS_KEY_SECRET_URI");
+}
+
+/// Through the app: AOAI answers 401 to the old key, the handler passes the 401 on and re-reads
+/// the key from Key Vault (once), and the next request carries the rotated key.
+#[tokio::test]
+async fn a_401_from_aoai_makes_the_app_re_read_the_key_from_key_vault() {
+    let vault = KeyVaultStub::start().await;
+    vault.put("aoai-key", "old-aoai-key-0000000000");
+    let mi = identity("99999999-9999-9999-9999-999999999999");
+    let secret =
+        VaultSecret::fetch_with(&uri(&vault, "aoai-key"), mi.credential(), options(&vault))
+            .await
+            .unwrap();
+    secret.set_min_refresh_gap(Duration::ZERO);
+    assert_eq!(vault.served(), 1);
+
+    let aoai = MockAoai::start().await;
+    let scratch = Scratch::new("kv-401");
+    let audit_log = scratch.file("audit.jsonl").display().to_string();
+    let settings = test_settings(
+        &aoai.base(),
+        &[
+            ("AOAI_OUTAPIKEY", ""),
+            (
+                "AOAI_OUTAPIKEY_SECRET_URI",
+                "https://v.vault.azure.net/secrets/aoai-key",
+            ),
+            ("AUDIT_LOG_PATH", &audit_log),
+        ],
+    );
+    // The app as AppState::new builds it, with the vault secret fetched through the test CA.
+    let state = Arc::new(AppState {
+        auth: Authenticator::new(&settings.callers),
+        upstream: Upstream::new(&settings, UpstreamAuth::Vault(secret.clone())).unwrap(),
+        registry: Arc::new(UserRegistry::new(settings.policy.registered_users.clone())),
+        content_safety: None,
+        audit: Audit::new(settings.audit.clone()),
+        settings,
+    });
+    let app = TestApp::with_state(state).await;
+    let url = format!("/api/FwdProxy/openai/deployments/gpt-4o/chatcompletions?{API}");
+    let chat = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+
+    // The key was rotated in the vault; AOAI already refuses the old one.
+    vault.put("aoai-key", "new-aoai-key-1111111111");
+    let refusal =
+        r#"{"error":{"code":"401","message":"Access denied due to invalid subscription key."}}"#;
+    aoai.reply(Reply::Fixed(
+        401,
+        vec![("content-type", "application/json")],
+        refusal,
+    ));
+    let resp = app.post(&url, chat).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.text().await.unwrap(),
+        refusal,
+        "AOAI's 401 passes through"
+    );
+    assert_eq!(aoai.only().headers["api-key"], "old-aoai-key-0000000000");
+
+    // The re-read happens behind the answer: wait for it (bounded), then for nothing more.
+    assert!(
+        eventually(PATIENCE, async || secret.current().expose()
+            == "new-aoai-key-1111111111")
+        .await,
+        "the key was not re-read after AOAI's 401"
+    );
+    assert_eq!(vault.served(), 2, "one re-read for one 401");
+
+    aoai.reply(Reply::Fixed(
+        200,
+        vec![("content-type", "application/json")],
+        "{}",
+    ));
+    let resp = app.post(&url, chat).await;
+    assert_eq!(resp.status(), 200);
+    let seen = aoai.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].headers["api-key"], "new-aoai-key-1111111111");
+    assert!(!format!("{:?}", seen[1].headers).contains("old-aoai-key"));
+    // A success asks Key Vault for nothing.
+    assert_eq!(vault.served(), 2);
+    assert!(!format!("{:?}", seen[1].headers).contains(IN_KEY));
 }

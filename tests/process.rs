@@ -1,88 +1,27 @@
 //! The real `handler` binary, started as the Functions host starts it: settings from the
-//! environment, port from `FUNCTIONS_CUSTOMHANDLER_PORT`.
+//! environment, port from `FUNCTIONS_CUSTOMHANDLER_PORT` (0 here: the port is read back from the
+//! ready log line), SIGTERM to stop.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
+use common::support::app::base_pairs;
+use common::support::handler::{run_to_exit, Handler};
+use common::support::scratch::Scratch;
+use common::support::wait::within;
 use common::*;
 use futures_util::StreamExt;
 
-const HANDLER: &str = env!("CARGO_BIN_EXE_handler");
+const CHAT_PATH: &str = "/api/FwdProxy/openai/deployments/gpt-4o/chatcompletions";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
-fn handler(envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(HANDLER);
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        // a directory without local.settings.json, so only these variables count
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-fn base_env(upstream: &str, port: u16) -> Vec<(&'static str, String)> {
-    vec![
-        ("AOAI_HOSTNAME", upstream.to_string()),
-        ("AOAI_INAPIKEY", IN_KEY.to_string()),
-        ("AOAI_OUTAPIKEY", OUT_KEY.to_string()),
-        ("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string()),
-    ]
-}
-
-fn spawn(env: &[(&'static str, String)]) -> Child {
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    handler(&pairs).spawn().unwrap()
-}
-
-async fn wait_healthy(port: u16) {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let url = format!("http://127.0.0.1:{port}/api/FwdProxy/openai/deployments/health/check");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(r) = client.get(&url).send().await {
-            assert_eq!(r.status(), 200);
-            return;
-        }
-        assert!(Instant::now() < deadline, "handler never became healthy");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("handler did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
 #[test]
@@ -132,15 +71,13 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
             "AOAI_INAPIKEY",
         ),
     ];
-    for (env, setting) in cases {
-        let out = handler(env).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{setting}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+    for (pairs, setting) in cases {
+        let (status, stdout, stderr) = run_to_exit(&env(pairs));
+        assert_eq!(status.code(), Some(2), "{setting}");
         assert!(
             stderr.contains("refuses to start") && stderr.contains(setting),
             "{stderr}"
         );
-        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             stdout.contains(setting),
             "the log line names the setting too: {stdout}"
@@ -151,11 +88,9 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
 
 #[test]
 fn reads_local_settings_json_and_environment_wins() {
-    let dir = std::env::temp_dir().join(format!("fwdproxy-ls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
+    let dir = Scratch::new("local-settings");
     std::fs::write(
-        dir.join("local.settings.json"),
+        dir.file("local.settings.json"),
         serde_json::json!({
             "IsEncrypted": false,
             "Values": {
@@ -163,101 +98,183 @@ fn reads_local_settings_json_and_environment_wins() {
                 "AOAI_HOSTNAME": "http://127.0.0.1:9",
                 "AOAI_INAPIKEY": IN_KEY,
                 "AOAI_OUTAPIKEY": OUT_KEY,
+                // a port the handler cannot bind as a normal user: the environment's 0 must win
                 "FUNCTIONS_CUSTOMHANDLER_PORT": "1"
             }
         })
         .to_string(),
     )
     .unwrap();
-    let mut child = handler(&[("FUNCTIONS_CUSTOMHANDLER_PORT", &port.to_string())])
-        .current_dir(&dir)
-        .spawn()
-        .unwrap();
+    let mut handler = Handler::spawn_in(dir.path(), &env(&[("FUNCTIONS_CUSTOMHANDLER_PORT", "0")]));
+    let url = handler.url("/api/FwdProxy/openai/deployments/health/check");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(wait_healthy(port));
-    sigterm(&child);
-    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
-    std::fs::remove_dir_all(&dir).unwrap();
+    let status = rt.block_on(async { client().get(&url).send().await.unwrap().status() });
+    assert_eq!(status, 200);
+    // The settings came from the file: the key it names is the one the handler accepts.
+    let denied = rt.block_on(async {
+        client()
+            .post(handler.url(&format!("{CHAT_PATH}?{API}")))
+            .header("api-key", "not-the-key-in-the-file-000")
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(denied, 401);
+    handler.sigterm();
+    assert!(handler.wait_exit(PATIENCE).success());
 }
 
-#[tokio::test]
-async fn sigterm_lets_in_flight_streams_finish() {
-    let aoai = MockAoai::start().await;
-    let chunks: Vec<String> = (0..6).map(|i| format!("data: {{\"n\":{i}}}\n\n")).collect();
-    aoai.reply(Reply::Stream(chunks.clone(), Duration::from_millis(100)));
-    let port = free_port();
-    let mut child = spawn(&base_env(&aoai.base(), port));
-    wait_healthy(port).await;
+fn sse_chunks(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("data: {{\"n\":{i}}}\n\n")).collect()
+}
 
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let resp = client
-        .post(format!(
-            "http://127.0.0.1:{port}/api/FwdProxy/openai/deployments/gpt-4o/chatcompletions?{API}"
-        ))
+/// Start a handler against a gated stream and read its first chunk: the stream is in flight.
+async fn in_flight_stream(
+    aoai: &MockAoai,
+    extra: &[(&str, &str)],
+) -> (
+    Handler,
+    impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>>,
+    Vec<u8>,
+) {
+    let pairs = common::support::app::merge(base_pairs(&aoai.base()), extra.iter().copied());
+    let mut handler = Handler::spawn(&pairs);
+    let url = handler.url(&format!("{CHAT_PATH}?{API}"));
+    let resp = client()
+        .post(url)
         .header("api-key", IN_KEY)
         .body(r#"{"stream":true,"messages":[]}"#)
         .send()
         .await
         .unwrap();
+    assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
-    let mut got = stream.next().await.unwrap().unwrap().to_vec();
-    sigterm(&child); // mid-stream
-    while let Some(chunk) = stream.next().await {
+    let first = within(PATIENCE, "first chunk", stream.next())
+        .await
+        .expect("a first chunk")
+        .unwrap()
+        .to_vec();
+    (handler, stream, first)
+}
+
+fn message_index(handler: &Handler, message: &str) -> Option<usize> {
+    handler.log().iter().position(|v| v["message"] == message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_streams_finish() {
+    let aoai = MockAoai::start().await;
+    let chunks = sse_chunks(6);
+    aoai.reply(Reply::Gated(chunks.clone()));
+    let (mut handler, mut stream, mut got) = in_flight_stream(&aoai, &[]).await;
+
+    handler.sigterm(); // mid-stream
+                       // Only once the handler is draining does the upstream send the rest.
+    tokio::task::block_in_place(|| {
+        handler.wait_log("shutting down", |v| {
+            v["message"] == "shutting down: draining in-flight requests"
+        })
+    });
+    aoai.release(chunks.len());
+    while let Some(chunk) = within(PATIENCE, "the rest of the stream", stream.next()).await {
         got.extend_from_slice(&chunk.expect("stream cut by shutdown"));
     }
     assert_eq!(String::from_utf8(got).unwrap(), chunks.concat());
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(5)))
-        .await
-        .unwrap();
+    let status = tokio::task::block_in_place(|| handler.wait_exit(PATIENCE));
     assert!(status.success(), "{status:?}");
+    assert!(message_index(
+        &handler,
+        "shutdown grace period over: dropping the remaining requests"
+    )
+    .is_none());
+    assert_eq!(aoai.seen().len(), 1);
 }
 
-#[tokio::test]
+/// A stream that never ends does not hold the instance past `SHUTDOWN_GRACE_MS`: the process
+/// drops it when the grace is over and exits with the code `main` promises for a clean stop (0),
+/// after logging why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_stream_that_never_ends_exits_after_the_grace() {
+    let aoai = MockAoai::start().await;
+    let chunks = sse_chunks(3);
+    aoai.reply(Reply::Gated(chunks.clone())); // nothing is ever released
+    let (mut handler, mut stream, got) =
+        in_flight_stream(&aoai, &[("SHUTDOWN_GRACE_MS", "300")]).await;
+    assert_eq!(got, chunks[0].as_bytes());
+
+    handler.sigterm();
+    let status = tokio::task::block_in_place(|| handler.wait_exit(PATIENCE));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let draining = message_index(&handler, "shutting down: draining in-flight requests")
+        .expect("draining logged");
+    let over = message_index(
+        &handler,
+        "shutdown grace period over: dropping the remaining requests",
+    )
+    .expect("grace expiry logged");
+    let stopped = message_index(&handler, "stopped").expect("stop logged");
+    assert!(
+        draining < over && over < stopped,
+        "{:?}",
+        handler.stdout_lines()
+    );
+    let over_line = &handler.log()[over];
+    assert_eq!(over_line["level"], "WARN");
+
+    // The client's stream ends (cut), without any chunk the upstream never sent.
+    let mut rest = Vec::new();
+    while let Some(chunk) = within(PATIENCE, "the cut stream to end", stream.next()).await {
+        match chunk {
+            Ok(c) => rest.extend_from_slice(&c),
+            Err(_) => break,
+        }
+    }
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(aoai.seen().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_json_log_line_per_request_and_no_secrets() {
     let aoai = MockAoai::start().await;
-    let port = free_port();
-    let mut child = spawn(&base_env(&aoai.base(), port));
-    wait_healthy(port).await;
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut handler = Handler::spawn(&base_pairs(&aoai.base()));
     let prompt = "my-secret-prompt-text";
-    let url = format!(
-        "http://127.0.0.1:{port}/api/FwdProxy/openai/deployments/gpt-4o/chatcompletions?{API}"
-    );
+    let url = handler.url(&format!("{CHAT_PATH}?{API}"));
     let body = format!(r#"{{"messages":[{{"role":"user","content":"{prompt}"}}]}}"#);
-    let ok = client
+    let ok = client()
         .post(&url)
         .header("api-key", IN_KEY)
         .header("x-request-id", "log-ok-1")
         .body(body.clone());
     assert_eq!(ok.send().await.unwrap().status(), 200);
-    let bad = client
+    let bad = client()
         .post(&url)
         .header("api-key", "wrong-key-with-enough-length")
         .header("x-request-id", "log-401-1")
         .body(body);
     assert_eq!(bad.send().await.unwrap().status(), 401);
 
-    sigterm(&child);
-    let mut stdout = child.stdout.take().unwrap();
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(5)))
-        .await
-        .unwrap();
+    handler.sigterm();
+    let status = tokio::task::block_in_place(|| handler.wait_exit(PATIENCE));
     assert!(status.success());
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
 
     let mut requests = Vec::new();
-    for line in BufReader::new(text.as_bytes()).lines() {
-        let line = line.unwrap();
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        if v["target"] == "request" {
-            requests.push(v);
-        }
+    for line in handler
+        .stdout_lines()
+        .iter()
+        .chain(handler.stderr_lines().iter())
+    {
         for secret in [IN_KEY, OUT_KEY, prompt, "wrong-key-with-enough-length"] {
             assert!(!line.contains(secret), "log line leaks {secret}: {line}");
         }
     }
+    for v in handler.log() {
+        if v["target"] == "request" {
+            requests.push(v);
+        }
+    }
+    assert_eq!(requests.len(), 2, "one line per request: {requests:?}");
     let find = |id: &str| {
         requests
             .iter()
@@ -278,4 +295,9 @@ async fn one_json_log_line_per_request_and_no_secrets() {
     assert_eq!(denied[0]["status"], 401);
     assert_eq!(denied[0]["completed"], true);
     assert!(denied[0]["caller"].is_null());
+    assert_eq!(
+        aoai.seen().len(),
+        1,
+        "only the authenticated request went upstream"
+    );
 }

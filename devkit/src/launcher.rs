@@ -411,8 +411,10 @@ pub async fn run(opts: Options, started: Instant) -> Result<(), String> {
         let aoai_url = server.url();
         set.sims.push(server);
 
+        // 0: the handler binds any free port and names it in its ready log line, read below
+        // (binding a probe socket and dropping it would race other processes for the port).
         let handler_port = if opts.handler_port == 0 {
-            free_port().map_err(|e| format!("no free port for handler {n}: {e}"))?
+            0
         } else {
             opts.handler_port + i as u16
         };
@@ -452,6 +454,7 @@ pub async fn run(opts: Options, started: Instant) -> Result<(), String> {
         write_settings_file(&dir, &settings);
 
         let log_path = dir.join("handler.log");
+        let log_start = fs::metadata(&log_path).map_or(0, |m| m.len());
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -478,6 +481,17 @@ pub async fn run(opts: Options, started: Instant) -> Result<(), String> {
             .children
             .spawn(&name, cmd)
             .map_err(|e| format!("cannot start {}: {e}", handler.display()))?;
+        let handler_port = if handler_port == 0 {
+            match ready_port(&name, &log_path, log_start, &mut set.children).await {
+                Ok(port) => port,
+                Err(e) => {
+                    set.stop().await;
+                    return Err(e);
+                }
+            }
+        } else {
+            handler_port
+        };
         backends.push(BackendInfo {
             name,
             handler_url: format!("http://127.0.0.1:{handler_port}"),
@@ -601,11 +615,6 @@ async fn wait_for_stop(children: &mut Children) -> &'static str {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 fn default_run_dir() -> PathBuf {
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -706,6 +715,44 @@ fn find_or_build_handler(opts: &Options) -> Result<PathBuf, String> {
         ));
     }
     Ok(handler)
+}
+
+/// The port a handler started with `FUNCTIONS_CUSTOMHANDLER_PORT=0` listens on, from the `addr`
+/// of its `ready` log line (written after `start` bytes of its log).
+async fn ready_port(
+    name: &str,
+    log_path: &Path,
+    start: u64,
+    children: &mut Children,
+) -> Result<u16, String> {
+    let deadline = Instant::now() + HANDLER_READY_TIMEOUT;
+    while Instant::now() < deadline {
+        let text = fs::read(log_path).unwrap_or_default();
+        let fresh = String::from_utf8_lossy(text.get(start as usize..).unwrap_or_default());
+        let port = fresh
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "ready")
+            .and_then(|v| v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+            .filter(|p| *p != 0);
+        if let Some(port) = port {
+            return Ok(port);
+        }
+        if let Some(status) = children.exit_status(name) {
+            return Err(format!(
+                "{name} exited during start ({status}). Its log ({}):\n{}",
+                log_path.display(),
+                tail(log_path, 20)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(format!(
+        "{name} did not log its ready line within {} s. Its log:\n{}",
+        HANDLER_READY_TIMEOUT.as_secs(),
+        tail(log_path, 20)
+    ))
 }
 
 async fn wait_handler(

@@ -293,7 +293,6 @@ async fn streaming_is_paced_by_time_per_token() {
         )
         .await;
     let first = resp.chunk().await.unwrap().unwrap();
-    let first_at = started.elapsed();
     assert!(String::from_utf8_lossy(&first).contains("prompt_filter_results"));
     let mut rest = 0;
     while let Some(c) = resp.chunk().await.unwrap() {
@@ -301,9 +300,10 @@ async fn streaming_is_paced_by_time_per_token() {
     }
     let total = started.elapsed();
     assert!(rest > 0);
-    // 10 tokens × 20 ms + 50 ms: the whole stream takes ≥ 250 ms, the first event comes at once.
+    // 10 tokens × 20 ms + 50 ms: the whole stream takes at least 250 ms (a lower bound the
+    // simulator's own pacing guarantees; a slow machine only makes it longer). No upper bound
+    // on the first event's arrival: latency belongs in the benchmarks.
     assert!(total >= Duration::from_millis(250), "{total:?}");
-    assert!(first_at < Duration::from_millis(150), "{first_at:?}");
 }
 
 #[tokio::test]
@@ -599,18 +599,30 @@ async fn rpm_and_tpm_limits_answer_429_per_deployment() {
         .parse()
         .unwrap();
     assert!(left < 60);
-    let mut saw_429 = false;
-    for _ in 0..5 {
-        if t.post(&chat_path("gpt-4o"), hello(json!({})))
+    // Each identical request costs the same; the quota refills at 1 token/s, so at most
+    // left / cost more fit (one more if a slow machine let the refill catch up), then 429.
+    let cost = 60 - left;
+    let fits = (left / cost) as usize;
+    let mut statuses = Vec::new();
+    for _ in 0..fits + 2 {
+        let status = t
+            .post(&chat_path("gpt-4o"), hello(json!({})))
             .await
-            .status()
-            == 429
-        {
-            saw_429 = true;
+            .status();
+        statuses.push(status.as_u16());
+        if status == 429 {
             break;
         }
     }
-    assert!(saw_429);
+    let first_429 = statuses.iter().position(|s| *s == 429);
+    assert!(
+        first_429.is_some_and(|n| n >= fits && n <= fits + 1),
+        "cost {cost}, left {left}: {statuses:?}"
+    );
+    assert!(
+        statuses[..first_429.unwrap()].iter().all(|s| *s == 200),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -14,6 +14,7 @@ use bytes::Bytes;
 use fwdproxy_devkit::gateway::{self, GatewayConfig, ProbeSettings, RunningGateway};
 use fwdproxy_devkit::server::{self, RunningServer};
 use http::HeaderMap;
+use tokio::sync::Semaphore;
 
 const HEALTH: &str = "/api/FwdProxy/openai/deployments/health/check";
 
@@ -23,6 +24,8 @@ struct Seen {
     query: Option<String>,
     headers: HeaderMap,
     body: Bytes,
+    /// Why the body could not be read (`None`: read completely).
+    body_error: Option<String>,
 }
 
 /// A backend that records requests (not probes) and can be told to fail its probe.
@@ -30,27 +33,41 @@ struct Backend {
     server: RunningServer,
     seen: Arc<Mutex<Vec<Seen>>>,
     healthy: Arc<AtomicBool>,
+    /// `…/slowstream` sends its next chunk only per permit the test adds.
+    gate: Arc<Semaphore>,
 }
 
 impl Backend {
     async fn start(name: &'static str) -> Self {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let healthy = Arc::new(AtomicBool::new(true));
-        let (s, h) = (seen.clone(), healthy.clone());
+        let gate = Arc::new(Semaphore::new(0));
+        let (s, h, g) = (seen.clone(), healthy.clone(), gate.clone());
         let router = Router::new().fallback(move |req: Request| {
-            let (s, h) = (s.clone(), h.clone());
-            async move { answer(name, req, s, h).await }
+            let (s, h, g) = (s.clone(), h.clone(), g.clone());
+            async move { answer(name, req, s, h, g).await }
         });
         let server = RunningServer::start(server::bind_loopback(0).await.unwrap(), router).unwrap();
         Backend {
             server,
             seen,
             healthy,
+            gate,
         }
     }
 
+    /// Every request so far; fails if the backend could not read one's body.
     fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        let seen = self.seen.lock().unwrap().clone();
+        for s in &seen {
+            assert!(
+                s.body_error.is_none(),
+                "{}: body unreadable: {:?}",
+                s.path,
+                s.body_error
+            );
+        }
+        seen
     }
 }
 
@@ -59,6 +76,7 @@ async fn answer(
     req: Request,
     seen: Arc<Mutex<Vec<Seen>>>,
     healthy: Arc<AtomicBool>,
+    gate: Arc<Semaphore>,
 ) -> Response {
     let (parts, body) = req.into_parts();
     if parts.uri.path() == HEALTH {
@@ -72,27 +90,30 @@ async fn answer(
             .body(Body::from("{\"status\":\"ok\"}"))
             .unwrap();
     }
-    let body = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
+    // An unreadable body is recorded as such, never as an empty one.
+    let (body, body_error) = match axum::body::to_bytes(body, 1 << 20).await {
+        Ok(b) => (b, None),
+        Err(e) => (Bytes::new(), Some(e.to_string())),
+    };
     seen.lock().unwrap().push(Seen {
         path: parts.uri.path().to_string(),
         query: parts.uri.query().map(str::to_string),
         headers: parts.headers.clone(),
         body,
+        body_error,
     });
     if parts.uri.path().ends_with("/slowstream") {
-        // Five chunks 150 ms apart.
-        let stream = futures_util::stream::unfold(0u32, |i| async move {
+        // Five chunks; each after the first waits for a permit from the test.
+        let stream = futures_util::stream::unfold((0u32, gate), |(i, gate)| async move {
             if i == 5 {
                 return None;
             }
             if i > 0 {
-                tokio::time::sleep(Duration::from_millis(150)).await;
+                gate.acquire().await.ok()?.forget();
             }
             Some((
                 Ok::<_, std::io::Error>(Bytes::from(format!("data: {i}\n\n"))),
-                i + 1,
+                (i + 1, gate),
             ))
         });
         return Response::builder()
@@ -197,6 +218,7 @@ async fn rewrites_and_forwards_with_appgw_headers() {
             "/api/FwdProxy/openai/v1/chat/completions",
         ),
     ] {
+        let before = b.seen().len();
         let r = client()
             .post(format!("{}{path}", gw.url()))
             .body("{}")
@@ -204,7 +226,13 @@ async fn rewrites_and_forwards_with_appgw_headers() {
             .await
             .unwrap();
         assert_eq!(r.status(), 201, "{path}");
-        assert_eq!(b.seen().last().unwrap().path, expected);
+        let seen = b.seen();
+        assert_eq!(
+            seen.len(),
+            before + 1,
+            "{path}: exactly one backend request"
+        );
+        assert_eq!(seen.last().unwrap().path, expected);
     }
     let health = client()
         .get(format!("{}/openai/deployments/health/check", gw.url()))
@@ -348,7 +376,6 @@ async fn paths_no_rule_rewrites_are_404_or_passed_through() {
 async fn streams_are_not_buffered() {
     let b = Backend::start("one").await;
     let gw = gateway_for(vec![b.server.url()], 3, false).await;
-    let started = Instant::now();
     let mut r = client()
         .post(format!(
             "{}/openai/deployments/gpt-4o/slowstream?api-version=1",
@@ -359,22 +386,32 @@ async fn streams_are_not_buffered() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let first = r.chunk().await.unwrap().unwrap();
-    let first_at = started.elapsed();
-    assert_eq!(first, Bytes::from_static(b"data: 0\n\n"));
-    let mut all = first.to_vec();
-    while let Some(c) = r.chunk().await.unwrap() {
-        all.extend_from_slice(&c);
+    // The backend sends chunk n+1 only after the client received chunk n: a gateway that
+    // buffered would deliver nothing, and the bounded wait fails. Order, not timing.
+    let mut all = Vec::new();
+    for i in 0..5 {
+        let want = format!("data: {i}\n\n");
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let chunk = tokio::time::timeout(Duration::from_secs(20), r.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("chunk {i} never arrived: buffered?"))
+                .unwrap()
+                .expect("stream ended early");
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), want);
+        all.extend_from_slice(&got);
+        b.gate.add_permits(1);
     }
-    let total = started.elapsed();
+    let end = tokio::time::timeout(Duration::from_secs(20), r.chunk())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(end.is_none());
     assert_eq!(
         String::from_utf8(all).unwrap(),
         "data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\n"
     );
-    // The backend spends 600 ms between first and last chunk; the first arrives long before.
-    assert!(total >= Duration::from_millis(600), "{total:?}");
-    assert!(
-        first_at + Duration::from_millis(400) < total,
-        "{first_at:?} vs {total:?}"
-    );
+    assert_eq!(b.seen().len(), 1);
 }

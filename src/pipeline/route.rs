@@ -513,4 +513,190 @@ mod tests {
         );
         assert_eq!(status(Method::GET, path, Q), 405);
     }
+
+    /// Properties of the resolver and the query rebuild over generated paths and queries.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Path segments: the words routes are made of, and the kinds of input that must never
+        /// reach AOAI (encodings, dot segments, empties, controls, non-ASCII).
+        fn segment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(vec![
+                    "deployments", "v1", "chat", "completions", "chatcompletions",
+                    "extensionschatcompletions", "extensions", "embeddings", "images",
+                    "generations", "audio", "speech", "transcriptions", "responses",
+                    "input_items", "cancel", "models", "health", "check", "gpt-4o", "resp_1",
+                ])
+                .prop_map(str::to_string),
+                2 => prop::sample::select(vec![
+                    "..", ".", "", "%2F", "%2f", "%2e%2e", "%2E", "%00", "%0A", "a%2Fb", "~",
+                    "code", "?", "#", ";", "\\", "é", "\u{1}", " ", "\t", "a..b", "...",
+                ])
+                .prop_map(str::to_string),
+                2 => "[a-zA-Z0-9._~%-]{1,12}",
+                1 => any::<String>(),
+            ]
+        }
+
+        /// What follows the prefix: free segments, or a route's shape with generated holes, so
+        /// that a good share of the cases resolve to an upstream target.
+        fn tail() -> impl Strategy<Value = String> {
+            let templates = prop::sample::select(vec![
+                "deployments/{}/chatcompletions",
+                "deployments/{}/chat/completions",
+                "deployments/{}/{}",
+                "deployments/{}/{}/{}",
+                "v1/responses/{}",
+                "v1/responses/{}/{}",
+                "v1/models/{}",
+                "v1/{}",
+                "v1/{}/{}",
+            ]);
+            prop_oneof![
+                prop::collection::vec(segment(), 0..6).prop_map(|s| s.join("/")),
+                (templates, prop::collection::vec(segment(), 3)).prop_map(|(t, holes)| {
+                    let mut out = t.to_string();
+                    for h in holes {
+                        out = out.replacen("{}", &h, 1);
+                    }
+                    out
+                }),
+            ]
+        }
+
+        fn method() -> impl Strategy<Value = Method> {
+            prop::sample::select(vec![
+                Method::GET,
+                Method::POST,
+                Method::DELETE,
+                Method::HEAD,
+                Method::PUT,
+                Method::PATCH,
+            ])
+        }
+
+        fn query() -> impl Strategy<Value = Option<String>> {
+            let pair = (
+                prop_oneof![
+                    Just("api-version".to_string()),
+                    Just("code".to_string()),
+                    Just("CODE".to_string()),
+                    Just("Code".to_string()),
+                    "[a-z%&=+-]{0,8}",
+                    any::<String>(),
+                ],
+                prop_oneof![
+                    Just("2024-10-21".to_string()),
+                    "[a-zA-Z0-9%&=+. -]{0,12}",
+                    any::<String>()
+                ],
+            );
+            prop::option::of(prop::collection::vec(pair, 0..5).prop_map(|pairs| {
+                pairs
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            }))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            /// Whatever comes in, what goes to AOAI is a clean path under `/openai/`: no
+            /// percent-encoding, no dot or empty segments; the query has no `code` and at most
+            /// one `api-version` (exactly one on deployment routes).
+            #[test]
+            fn upstream_path_is_always_clean(
+                method in method(),
+                tail in tail(),
+                query in query(),
+            ) {
+                let path = format!("{PREFIX}{tail}");
+                if let Ok(Route::Upstream(t)) = resolve(&method, &path, query.as_deref()) {
+                    prop_assert!(t.path.starts_with("/openai/"), "{}", t.path);
+                    prop_assert!(!t.path.contains('%'), "{}", t.path);
+                    for seg in t.path.trim_start_matches('/').split('/') {
+                        prop_assert!(!seg.is_empty() && seg != "." && seg != "..", "{}", t.path);
+                        prop_assert!(seg.chars().all(is_unreserved), "{}", t.path);
+                    }
+                    let pairs: Vec<(String, String)> =
+                        form_urlencoded::parse(t.query.as_bytes()).into_owned().collect();
+                    prop_assert!(!pairs.iter().any(|(k, _)| k.eq_ignore_ascii_case("code")), "{}", t.query);
+                    let versions = pairs.iter().filter(|(k, _)| k == "api-version").count();
+                    if t.deployment.is_some() {
+                        prop_assert_eq!(versions, 1, "{}", t.query);
+                    } else {
+                        prop_assert!(versions <= 1, "{}", t.query);
+                    }
+                    prop_assert!(!t.query.chars().any(|c| c.is_control()), "{}", t.query);
+                }
+            }
+
+            /// The same holds with any casing of the route prefix (the host matches it
+            /// case-insensitively), and a resolved route never depends on that casing.
+            #[test]
+            fn prefix_case_does_not_change_the_route(
+                segments in prop::collection::vec(segment(), 1..5),
+                flips in prop::collection::vec(any::<bool>(), PREFIX.len()),
+            ) {
+                let prefix: String = PREFIX
+                    .chars()
+                    .zip(flips)
+                    .map(|(c, up)| if up { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+                    .collect();
+                let rest = segments.join("/");
+                let q = Some("api-version=2024-10-21");
+                let a = resolve(&Method::POST, &format!("{PREFIX}{rest}"), q);
+                let b = resolve(&Method::POST, &format!("{prefix}{rest}"), q);
+                prop_assert_eq!(a.map_err(|e| e.code()), b.map_err(|e| e.code()));
+            }
+
+            /// Rebuilding parses and re-serialises: the pairs AOAI sees are exactly the client's
+            /// pairs, in order, minus `code`; an encoded `&` or `=` stays inside its value.
+            #[test]
+            fn query_round_trips_without_code(
+                pairs in prop::collection::vec(
+                    ("[^\\x00-\\x1f\\x7f-\\x9f]{0,10}", "[^\\x00-\\x1f\\x7f-\\x9f]{0,10}"),
+                    0..6,
+                ),
+                at in any::<prop::sample::Index>(),
+                codes in prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+            ) {
+                let kept: Vec<(String, String)> = pairs
+                    .into_iter()
+                    .filter(|(k, _)| !k.eq_ignore_ascii_case("code") && k != "api-version")
+                    .collect();
+                let mut sent = kept.clone();
+                sent.insert(at.index(sent.len() + 1), ("api-version".into(), "2024-10-21".into()));
+                let expected = sent.clone();
+                for c in codes {
+                    sent.insert(c.index(sent.len() + 1), ("code".into(), "fn-key&x=1".into()));
+                }
+                let raw = form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(&sent)
+                    .finish();
+                let rebuilt = rebuild_query(Some(&raw), true).unwrap();
+                let back: Vec<(String, String)> =
+                    form_urlencoded::parse(rebuilt.as_bytes()).into_owned().collect();
+                prop_assert_eq!(back, expected);
+            }
+
+            /// A second `api-version`, in any position or spelling of its value, is refused.
+            #[test]
+            fn api_version_twice_is_refused(
+                before in "[a-z]{1,5}=[a-z0-9]{0,5}",
+                a in "[0-9a-z.-]{1,12}",
+                b in "[0-9a-z.-]{1,12}",
+            ) {
+                let raw = format!("{before}&api-version={a}&api-version={b}");
+                prop_assert_eq!(
+                    rebuild_query(Some(&raw), false).unwrap_err().code(),
+                    "invalid_query"
+                );
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@ Asserts what the SDK got and what the mock AOAI saw (the real key, never the int
 
 import json
 import os
-import socket
+import queue
 import subprocess
 import threading
 import time
@@ -71,39 +71,50 @@ class MockAoai(BaseHTTPRequestHandler):
         self.wfile.write(answer)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ready_port(proc, deadline):
+    """The port the handler (started on port 0) names in its `ready` log line on stdout."""
+    lines = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            line = lines.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("message") == "ready":
+            return int(event["addr"].rsplit(":", 1)[1])
+    proc.kill()
+    pytest.fail("handler did not log its ready line")
 
 
 @pytest.fixture(scope="module")
 def endpoint():
     if not HANDLER.exists():
-        pytest.fail(f"{HANDLER} is missing: run `cargo build --bin handler` first (scripts/test.sh does)")
+        pytest.fail(f"{HANDLER} is missing: scripts/test.sh builds it (cargo test, then the package)")
     mock = ThreadingHTTPServer(("127.0.0.1", 0), MockAoai)
     threading.Thread(target=mock.serve_forever, daemon=True).start()
-    port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "AOAI_HOSTNAME": f"http://127.0.0.1:{mock.server_address[1]}",
         "AOAI_INAPIKEY": IN_KEY,
         "AOAI_OUTAPIKEY": OUT_KEY,
-        "FUNCTIONS_CUSTOMHANDLER_PORT": str(port),
+        # any free port, read back from the ready line (no probe socket to race for it)
+        "FUNCTIONS_CUSTOMHANDLER_PORT": "0",
     }
-    proc = subprocess.Popen([str(HANDLER)], env=env, cwd="/", stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(HANDLER)], env=env, cwd="/", stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    port = ready_port(proc, deadline)
     health = f"http://127.0.0.1:{port}/api/FwdProxy/openai/deployments/health/check"
-    deadline = time.time() + 10
-    while True:
-        try:
-            with urllib.request.urlopen(health, timeout=1) as r:
-                assert r.status == 200
-                break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("handler did not become healthy")
-            time.sleep(0.02)
+    with urllib.request.urlopen(health, timeout=5) as r:
+        assert r.status == 200
     yield f"http://127.0.0.1:{port}/api/FwdProxy"
     proc.terminate()
     proc.wait(timeout=10)

@@ -116,27 +116,41 @@ impl Emu {
             .unwrap()
     }
 
-    /// Every id in the abuse-log container, and whether any appears twice.
+    /// Every id in the abuse-log container, and whether one refusal is stored twice.
+    ///
+    /// Item ids are unique per partition by construction (an upsert of the same id overwrites),
+    /// so comparing ids alone could never find a duplicate. A refusal is identified by its
+    /// request id and reason: the same pair under two ids (a replay that minted a new id, a
+    /// record written to two partitions) is the duplicate this flag reports.
     pub async fn abuse_ids(&self) -> (Vec<String>, bool) {
         #[derive(serde::Deserialize)]
-        struct Id {
+        struct Item {
             id: String,
+            #[serde(default)]
+            request_id: String,
+            #[serde(default)]
+            reason: serde_json::Value,
         }
         let c = self.container(CONTAINER).await;
         let mut it = c
-            .query_items::<Id>(
-                Query::from("SELECT c.id FROM c"),
+            .query_items::<Item>(
+                Query::from("SELECT c.id, c.request_id, c.reason FROM c"),
                 FeedScope::full_container(),
                 None,
             )
             .await
             .unwrap();
-        let mut ids = Vec::new();
+        let mut items = Vec::new();
         while let Some(i) = it.try_next().await.unwrap() {
-            ids.push(i.id);
+            items.push(i);
         }
-        let unique: HashSet<&String> = ids.iter().collect();
-        let dup = unique.len() != ids.len();
+        let refusals: HashSet<(&str, String)> = items
+            .iter()
+            .map(|i| (i.request_id.as_str(), i.reason.to_string()))
+            .collect();
+        let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
+        let unique_ids: HashSet<&String> = ids.iter().collect();
+        let dup = refusals.len() != items.len() || unique_ids.len() != ids.len();
         (ids, dup)
     }
 

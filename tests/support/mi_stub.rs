@@ -29,6 +29,10 @@ pub struct MiState {
     lifetimes: HashMap<String, i64>,
     /// Resources asked for, per client id.
     resources: HashMap<String, Vec<String>>,
+    /// Client ids whose token requests wait for [`MiStub::release`] (see [`MiStub::hold`]).
+    holds: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Token requests waiting at a hold, per client id.
+    waiting: HashMap<String, u32>,
 }
 
 pub struct MiStub {
@@ -57,6 +61,32 @@ impl MiStub {
             .get(client_id)
             .cloned()
             .unwrap_or_default()
+    }
+    /// From now on, token requests for `client_id` wait until [`MiStub::release`]: lets a test
+    /// prove a caller did not wait for a fetch (it returned while the fetch was held) without
+    /// timing it.
+    pub fn hold(&self, client_id: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .holds
+            .insert(client_id.into(), Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+    /// Let every held and future token request for `client_id` through.
+    pub fn release(&self, client_id: &str) {
+        if let Some(gate) = self.state.lock().unwrap().holds.remove(client_id) {
+            gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+        }
+    }
+    /// Token requests for `client_id` waiting at a hold right now.
+    pub fn waiting(&self, client_id: &str) -> u32 {
+        self.state
+            .lock()
+            .unwrap()
+            .waiting
+            .get(client_id)
+            .copied()
+            .unwrap_or(0)
     }
     pub fn set_lifetime(&self, client_id: &str, secs: i64) {
         self.state
@@ -98,6 +128,28 @@ pub fn stub() -> &'static MiStub {
 }
 
 async fn token(State(state): State<Arc<Mutex<MiState>>>, uri: Uri, headers: HeaderMap) -> Response {
+    let who = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "client_id")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| SYSTEM.to_string());
+    let gate = {
+        let mut st = state.lock().unwrap();
+        let gate = st.holds.get(&who).cloned();
+        if gate.is_some() {
+            *st.waiting.entry(who.clone()).or_default() += 1;
+        }
+        gate
+    };
+    if let Some(gate) = gate {
+        if let Ok(permit) = gate.acquire().await {
+            permit.forget();
+        }
+        *state.lock().unwrap().waiting.entry(who).or_default() -= 1;
+    }
+    issue(&state, &uri, &headers)
+}
+
+fn issue(state: &Mutex<MiState>, uri: &Uri, headers: &HeaderMap) -> Response {
     let q: HashMap<String, String> = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
         .into_owned()
         .collect();

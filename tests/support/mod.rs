@@ -1,9 +1,17 @@
-//! Helpers of the audit, identity and Key Vault tests: local stubs that speak the exact Azure
-//! protocols, and the Cosmos DB SDK's in-memory emulator. Each test file takes the parts it
-//! needs with `mod support;`.
+//! The one test-support module of the integration tests: the fake AOAI ([`aoai`]), the app
+//! in-process and the settings merge ([`app`]), the real `handler` process on port 0
+//! ([`handler`]), the bounded wait ([`wait`]), temporary files ([`scratch`]), local stubs that
+//! speak the exact Azure protocols (managed identity, Key Vault) and the Cosmos DB SDK's
+//! in-memory emulator. A test file takes it with `mod support;` (or through `mod common;`,
+//! which re-exports it under the names the older tests use).
 #![allow(dead_code)]
 
+pub mod aoai;
+pub mod app;
 pub mod cosmos_emu;
+pub mod handler;
 pub mod keyvault_stub;
 pub mod logs;
 pub mod mi_stub;
+pub mod scratch;
+pub mod wait;
