@@ -64,6 +64,11 @@ enum State {
     After,
 }
 
+/// Most keys one object may have. The duplicate check remembers every key of an open object;
+/// without a bound a body of tiny keys would cost several times its size in memory. Real
+/// bodies stay far below (`logit_bias` allows 300 entries, `metadata` 16).
+pub const MAX_KEYS: usize = 10_000;
+
 /// Keys seen in one open object: a short list searched linearly, a set past [`SET_FROM`] keys.
 struct Keys<'a> {
     list: Vec<Cow<'a, str>>,
@@ -78,6 +83,10 @@ impl<'a> Keys<'a> {
             list: Vec::new(),
             set: None,
         }
+    }
+
+    fn len(&self) -> usize {
+        self.set.as_ref().map_or(self.list.len(), HashSet::len)
     }
 
     /// false when `key` was already there
@@ -209,6 +218,9 @@ impl<'a> Parser<'a> {
                     let Some(Frame::Obj(keys)) = self.stack.last_mut() else {
                         return err(at, "an object key outside an object");
                     };
+                    if keys.len() >= MAX_KEYS {
+                        return err(at, "an object with more than 10,000 keys");
+                    }
                     if !keys.insert(key.clone()) {
                         return err(at, "a duplicate key");
                     }
@@ -518,6 +530,21 @@ mod tests {
             why(&format!("{{{},\"k7\":0}}", many.join(","))),
             "a duplicate key"
         );
+    }
+
+    #[test]
+    fn keys_per_object_are_bounded() {
+        let obj = |n: usize| {
+            let keys: Vec<String> = (0..n).map(|i| format!("\"k{i}\":0")).collect();
+            format!("{{{}}}", keys.join(","))
+        };
+        assert!(ok(&obj(MAX_KEYS)));
+        assert_eq!(
+            why(&obj(MAX_KEYS + 1)),
+            "an object with more than 10,000 keys"
+        );
+        // per object, not per document
+        assert!(ok(&format!("[{},{}]", obj(MAX_KEYS), obj(MAX_KEYS))));
     }
 
     #[test]
