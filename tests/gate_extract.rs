@@ -331,6 +331,8 @@ async fn bodies_the_gate_cannot_read_whole_are_refused_and_recorded() {
             br#"{"user":"alice","messages":[{"role":"user","content":"hi","c\u006fntent":"bloodbath"}]}"#.to_vec(), "duplicate key"),
         ("duplicate inside an ignored field", "application/json",
             br#"{"user":"alice","messages":[{"role":"user","content":"hi"}],"metadata":{"a":"1","a":"2"}}"#.to_vec(), "duplicate key"),
+        ("top-level user twice, in two cases", "application/json",
+            br#"{"user":"alice","USER":"mallory","messages":[]}"#.to_vec(), "more than once"),
         ("top-level duplicate user", "application/json",
             br#"{"user":"alice","user":"mallory","messages":[]}"#.to_vec(), "duplicate key"),
         ("lone surrogate", "application/json",
@@ -505,6 +507,11 @@ async fn audio_forms_screen_the_prompt_check_the_user_and_refuse_malformed_forms
                 ("prompt", b"fine"),
                 ("prompt", b"a bloodbath"),
             ]),
+        ),
+        (
+            "user twice, in two cases",
+            MULTIPART,
+            form(&[("user", b"alice"), ("User", b"mallory")]),
         ),
         (
             "duplicate user",
