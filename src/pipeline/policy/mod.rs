@@ -139,12 +139,15 @@ impl UserRegistry {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PromptText {
     /// Written by the client and read as instructions: harm categories and Prompt Shields'
-    /// user prompt (user, system and developer messages, prompts, inputs).
+    /// user prompt (user, system and developer messages, client-written assistant turns and
+    /// their tool-call arguments, prompts, inputs, `role_information`, unknown fields).
     pub user: Vec<Text>,
     /// Content from elsewhere: harm categories and Prompt Shields' documents (indirect attack):
     /// tool and function results, retrieved documents.
     pub documents: Vec<Text>,
-    /// Read by the model but never executed as instructions: harm categories only.
+    /// Read by the model but not as instructions from the user: harm categories only (tool and
+    /// function definitions, JSON schemas, predicted outputs). Embeddings input is `user` text
+    /// of an operation that runs no Prompt Shields.
     pub harm_only: Vec<Text>,
 }
 
