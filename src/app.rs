@@ -476,21 +476,16 @@ async fn gate(
             record_with_fields(state, target, parts, log, reason, &inspected, details).await;
             Err(AppError::ContentFiltered(result))
         }
-        Ok(Verdict::TooLong) => {
-            let error = AppError::InvalidBody(
-                "The prompt is too long to be screened for content safety".into(),
-            );
+        Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
+            let rid = log.request_id.to_str().unwrap_or("");
+            // a limit refusal is never forwarded, and is recorded like every refusal
+            let error = cs.on_limit(&limit, rid).unwrap_or(AppError::Internal);
+            let reason = match limit {
+                Verdict::Busy => Reason::ScreeningBusy,
+                _ => Reason::TooLongToScreen,
+            };
             let details = refusal_details(&error);
-            record_with_fields(
-                state,
-                target,
-                parts,
-                log,
-                Reason::TooLongToScreen,
-                &inspected,
-                details,
-            )
-            .await;
+            record_with_fields(state, target, parts, log, reason, &inspected, details).await;
             Err(error)
         }
         Err(unavailable) => {

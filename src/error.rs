@@ -46,6 +46,12 @@ pub enum AppError {
     /// Screening is required but Content Safety could not answer (fail closed).
     #[error("The prompt could not be screened for content safety right now; retry later")]
     ScreeningUnavailable { retry_after: Option<u64> },
+    /// Screening the prompt would take more Content Safety calls than one request may make.
+    #[error("The prompt is too long to be screened for content safety: it needs more screening calls than one request may make")]
+    TooLongToScreen,
+    /// Too many requests are being screened in this instance right now.
+    #[error("Too many requests are being screened for content safety right now; retry after the number of seconds in retry-after")]
+    ScreeningBusy { retry_after: u64 },
     /// The upstream could not be reached or broke the exchange before answering.
     #[error("The upstream Azure OpenAI service could not be reached")]
     BadGateway,
@@ -67,6 +73,8 @@ impl AppError {
             }
             AppError::UnregisteredUser => StatusCode::FORBIDDEN,
             AppError::ScreeningUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::TooLongToScreen => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::ScreeningBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -89,6 +97,8 @@ impl AppError {
             AppError::UnregisteredUser => "unregistered_user",
             AppError::ContentFiltered(_) => "content_filter",
             AppError::ScreeningUnavailable { .. } => "content_safety_unavailable",
+            AppError::TooLongToScreen => "prompt_too_long",
+            AppError::ScreeningBusy { .. } => "screening_busy",
             AppError::NotFound => "404",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Unauthorized => "401",
@@ -134,10 +144,12 @@ impl IntoResponse for AppError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let AppError::ScreeningUnavailable {
-            retry_after: Some(secs),
-        } = self
-        {
+        let retry_after = match self {
+            AppError::ScreeningUnavailable { retry_after } => retry_after,
+            AppError::ScreeningBusy { retry_after } => Some(retry_after),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -169,6 +181,8 @@ mod tests {
             AppError::UnregisteredUser,
             AppError::ContentFiltered(json!({})),
             AppError::ScreeningUnavailable { retry_after: None },
+            AppError::TooLongToScreen,
+            AppError::ScreeningBusy { retry_after: 1 },
             AppError::BadGateway,
             AppError::GatewayTimeout,
             AppError::Internal,

@@ -221,12 +221,14 @@ async fn thresholds_are_per_category() {
             .status(),
         200
     );
+    assert_eq!(g.aoai.seen().len(), 1);
     let g = gate(&[("CONTENT_SAFETY_THRESHOLD_HATE", "2")]).await;
     let resp = g
         .app
         .post(CHAT_URL, &chat(Some("bob"), "a mild-insult"))
         .await;
     assert_eq!(assert_aoai_error(resp, 400).await, "content_filter");
+    assert!(g.aoai.seen().is_empty());
 }
 
 #[tokio::test]
@@ -372,6 +374,10 @@ async fn wrong_service_key_fails_closed() {
         assert_aoai_error(resp, 503).await,
         "content_safety_unavailable"
     );
+    // the first 401 ends screening; the other call may not have been sent by then
+    let calls = g.cs.calls().len();
+    assert!((1..=2).contains(&calls), "{calls} calls");
+    assert!(g.aoai.seen().is_empty());
 }
 
 #[tokio::test]

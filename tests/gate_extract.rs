@@ -573,10 +573,12 @@ async fn oversize_bodies_too_long_prompts_and_fail_open_passes_are_recorded() {
     assert_eq!(records[0]["reason"], "request_too_large");
 
     // more text than one request may have screened
-    let g = gate(&[]).await;
-    let huge = json!({"user":"alice","messages":[{"role":"user","content":"lorem ipsum ".repeat(100_000)}]}).to_string();
+    let g = gate(&[("CONTENT_SAFETY_MAX_CALLS_PER_REQUEST", "2")]).await;
+    let huge =
+        json!({"user":"alice","messages":[{"role":"user","content":"lorem ipsum ".repeat(3_000)}]})
+            .to_string();
     let resp = g.json(CHAT, &huge).await;
-    assert_eq!(assert_aoai_error(resp, 400).await, "invalid_body");
+    assert_eq!(assert_aoai_error(resp, 413).await, "prompt_too_long");
     let records = read_jsonl(&g.audit);
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["reason"], "too_long_to_screen");

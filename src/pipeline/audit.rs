@@ -66,6 +66,8 @@ pub enum Reason {
     RequestTooLarge,
     /// More text than one request may have screened: refused unscreened.
     TooLongToScreen,
+    /// Too many screened requests at once in this process: refused unscreened (429).
+    ScreeningBusy,
     /// Screening was unavailable and `CONTENT_SAFETY_FAIL_OPEN=true` let the request through
     /// unscreened: not a refusal, but the record of a prompt nobody screened.
     PassedUnscreened,
