@@ -13,8 +13,9 @@
 //! 1. request id: taken from `x-request-id` when sane, otherwise created; returned on every answer;
 //! 2. [`route`](crate::pipeline::route): health (answered here, no key), or the AOAI target;
 //! 3. [`auth`](crate::pipeline::auth): the internal key → caller;
-//! 4. [`policy`](crate::pipeline::policy): only for prompt-carrying operations when the user
-//!    check or screening is on — buffers the body, checks `user`;
+//! 4. [`policy`](crate::pipeline::policy): only for operations whose body the model reads, when
+//!    the user check or screening is on — buffers the body, reads it strictly, extracts what the
+//!    model reads, checks `user`;
 //! 5. [`content_safety`](crate::pipeline::content_safety): screens the prompt when configured;
 //! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, off the
 //!    request path;
@@ -590,8 +591,9 @@ async fn pipeline(
         .await
 }
 
-/// Policy and content safety on a buffered body; every refusal is audited. Returns the
-/// client's bytes, unchanged, for forwarding.
+/// Policy and content safety on a buffered body; every refusal is audited, and so is a request
+/// let through unscreened by `CONTENT_SAFETY_FAIL_OPEN`. Returns the client's bytes, exactly
+/// those that were read and screened, for forwarding.
 async fn gate(
     state: &AppState,
     target: &UpstreamTarget,
@@ -600,20 +602,47 @@ async fn gate(
     log: &RequestLog,
 ) -> Result<Bytes, AppError> {
     let limit = state.settings.max_body_bytes;
+    let too_large = || async {
+        let error = AppError::PayloadTooLarge { limit };
+        let details = refusal_details(&error);
+        record_with_fields(
+            state,
+            target,
+            parts,
+            log,
+            Reason::RequestTooLarge,
+            &Inspected::default(),
+            details,
+        )
+        .await;
+        error
+    };
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
-        return Err(AppError::PayloadTooLarge { limit });
+        return Err(too_large().await);
     }
     let bytes =
-        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
+        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
             .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    AppError::PayloadTooLarge { limit }
-                } else {
-                    AppError::InvalidBody("The request body could not be read".into())
-                }
-            })?
-            .to_bytes();
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().await),
+            // the client went away or broke the framing: refused, and recorded like the rest
+            Err(_) => {
+                let error = AppError::InvalidBody("The request body could not be read".into());
+                let details = refusal_details(&error);
+                record_with_fields(
+                    state,
+                    target,
+                    parts,
+                    log,
+                    Reason::InvalidBody,
+                    &Inspected::default(),
+                    details,
+                )
+                .await;
+                return Err(error);
+            }
+        };
 
     let screening = state.content_safety.as_ref();
     let inspected = match policy::inspect(
@@ -626,11 +655,8 @@ async fn gate(
     ) {
         Ok(i) => i,
         Err(refusal) => {
-            let details = serde_json::json!({
-                "error": refusal.error.code(),
-                "message": refusal.error.to_string(),
-            });
-            record_abuse(
+            let details = refusal_details(&refusal.error);
+            record_with_fields(
                 state,
                 target,
                 parts,
@@ -638,41 +664,95 @@ async fn gate(
                 refusal.reason,
                 &refusal.inspected,
                 details,
-            );
+            )
+            .await;
             return Err(refusal.error);
         }
     };
 
-    if let Some(cs) = screening {
-        if !inspected.prompt.is_empty() {
-            match cs
-                .screen(&inspected.prompt, target.operation.shieldable())
-                .await
-            {
-                Ok(Verdict::Allowed) => {}
-                Ok(Verdict::Blocked {
-                    reason,
-                    result,
-                    details,
-                }) => {
-                    record_abuse(state, target, parts, log, reason, &inspected, details);
-                    return Err(AppError::ContentFiltered(result));
-                }
-                Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
-                    let rid = log.request_id.to_str().unwrap_or("");
-                    // a limit refusal is never forwarded
-                    return Err(cs.on_limit(&limit, rid).unwrap_or(AppError::Internal));
-                }
-                Err(unavailable) => {
-                    let rid = log.request_id.to_str().unwrap_or("");
-                    if let Some(e) = cs.on_unavailable(&unavailable, rid) {
-                        return Err(e);
-                    }
-                }
+    let Some(cs) = screening else {
+        return Ok(bytes);
+    };
+    if inspected.prompt.is_empty() {
+        return Ok(bytes);
+    }
+    match cs
+        .screen(&inspected.prompt, target.operation.shieldable())
+        .await
+    {
+        Ok(Verdict::Allowed) => Ok(bytes),
+        Ok(Verdict::Blocked {
+            reason,
+            result,
+            details,
+        }) => {
+            record_with_fields(state, target, parts, log, reason, &inspected, details).await;
+            Err(AppError::ContentFiltered(result))
+        }
+        Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
+            let rid = log.request_id.to_str().unwrap_or("");
+            // a limit refusal is never forwarded, and is recorded like every refusal
+            let error = cs.on_limit(&limit, rid).unwrap_or(AppError::Internal);
+            let reason = match limit {
+                Verdict::Busy => Reason::ScreeningBusy,
+                _ => Reason::TooLongToScreen,
+            };
+            let details = refusal_details(&error);
+            record_with_fields(state, target, parts, log, reason, &inspected, details).await;
+            Err(error)
+        }
+        Err(unavailable) => {
+            let rid = log.request_id.to_str().unwrap_or("");
+            if let Some(e) = cs.on_unavailable(&unavailable, rid) {
+                return Err(e);
             }
+            // failing open: the request goes on, and the record says nobody screened it
+            let details = serde_json::json!({
+                "unscreened": true,
+                "why": unavailable.why,
+            });
+            record_with_fields(
+                state,
+                target,
+                parts,
+                log,
+                Reason::PassedUnscreened,
+                &inspected,
+                details,
+            )
+            .await;
+            Ok(bytes)
         }
     }
-    Ok(bytes)
+}
+
+/// Hand a record to [`record_abuse`], with `details.prompt_fields` (where each piece of the
+/// captured prompt came from: field, role, length) when prompt capture is on. Async so the gate
+/// already awaits it where `record_abuse` is to await durability.
+async fn record_with_fields(
+    state: &AppState,
+    target: &UpstreamTarget,
+    parts: &http::request::Parts,
+    log: &RequestLog,
+    reason: Reason,
+    inspected: &Inspected,
+    mut details: serde_json::Value,
+) {
+    if state.audit.capture_prompt() && !inspected.prompt.is_empty() {
+        if !details.is_object() {
+            details = serde_json::json!({ "verdict": details });
+        }
+        details["prompt_fields"] = inspected.prompt.fields();
+    }
+    record_abuse(state, target, parts, log, reason, inspected, details);
+}
+
+/// The record's `details` for a refusal the handler itself decided.
+fn refusal_details(error: &AppError) -> serde_json::Value {
+    serde_json::json!({
+        "error": error.code(),
+        "message": error.to_string(),
+    })
 }
 
 /// Build the abuse record for a refusal and hand it to the audit log (never blocks, never fails).
