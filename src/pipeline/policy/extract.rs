@@ -189,7 +189,10 @@ impl<'a> Walker<'a> {
             }
             Read::Definitions => {
                 self.value(t, Mode::Definitions, &mut path, name, &mut v)?;
-                self.put(Bucket::HarmOnly, v);
+                // Written by the client and read by the model as part of its instructions, like
+                // a system message: Prompt Shields sees them too (a jailbreak in a tool's
+                // description works as well as one in the system prompt).
+                self.put(Bucket::User, v);
             }
             Read::Messages => self.messages(t, &mut path, false)?,
             Read::Items => self.messages(t, &mut path, true)?,
@@ -266,7 +269,10 @@ impl<'a> Walker<'a> {
                 match self.next()? {
                     Token::ObjEnd => return Ok(()),
                     Token::Key(k) => {
-                        if is_opaque(&k) {
+                        // Only a tool object's own `headers`/`authorization` (remote tools'
+                        // credentials) are opaque: the same names deeper down — a schema
+                        // property called `headers` — carry descriptions the model reads.
+                        if mode == Mode::Definitions && is_tool_object(path) && is_opaque(&k) {
                             self.skip()?;
                             continue;
                         }
@@ -341,7 +347,10 @@ impl<'a> Walker<'a> {
                 Token::Key(k) => k,
                 _ => unreachable!("the reader yields keys or a closer inside an object"),
             };
-            if is_opaque(&k) {
+            // Encrypted reasoning from an earlier answer: not text, and opaque to anyone but
+            // AOAI. Nothing else in a message is skipped: `headers` or `authorization` there are
+            // no protocol field, so whatever they hold is screened like any other value.
+            if k.eq_ignore_ascii_case("encrypted_content") {
                 self.skip()?;
                 continue;
             }
@@ -489,6 +498,11 @@ enum Mode {
 
 fn is_opaque(key: &str) -> bool {
     OPAQUE.iter().any(|o| o.eq_ignore_ascii_case(key))
+}
+
+/// `tools[3]`: an element of a top-level array of definitions, i.e. one tool object.
+fn is_tool_object(path: &str) -> bool {
+    path.ends_with(']') && path.matches('[').count() == 1 && !path.contains('.')
 }
 
 /// Responses items that carry a tool's result.
@@ -672,11 +686,12 @@ mod tests {
             .iter()
             .any(|t| t.contains("http") || *t == "low" || *t == "c1"));
         assert_eq!(texts(&e.prompt.documents), ["tool out", "g", "fn out"]);
-        let harm = texts(&e.prompt.harm_only);
+        // definitions are instructions the client wrote: user text, Prompt Shields included
+        assert!(e.prompt.harm_only.is_empty());
         for want in ["tool desc", "param desc", "e1", "q", "legacy desc"] {
-            assert!(harm.contains(&want), "{want} in {harm:?}");
+            assert!(user.contains(&want), "{want} in {user:?}");
         }
-        assert!(!harm.contains(&"object") && !harm.contains(&"string"));
+        assert!(!user.contains(&"object") && !user.contains(&"string"));
         let all = e.prompt.joined();
         assert!(!all.contains("SECRET") && !all.contains("https://s"));
         // roles and paths
@@ -731,6 +746,35 @@ mod tests {
             .is_none());
     }
 
+    /// Credential names are opaque only on a tool object itself: a schema property, a message
+    /// field or a nested object of the same name holds text the model reads (a red-team finding:
+    /// `properties.headers.description` carried a flagged phrase past the gate).
+    #[test]
+    fn credential_names_are_opaque_only_on_the_tool_object() {
+        let body = r#"{"messages":[{"role":"user","content":"hi","headers":{"x":"in message"},"AUTHORIZATION":"auth text"}],
+          "tools":[{"type":"function","headers":{"h":"TOOLSECRET"},"function":{"name":"f","description":"x",
+            "parameters":{"type":"object","properties":{"headers":{"type":"string","description":"under headers"},
+              "authentication":{"description":"under authentication"},"encrypted_content":{"description":"under enc"}},
+              "$defs":{"authorization":{"description":"under defs"}}}}}],
+          "response_format":{"type":"json_schema","json_schema":{"name":"s","schema":{"properties":{"Headers":{"description":"in schema"}}}}}}"#;
+        let e = read(Operation::ChatCompletions, body);
+        let user = texts(&e.prompt.user);
+        for want in [
+            "in message",
+            "auth text",
+            "under headers",
+            "under authentication",
+            "under enc",
+            "under defs",
+            "in schema",
+            "headers",
+            "authentication",
+        ] {
+            assert!(user.contains(&want), "{want} in {user:?}");
+        }
+        assert!(!e.prompt.joined().contains("TOOLSECRET"));
+    }
+
     #[test]
     fn responses_items() {
         let body = r#"{"model":"gpt","instructions":"ins","input":[
@@ -749,9 +793,9 @@ mod tests {
             assert!(user.contains(&want), "{want} in {user:?}");
         }
         assert_eq!(texts(&e.prompt.documents), ["doc", "mcp out"]);
-        let harm = texts(&e.prompt.harm_only);
+        assert!(e.prompt.harm_only.is_empty());
         for want in ["lab", "d", "n", "a", "sd"] {
-            assert!(harm.contains(&want), "{want} in {harm:?}");
+            assert!(user.contains(&want), "{want} in {user:?}");
         }
         let all = e.prompt.joined();
         for never in ["SECRET", "ENC", "data:", "pmpt_1", "https://m"] {

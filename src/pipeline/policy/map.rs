@@ -39,9 +39,9 @@ pub enum Read {
     /// Responses `input`: a string, or items; tool outputs (`*_output` items and the built-in
     /// tools' call results) are documents, every other item is read as [`Read::Messages`] does.
     Items,
-    /// Tool and function definitions, JSON schemas: every string and every property name, harm
-    /// categories only (the model reads them, but as a description of its tools, not as
-    /// instructions from the user).
+    /// Tool and function definitions, JSON schemas: every string and every property name, as
+    /// user text (harm categories and Prompt Shields): the client writes them and the model
+    /// reads them as part of its instructions, as it reads a system message.
     Definitions,
     /// Completions `prompt`, embeddings `input`: a string, strings, or token-id arrays.
     PromptOrTokens,
@@ -117,8 +117,9 @@ pub const NOT_TEXT: &[&str] = &[
     "server_url",
 ];
 
-/// Subtrees never read as text and never copied into a record: headers and credentials of
-/// remote tools, encrypted reasoning.
+/// Keys of a tool object itself (`tools[i].headers`, remote tools' credentials) never read as
+/// text and never copied into a record. Only there: the same names deeper down (a schema
+/// property called `headers`) are screened. Messages skip only `encrypted_content`.
 pub const OPAQUE: &[&str] = &[
     "headers",
     "authorization",
