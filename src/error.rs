@@ -46,6 +46,10 @@ pub enum AppError {
     /// Screening is required but Content Safety could not answer (fail closed).
     #[error("The prompt could not be screened for content safety right now; retry later")]
     ScreeningUnavailable { retry_after: Option<u64> },
+    /// A refusal whose abuse record could not be made durable (journal unwritable and no
+    /// Cosmos DB acknowledgement): the request is not forwarded, and not answered as refused.
+    #[error("The request could not be recorded as required; retry later")]
+    AuditUnavailable,
     /// The upstream could not be reached or broke the exchange before answering.
     #[error("The upstream Azure OpenAI service could not be reached")]
     BadGateway,
@@ -66,7 +70,9 @@ impl AppError {
                 StatusCode::BAD_REQUEST
             }
             AppError::UnregisteredUser => StatusCode::FORBIDDEN,
-            AppError::ScreeningUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::ScreeningUnavailable { .. } | AppError::AuditUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -89,6 +95,7 @@ impl AppError {
             AppError::UnregisteredUser => "unregistered_user",
             AppError::ContentFiltered(_) => "content_filter",
             AppError::ScreeningUnavailable { .. } => "content_safety_unavailable",
+            AppError::AuditUnavailable => "audit_unavailable",
             AppError::NotFound => "404",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Unauthorized => "401",
@@ -169,6 +176,7 @@ mod tests {
             AppError::UnregisteredUser,
             AppError::ContentFiltered(json!({})),
             AppError::ScreeningUnavailable { retry_after: None },
+            AppError::AuditUnavailable,
             AppError::BadGateway,
             AppError::GatewayTimeout,
             AppError::Internal,
