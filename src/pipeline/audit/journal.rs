@@ -179,12 +179,12 @@ impl Journal {
 
     /// Bytes waiting in `<journal>` (not yet rotated for shipping).
     pub fn pending_bytes(&self) -> u64 {
-        self.shared.len.load(Ordering::Relaxed)
+        self.shared.len.load(Ordering::SeqCst)
     }
 
     /// Group commits (fsyncs) so far.
     pub fn commits(&self) -> u64 {
-        self.shared.commits.load(Ordering::Relaxed)
+        self.shared.commits.load(Ordering::SeqCst)
     }
 
     /// Resolves after the next commit (or at once when one happened since the last call).
@@ -464,13 +464,13 @@ impl Writer {
             let _ = sync_dir(&self.path);
         }
         let f = self.file.as_mut().expect("opened above");
-        let before = self.shared.len.load(Ordering::Relaxed);
+        let before = self.shared.len.load(Ordering::SeqCst);
         match f.write_all(buf).and_then(|()| f.sync_data()) {
             Ok(()) => {
                 self.shared
                     .len
-                    .store(before + buf.len() as u64, Ordering::Relaxed);
-                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                    .store(before + buf.len() as u64, Ordering::SeqCst);
+                self.shared.commits.fetch_add(1, Ordering::SeqCst);
                 Ok(())
             }
             Err(e) => {
@@ -480,7 +480,7 @@ impl Writer {
                     self.file = None;
                     let rejected = with_suffix(&self.path, ".rejected");
                     if let Ok(len) = repair_tail(&self.path, &rejected) {
-                        self.shared.len.store(len, Ordering::Relaxed);
+                        self.shared.len.store(len, Ordering::SeqCst);
                     }
                 }
                 Err(e.into())
@@ -489,12 +489,12 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> Result<bool, JournalError> {
-        if self.shared.len.load(Ordering::Relaxed) == 0 || self.shipping.exists() {
+        if self.shared.len.load(Ordering::SeqCst) == 0 || self.shipping.exists() {
             return Ok(false);
         }
         std::fs::rename(&self.path, &self.shipping)?;
         self.file = None;
-        self.shared.len.store(0, Ordering::Relaxed);
+        self.shared.len.store(0, Ordering::SeqCst);
         sync_dir(&self.path)?;
         // A failed open is retried by the next commit; the rotation itself is done.
         if let Ok(f) = open_append(&self.path) {

@@ -287,11 +287,14 @@ impl Audit {
         };
         let until = tokio::time::Instant::now() + deadline;
         loop {
+            // The active length first: a rotation renames the file before it zeroes the
+            // length, so a zero length read first means the rename is already visible.
+            let active = self.journal.pending_bytes();
             let shipping = tokio::fs::metadata(self.journal.shipping_path())
                 .await
                 .map(|m| m.len())
                 .ok();
-            let pending = self.journal.pending_bytes() + shipping.unwrap_or(0);
+            let pending = active + shipping.unwrap_or(0);
             if pending == 0 && shipping.is_none() {
                 return FlushReport {
                     completed: true,
