@@ -155,7 +155,11 @@ async fn blocked_prompt_lands_exactly_once_in_cosmos_across_an_outage_and_a_rest
         .iter()
         .map(|p| std::fs::read_to_string(p).unwrap_or_default())
         .collect::<String>();
-    assert_eq!(spooled.lines().count(), 1, "one record journaled: {spooled}");
+    assert_eq!(
+        spooled.lines().count(),
+        1,
+        "one record journaled: {spooled}"
+    );
     assert!(spooled.contains("blocked-during-outage"));
     assert!(
         emu.abuse_ids().await.0.is_empty(),

@@ -260,7 +260,9 @@ impl CosmosAccount {
             (_, k) => AccountReference::with_authentication_key(
                 endpoint,
                 azure_core::credentials::Secret::new(
-                    k.as_ref().map(|k| k.expose().to_string()).unwrap_or_default(),
+                    k.as_ref()
+                        .map(|k| k.expose().to_string())
+                        .unwrap_or_default(),
                 ),
             ),
         };

@@ -62,7 +62,9 @@ impl From<std::io::Error> for JournalError {
 /// Why a journal could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("{path} is in use by another process (pid {holder}); give each process its own journal")]
+    #[error(
+        "{path} is in use by another process (pid {holder}); give each process its own journal"
+    )]
     Held { path: String, holder: String },
     #[error("{path} cannot be opened: {error}")]
     Io { path: String, error: std::io::Error },
@@ -539,8 +541,11 @@ mod tests {
             [&torn[..cut], b"\n"].concat()
         );
         // a whole record whose newline is missing is kept
-        std::fs::write(&path, [whole.clone(), line("c")[..line("c").len() - 1].to_vec()].concat())
-            .unwrap();
+        std::fs::write(
+            &path,
+            [whole.clone(), line("c")[..line("c").len() - 1].to_vec()].concat(),
+        )
+        .unwrap();
         repair_tail(&path, &rejected).unwrap();
         let c = read_chunk(&path, 0, 100).unwrap();
         assert_eq!(ids(&c), ["a", "c"]);
@@ -611,7 +616,10 @@ mod tests {
         assert!(!j.rotate().await.unwrap(), ".shipping still there");
         j.append(line("after")).await.unwrap();
         assert_eq!(
-            read_chunk(j.shipping_path(), 0, 10_000).unwrap().records.len(),
+            read_chunk(j.shipping_path(), 0, 10_000)
+                .unwrap()
+                .records
+                .len(),
             n
         );
         assert_eq!(ids(&read_chunk(&path, 0, 10).unwrap()), ["after"]);

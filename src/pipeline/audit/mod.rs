@@ -279,6 +279,10 @@ impl Audit {
     /// Wait until the journal is empty (everything in Cosmos DB), for at most `deadline`.
     /// Without Cosmos DB there is nothing to wait for: every record is already in the log.
     pub async fn flush(&self, deadline: Duration) -> FlushReport {
+        self.wait_shipped(deadline, false).await
+    }
+
+    async fn wait_shipped(&self, deadline: Duration, unless_down: bool) -> FlushReport {
         let Some(cosmos) = &self.cosmos else {
             return FlushReport {
                 completed: true,
@@ -301,7 +305,10 @@ impl Audit {
                     pending_bytes: 0,
                 };
             }
-            if tokio::time::Instant::now() >= until {
+            // Cosmos DB down: waiting would only delay the exit; the journal keeps it all.
+            if tokio::time::Instant::now() >= until
+                || unless_down && cosmos.state.down.load(Ordering::Relaxed)
+            {
                 return FlushReport {
                     completed: false,
                     pending_bytes: pending,
@@ -312,17 +319,14 @@ impl Audit {
         }
     }
 
-    /// Flush (as [`Audit::flush`]) and stop the shipper. Records keep being journaled: what
-    /// was not shipped is shipped by the next start. Call on SIGTERM after the server stopped.
+    /// Flush (as [`Audit::flush`], but at once when the shipper found Cosmos DB down: waiting
+    /// would only delay the exit) and stop the shipper. Records keep being journaled: what was
+    /// not shipped is shipped by the next start. Call on SIGTERM after the server stopped.
     pub async fn shutdown(&self, deadline: Duration) -> FlushReport {
-        let report = self.flush(deadline).await;
+        let report = self.wait_shipped(deadline, true).await;
         if let Some(cosmos) = &self.cosmos {
             let _ = cosmos.stop.send(true);
-            let task = cosmos
-                .task
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
+            let task = cosmos.task.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(mut t) = task {
                 if tokio::time::timeout(Duration::from_secs(1), &mut t)
                     .await
@@ -350,12 +354,7 @@ impl Drop for Audit {
     fn drop(&mut self) {
         if let Some(cosmos) = &self.cosmos {
             let _ = cosmos.stop.send(true);
-            if let Some(t) = cosmos
-                .task
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-            {
+            if let Some(t) = cosmos.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 t.abort();
             }
         }

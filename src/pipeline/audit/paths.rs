@@ -39,10 +39,7 @@ pub fn resolve(settings: &AuditSettings) -> Result<JournalPath, SettingsError> {
     if let Some(p) = explicit.as_ref().filter(|p| p.is_absolute()) {
         let dir = p.parent().unwrap_or(Path::new("/"));
         prepare(dir).map_err(|e| {
-            SettingsError::new(
-                setting,
-                format!("{} cannot be written: {e}", dir.display()),
-            )
+            SettingsError::new(setting, format!("{} cannot be written: {e}", dir.display()))
         })?;
         return Ok(JournalPath {
             path: p.clone(),
@@ -67,13 +64,7 @@ pub fn resolve(settings: &AuditSettings) -> Result<JournalPath, SettingsError> {
 
 /// The per-instance directory (see the module doc).
 pub fn instance_dir(settings: &AuditSettings) -> Result<PathBuf, SettingsError> {
-    let instance = sanitize(
-        settings
-            .instance
-            .clone()
-            .unwrap_or_else(hostname)
-            .as_str(),
-    );
+    let instance = sanitize(settings.instance.clone().unwrap_or_else(hostname).as_str());
     let mut bases: Vec<(PathBuf, &str)> = Vec::new();
     match &settings.dir {
         Some(d) => bases.push((d.clone(), "AUDIT_DIR")),
