@@ -627,4 +627,31 @@ mod tests {
         let again = Journal::open(&path, 1).unwrap();
         assert!(Arc::ptr_eq(&j, &again));
     }
+
+    #[test]
+    fn a_journal_locked_elsewhere_is_refused_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held.jsonl");
+        // Another open file description holding the flock, as another process would.
+        let held = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(with_suffix(&path, ".lock"))
+            .unwrap();
+        held.try_lock().unwrap();
+        std::fs::write(with_suffix(&path, ".lock"), b"4242").unwrap();
+        let e = Journal::open(&path, 8).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, OpenError::Held { .. }), "{text}");
+        assert!(
+            text.contains("pid 4242") && text.contains("held.jsonl"),
+            "{text}"
+        );
+        drop(held);
+        assert!(
+            Journal::open(&path, 8).is_ok(),
+            "free once the holder is gone"
+        );
+    }
 }
