@@ -20,12 +20,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+fn unique_audit_dir() -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("fwdproxy-process-{}-{n}", std::process::id()))
+}
+
 fn handler(envs: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(HANDLER);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         // a directory without local.settings.json, so only these variables count
         .current_dir(std::env::temp_dir())
+        // each handler its own abuse journal: a journal is locked by the process using it
+        .env("AUDIT_DIR", unique_audit_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
