@@ -555,3 +555,52 @@ async fn a_full_disk_answers_503_and_never_forwards_then_recovers() {
         "the failure is logged"
     );
 }
+
+#[tokio::test]
+async fn with_cosmos_a_full_disk_falls_back_to_a_cosmos_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(_small) = Mount::tmpfs(&data, "size=256k") else {
+        return skip_loudly("the full-disk-with-Cosmos test");
+    };
+    let emu = Emu::start().await;
+    let mut pairs = emu.pairs();
+    pairs.push(("AUDIT_DIR".into(), data.display().to_string()));
+    pairs.push(("WEBSITE_INSTANCE_ID".into(), "full-cosmos".into()));
+    let settings = AuditSettings::from_source(&Source::from_map(pairs)).unwrap();
+    let audit = Audit::start(settings, Some(emu.account(vec![]))).unwrap();
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        for _ in 0..1024 {
+            if f.write_all(&block).is_err() {
+                break;
+            }
+        }
+        let _ = f.sync_all();
+    }
+    let record = |id: &str| AbuseRecord {
+        id: format!("{id}:missing_user"),
+        timestamp: "2026-11-28T00:00:00Z".into(),
+        request_id: id.into(),
+        caller: "default".into(),
+        user: "(none)".into(),
+        deployment: None,
+        operation: "chat/completions".into(),
+        reason: aoai_fwdproxy::pipeline::audit::Reason::MissingUser,
+        details: serde_json::json!({}),
+        prompt: None,
+        client_ip: None,
+    };
+    // The journal cannot take it, Cosmos DB acknowledges it: durable, the refusal may be answered.
+    audit.record(record("full-but-acked")).await.unwrap();
+    let stats = audit.stats();
+    assert_eq!(
+        (stats.acknowledged, stats.failed, stats.journaled),
+        (1, 0, 0)
+    );
+    assert_eq!(emu.abuse_ids().await.0, ["full-but-acked:missing_user"]);
+    audit.shutdown(Duration::from_secs(1)).await;
+}

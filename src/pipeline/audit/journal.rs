@@ -137,6 +137,8 @@ impl Journal {
         let rejected = with_suffix(path, ".rejected");
         let len = repair_tail(path, &rejected).map_err(io)?;
         let file = open_append(path).map_err(io)?;
+        // The file's directory entry must survive a crash as much as its records do.
+        sync_dir(path).map_err(io)?;
         let shared = Arc::new(Shared {
             len: AtomicU64::new(len),
             commits: AtomicU64::new(0),
