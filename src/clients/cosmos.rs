@@ -278,15 +278,13 @@ impl CosmosAccount {
 
     /// A container of the database, cached once resolved (and dropped when the key changes).
     pub async fn container(&self, name: &str) -> Result<ContainerClient, CosmosError> {
+        // A connection in progress holds the lock: skip the check then (it uses the new key).
         let rotated = match &self.auth {
-            Auth::Vault(v) => {
+            Auth::Vault(v) => self.client.try_lock().is_ok_and(|slot| {
                 let current = v.current();
-                self.client
-                    .lock()
-                    .await
-                    .as_ref()
+                slot.as_ref()
                     .is_some_and(|(_, k)| k.as_ref() != Some(&current))
-            }
+            }),
             _ => false,
         };
         if rotated {
