@@ -20,7 +20,9 @@
 //! - `<journal>.lock`: an advisory `flock` held for the life of the process. A second process
 //!   on the same journal refuses to start, naming the path and the holder's pid. Inside one
 //!   process, a second [`Journal::open`] of the same path shares the first (tests start several
-//!   apps in one process).
+//!   apps in one process). On a file system without advisory locks (`ENOLCK`, `EOPNOTSUPP`: some
+//!   network shares) the journal is used unlocked, with a warning: the per-instance directory
+//!   is then the only guard.
 //!
 //! # Torn lines
 //! A crash mid-append can leave an unterminated last line, possibly cut inside a UTF-8
@@ -276,6 +278,20 @@ fn lock(path: &Path) -> Result<File, OpenError> {
                     holder
                 },
             });
+        }
+        Err(std::fs::TryLockError::Error(e))
+            if e.kind() == std::io::ErrorKind::Unsupported
+                || matches!(e.raw_os_error(), Some(37 | 38 | 95)) =>
+        {
+            // ENOLCK / ENOSYS / EOPNOTSUPP: a file system without advisory locks (some network
+            // shares). Refusing to start would be worse than relying on the per-instance
+            // directory alone; say so.
+            tracing::warn!(
+                target: "audit",
+                path = %lock_path.display(),
+                error = %e,
+                "the file system does not support advisory locks: the abuse journal is not locked; keep one process per journal (per-instance directory)"
+            );
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
     }

@@ -29,6 +29,11 @@
 //! directory (a read-only package mount on Azure). A journal is locked by its process; a second
 //! process on the same journal refuses to start.
 //!
+//! Not handled: a journal whose instance never comes back (scale-in) stays in its directory
+//! under `AUDIT_DIR` until an instance with that id starts again; nothing adopts it, because on
+//! shared network storage an advisory lock cannot prove that its owner is gone, and shipping a
+//! live instance's journal from under it would lose its next records.
+//!
 //! Logs (target `audit`) name record ids, reasons and counts, never the prompt text or a key.
 
 pub mod cosmos_writer;
