@@ -135,7 +135,7 @@ impl Journal {
             path: path.display().to_string(),
             error,
         };
-        let lock = lock(path)?;
+        let lock = lock_own(path)?;
         let rejected = with_suffix(path, ".rejected");
         let len = repair_tail(path, &rejected).map_err(io)?;
         let file = open_append(path).map_err(io)?;
@@ -248,6 +248,21 @@ fn append_rejected(rejected: &Path, lines: &[Vec<u8>]) -> std::io::Result<()> {
 
 fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// [`lock`], waiting up to 2 s when the holder is this very process: a journal of ours whose
+/// last user is gone but whose drop (which releases the lock) has not finished yet.
+fn lock_own(path: &Path) -> Result<File, OpenError> {
+    let me = std::process::id().to_string();
+    for _ in 0..400 {
+        match lock(path) {
+            Err(OpenError::Held { holder, .. }) if holder == me => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            other => return other,
+        }
+    }
+    lock(path)
 }
 
 /// Take the advisory lock `<journal>.lock`, writing our pid into it.
