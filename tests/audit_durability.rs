@@ -374,7 +374,19 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        // A journal thread may still be closing its file: retry, then detach lazily.
+        for _ in 0..50 {
+            let ok = Command::new("umount")
+                .arg(&self.0)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
