@@ -17,8 +17,8 @@
 //!    the user check or screening is on — buffers the body, reads it strictly, extracts what the
 //!    model reads, checks `user`;
 //! 5. [`content_safety`](crate::pipeline::content_safety): screens the prompt when configured;
-//! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, off the
-//!    request path;
+//! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, made
+//!    durable (journal fsync'd, group commit) before the refusal is answered; 503 when it cannot be;
 //! 7. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways.
 //!
 //! Whatever happens — success, a stage's error, a panic, a client that disconnects mid-stream —
@@ -47,7 +47,7 @@ use crate::clients::cosmos::{spawn_user_refresh, BuilderFactory, CosmosAccount};
 use crate::clients::identity::TokenSource;
 use crate::clients::keyvault::{SecretUri, VaultSecret};
 use crate::error::AppError;
-use crate::pipeline::audit::{AbuseRecord, Audit, Reason, NO_USER};
+use crate::pipeline::audit::{client_ip, AbuseRecord, Audit, Reason, NO_USER};
 use crate::pipeline::auth::Authenticator;
 use crate::pipeline::content_safety::{ContentSafety, Credential, Verdict};
 use crate::pipeline::forward::{content_length, sensitive, UpBody, Upstream, UpstreamAuth};
@@ -165,7 +165,8 @@ impl AppState {
             }
         };
 
-        // Cosmos DB: a Key Vault key is read once here (a rotated Cosmos key needs a restart).
+        // Cosmos DB: a Key Vault key is refreshed like the others (every KEYVAULT_REFRESH_SECS)
+        // and re-read when Cosmos answers 401; each connection uses its current value.
         if let (Some(cosmos), Some(vault)) = (settings.audit.cosmos.as_mut(), &cosmos_vault) {
             cosmos.key = Some(vault.current());
         }
@@ -175,6 +176,10 @@ impl AppState {
             .clone()
             .map(|c| CosmosAccount::new(c, identity.as_ref().map(TokenSource::credential)))
             .transpose()?
+            .map(|account| match &cosmos_vault {
+                Some(vault) => account.with_vault_key(vault.clone()),
+                None => account,
+            })
             .map(|account| match cosmos_builder {
                 Some(builder) => account.with_builder(builder),
                 None => account,
@@ -614,8 +619,9 @@ async fn gate(
             &Inspected::default(),
             details,
         )
-        .await;
-        error
+        .await
+        .err()
+        .unwrap_or(error)
     };
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
         return Err(too_large().await);
@@ -639,7 +645,7 @@ async fn gate(
                     &Inspected::default(),
                     details,
                 )
-                .await;
+                .await?;
                 return Err(error);
             }
         };
@@ -665,7 +671,7 @@ async fn gate(
                 &refusal.inspected,
                 details,
             )
-            .await;
+            .await?;
             return Err(refusal.error);
         }
     };
@@ -686,7 +692,7 @@ async fn gate(
             result,
             details,
         }) => {
-            record_with_fields(state, target, parts, log, reason, &inspected, details).await;
+            record_with_fields(state, target, parts, log, reason, &inspected, details).await?;
             Err(AppError::ContentFiltered(result))
         }
         Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
@@ -698,7 +704,7 @@ async fn gate(
                 _ => Reason::TooLongToScreen,
             };
             let details = refusal_details(&error);
-            record_with_fields(state, target, parts, log, reason, &inspected, details).await;
+            record_with_fields(state, target, parts, log, reason, &inspected, details).await?;
             Err(error)
         }
         Err(unavailable) => {
@@ -720,7 +726,7 @@ async fn gate(
                 &inspected,
                 details,
             )
-            .await;
+            .await?;
             Ok(bytes)
         }
     }
@@ -737,14 +743,14 @@ async fn record_with_fields(
     reason: Reason,
     inspected: &Inspected,
     mut details: serde_json::Value,
-) {
+) -> Result<(), AppError> {
     if state.audit.capture_prompt() && !inspected.prompt.is_empty() {
         if !details.is_object() {
             details = serde_json::json!({ "verdict": details });
         }
         details["prompt_fields"] = inspected.prompt.fields();
     }
-    record_abuse(state, target, parts, log, reason, inspected, details);
+    record_abuse(state, target, parts, log, reason, inspected, details).await
 }
 
 /// The record's `details` for a refusal the handler itself decided.
@@ -755,8 +761,10 @@ fn refusal_details(error: &AppError) -> serde_json::Value {
     })
 }
 
-/// Build the abuse record for a refusal and hand it to the audit log (never blocks, never fails).
-fn record_abuse(
+/// Build the abuse record for a refusal and make it durable; the refusal is answered only
+/// after this returns `Ok`. When the record cannot be made durable anywhere, the client gets
+/// 503 `audit_unavailable` instead (the request is still not forwarded).
+async fn record_abuse(
     state: &AppState,
     target: &UpstreamTarget,
     parts: &http::request::Parts,
@@ -764,12 +772,15 @@ fn record_abuse(
     reason: Reason,
     inspected: &Inspected,
     details: serde_json::Value,
-) {
-    let client_ip = parts
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.chars().take(256).collect::<String>());
+) -> Result<(), AppError> {
+    // The last X-Forwarded-For entry: the one the gateway appended (see audit::record).
+    let client_ip = client_ip(
+        parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let prompt = state
         .audit
         .capture_prompt()
@@ -778,25 +789,29 @@ fn record_abuse(
     let timestamp = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    state.audit.submit(AbuseRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        timestamp,
-        request_id: log.request_id.to_str().unwrap_or("").to_string(),
-        caller: log.caller.clone().unwrap_or_default(),
-        user: inspected
-            .user
-            .clone()
-            .unwrap_or_else(|| NO_USER.to_string()),
-        deployment: target
-            .deployment
-            .clone()
-            .or_else(|| inspected.model.clone()),
-        operation: target.operation.name().to_string(),
-        reason,
-        details,
-        prompt,
-        client_ip,
-    });
+    state
+        .audit
+        .record(AbuseRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            timestamp,
+            request_id: log.request_id.to_str().unwrap_or("").to_string(),
+            caller: log.caller.clone().unwrap_or_default(),
+            user: inspected
+                .user
+                .clone()
+                .unwrap_or_else(|| NO_USER.to_string()),
+            deployment: target
+                .deployment
+                .clone()
+                .or_else(|| inspected.model.clone()),
+            operation: target.operation.name().to_string(),
+            reason,
+            details,
+            prompt,
+            client_ip,
+        })
+        .await
+        .map_err(|_| AppError::AuditUnavailable)
 }
 
 fn health() -> Response {

@@ -56,6 +56,10 @@ pub enum AppError {
     /// Too many requests are being screened in this instance right now.
     #[error("Too many requests are being screened for content safety right now; retry after the number of seconds in retry-after")]
     ScreeningBusy { retry_after: u64 },
+    /// A refusal whose abuse record could not be made durable (journal unwritable and no
+    /// Cosmos DB acknowledgement): the request is not forwarded, and not answered as refused.
+    #[error("The request could not be recorded as required; retry later")]
+    AuditUnavailable,
     /// The upstream could not be reached or broke the exchange before answering.
     #[error("The upstream Azure OpenAI service could not be reached")]
     BadGateway,
@@ -76,7 +80,9 @@ impl AppError {
                 StatusCode::BAD_REQUEST
             }
             AppError::UnregisteredUser => StatusCode::FORBIDDEN,
-            AppError::ScreeningUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::ScreeningUnavailable { .. } | AppError::AuditUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::TooLongToScreen => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::ScreeningBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotFound => StatusCode::NOT_FOUND,
@@ -104,6 +110,7 @@ impl AppError {
             AppError::ScreeningUnavailable { .. } => "content_safety_unavailable",
             AppError::TooLongToScreen => "prompt_too_long",
             AppError::ScreeningBusy { .. } => "screening_busy",
+            AppError::AuditUnavailable => "audit_unavailable",
             AppError::NotFound => "404",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Unauthorized => "401",
@@ -190,6 +197,7 @@ mod tests {
             AppError::ScreeningUnavailable { retry_after: None },
             AppError::TooLongToScreen,
             AppError::ScreeningBusy { retry_after: 1 },
+            AppError::AuditUnavailable,
             AppError::BadGateway,
             AppError::GatewayTimeout,
             AppError::Internal,

@@ -1,7 +1,9 @@
 //! The abuse log in Cosmos DB loses nothing and duplicates nothing: the SDK's in-memory
-//! emulator behind the handler's writer, with the SDK's fault injection below its retries —
-//! 429 storms, 503 outages, timeouts after commit, a full queue, a restart with a non-empty
-//! spool — and at the end the records in Cosmos are exactly the records submitted.
+//! emulator behind the handler's journal and shipper, with the SDK's fault injection below its
+//! retries — 429 storms, 503 outages, timeouts after commit, 401s after a key rotation, a
+//! restart with a journal left behind (torn lines included) — and at the end the records in
+//! Cosmos are exactly the records made durable. Every `record` call returns only once its
+//! record is on disk (or acknowledged by Cosmos), which is what the client's answer waits for.
 
 mod support;
 
@@ -32,7 +34,7 @@ fn record(n: usize, tag: &str) -> AbuseRecord {
         operation: "chat_completions".into(),
         reason: Reason::ContentFiltered,
         details: serde_json::json!({"categories": [{"category": "Hate", "severity": 4}]}),
-        prompt: Some(format!("{PROMPT_MARKER} #{n}")),
+        prompt: Some(format!("{PROMPT_MARKER} #{n} ünïcödé ✓")),
         client_ip: Some("203.0.113.7".into()),
     }
 }
@@ -41,7 +43,7 @@ fn settings(emu: &Emu, dir: &Path, extra: &[(&str, &str)]) -> AuditSettings {
     let mut pairs = emu.pairs();
     pairs.push((
         "AUDIT_SPOOL_PATH".into(),
-        dir.join("spool.jsonl").display().to_string(),
+        dir.join("journal.jsonl").display().to_string(),
     ));
     pairs.push((
         "AUDIT_LOG_PATH".into(),
@@ -88,35 +90,78 @@ async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bo
     }
 }
 
+/// Record `range` with up to 256 callers at a time, as concurrent refusals would; every call
+/// must succeed (the record is durable when it returns).
+async fn record_all(audit: &Arc<Audit>, range: std::ops::Range<usize>, tag: &'static str) {
+    let ids: Vec<usize> = range.collect();
+    for group in ids.chunks(256) {
+        let calls: Vec<_> = group
+            .iter()
+            .map(|&i| {
+                let audit = audit.clone();
+                tokio::spawn(async move { audit.record(record(i, tag)).await })
+            })
+            .collect();
+        for c in calls {
+            c.await.unwrap().expect("record made durable");
+        }
+    }
+}
+
+/// Request ids of the records in the journal files (active and shipping), each once.
+fn on_disk(dir: &Path) -> Vec<String> {
+    let mut ids = Vec::new();
+    for name in ["journal.jsonl", "journal.jsonl.shipping"] {
+        let bytes = std::fs::read(dir.join(name)).unwrap_or_default();
+        for line in bytes.split(|b| *b == b'\n') {
+            if let Ok(r) = serde_json::from_slice::<AbuseRecord>(line) {
+                ids.push(r.request_id);
+            }
+        }
+    }
+    ids
+}
+
 fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|t| t.lines().count())
+    std::fs::read(path)
+        .map(|t| t.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count())
         .unwrap_or(0)
 }
 
-#[tokio::test]
-async fn a_healthy_cosmos_gets_every_record_once_and_sigterm_drains_the_queue() {
+fn journal_empty(dir: &Path) -> bool {
+    lines(&dir.join("journal.jsonl")) == 0 && !dir.join("journal.jsonl.shipping").exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_cosmos_gets_every_record_once_and_the_journal_empties() {
     let emu = Emu::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let audit = Audit::start(settings(&emu, dir.path(), &[]), Some(emu.account(vec![]))).unwrap();
+    let audit =
+        Arc::new(Audit::start(settings(&emu, dir.path(), &[]), Some(emu.account(vec![]))).unwrap());
     let n = 2000;
     let started = Instant::now();
-    for i in 0..n {
-        audit.submit(record(i, "healthy"));
-    }
-    let submit_us = started.elapsed().as_micros() as f64 / n as f64;
+    record_all(&audit, 0..n, "healthy").await;
+    let durable = started.elapsed();
     let report = audit.shutdown(Duration::from_secs(60)).await;
     let elapsed = started.elapsed();
-    assert!(report.completed);
+    assert!(report.completed, "{report:?}");
     let stats = audit.stats();
     assert_eq!(stats.submitted, n as u64);
-    assert_eq!(stats.written, n as u64, "{stats:?}");
-    assert_eq!(stats.spooled, 0);
+    assert_eq!(stats.journaled, n as u64, "{stats:?}");
+    assert_eq!(stats.shipped, n as u64, "{stats:?}");
+    assert_eq!(stats.failed, 0);
     assert_eq!(emu.abuse_count().await, n);
+    assert!(journal_empty(dir.path()), "shipped records are trimmed");
+    assert!(
+        audit.commits() < n as u64,
+        "group commit: {} fsyncs for {n} records",
+        audit.commits()
+    );
     eprintln!(
-        "writer throughput: {n} records in {:.0} ms = {:.0} records/s (submit {submit_us:.1} µs each)",
+        "{n} records durable in {:.0} ms ({} fsyncs), all in Cosmos after {:.0} ms",
+        durable.as_secs_f64() * 1000.0,
+        audit.commits(),
         elapsed.as_secs_f64() * 1000.0,
-        n as f64 / elapsed.as_secs_f64()
     );
     // The stored item is the record, partition key /user.
     let stored: AbuseRecord = emu
@@ -128,12 +173,12 @@ async fn a_healthy_cosmos_gets_every_record_once_and_sigterm_drains_the_queue() 
         .into_model()
         .unwrap();
     assert_eq!(stored, record(10, "healthy"));
-    // After shutdown, a late record is not lost: it goes to the spool.
-    audit.submit(record(n, "healthy"));
-    assert_eq!(lines(&dir.path().join("spool.jsonl")), 1);
+    // After shutdown a late record is still made durable: it waits in the journal.
+    audit.record(record(n, "healthy")).await.unwrap();
+    assert_eq!(on_disk(dir.path()), ["healthy-req-02000"]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_storm_and_503s_are_retried_without_loss_or_duplicates() {
     let emu = Emu::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -176,25 +221,17 @@ async fn a_429_storm_and_503s_are_retried_without_loss_or_duplicates() {
         .with_hit_limit(300)
         .build(),
     );
-    let audit = Audit::start(
-        settings(&emu, dir.path(), &[("AUDIT_MAX_ATTEMPTS", "8")]),
-        Some(emu.account(vec![throttle.clone(), unavailable.clone()])),
-    )
-    .unwrap();
-    let n = 1200;
-    for i in 0..n {
-        audit.submit(record(i, "storm"));
-    }
-    audit.flush(Duration::from_secs(120)).await;
-    // Whatever had to be spooled is replayed: wait for the spool to empty.
-    assert!(
-        eventually(Duration::from_secs(60), async || emu.abuse_count().await
-            == n)
-        .await,
-        "stored {} of {n}; {:?}",
-        emu.abuse_count().await,
-        audit.stats()
+    let audit = Arc::new(
+        Audit::start(
+            settings(&emu, dir.path(), &[("AUDIT_MAX_ATTEMPTS", "8")]),
+            Some(emu.account(vec![throttle.clone(), unavailable.clone()])),
+        )
+        .unwrap(),
     );
+    let n = 1200;
+    record_all(&audit, 0..n, "storm").await;
+    let report = audit.flush(Duration::from_secs(120)).await;
+    assert!(report.completed, "{report:?} {:?}", audit.stats());
     audit.shutdown(Duration::from_secs(10)).await;
     assert!(
         throttle.hit_count() > 50,
@@ -217,7 +254,7 @@ async fn a_429_storm_and_503s_are_retried_without_loss_or_duplicates() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_after_the_service_committed_never_duplicate() {
     let emu = Emu::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -256,31 +293,25 @@ async fn timeouts_after_the_service_committed_never_duplicate() {
         .with_hit_limit(20)
         .build(),
     );
-    let audit = Audit::start(
-        settings(
-            &emu,
-            dir.path(),
-            &[
-                ("AUDIT_WRITE_TIMEOUT_MS", "400"),
-                ("AUDIT_MAX_ATTEMPTS", "10"),
-            ],
-        ),
-        // First match wins: the slow answers first (20 of them), then the lost answers.
-        Some(emu.account(vec![slow.clone(), lost_answers.clone()])),
-    )
-    .unwrap();
-    let n = 500;
-    for i in 0..n {
-        audit.submit(record(i, "timeout"));
-    }
-    audit.flush(Duration::from_secs(120)).await;
-    assert!(
-        eventually(Duration::from_secs(60), async || emu.abuse_count().await
-            == n)
-        .await,
-        "{:?}",
-        audit.stats()
+    let audit = Arc::new(
+        Audit::start(
+            settings(
+                &emu,
+                dir.path(),
+                &[
+                    ("AUDIT_WRITE_TIMEOUT_MS", "400"),
+                    ("AUDIT_MAX_ATTEMPTS", "10"),
+                ],
+            ),
+            // First match wins: the slow answers first (20 of them), then the lost answers.
+            Some(emu.account(vec![slow.clone(), lost_answers.clone()])),
+        )
+        .unwrap(),
     );
+    let n = 500;
+    record_all(&audit, 0..n, "timeout").await;
+    let report = audit.flush(Duration::from_secs(120)).await;
+    assert!(report.completed, "{:?}", audit.stats());
     audit.shutdown(Duration::from_secs(10)).await;
     assert!(
         lost_answers.hit_count() > 10,
@@ -293,193 +324,133 @@ async fn timeouts_after_the_service_committed_never_duplicate() {
 }
 
 #[tokio::test]
-async fn an_outage_spools_durably_and_the_spool_is_replayed_when_cosmos_is_back() {
+async fn an_outage_keeps_records_in_the_journal_and_ships_them_when_cosmos_is_back() {
     let (logs, _guard) = support::logs::capture();
     let emu = Emu::start().await;
     let dir = tempfile::tempdir().unwrap();
     let outage = rule("outage", FaultInjectionErrorType::ServiceUnavailable, None);
-    let audit = Audit::start(
-        settings(&emu, dir.path(), &[("AUDIT_MAX_ATTEMPTS", "2")]),
-        Some(emu.account(vec![outage.clone()])),
-    )
-    .unwrap();
-    let n = 300;
-    for i in 0..n {
-        audit.submit(record(i, "outage"));
-    }
-    let spool = dir.path().join("spool.jsonl");
-    assert!(
-        eventually(Duration::from_secs(60), async || audit.stats().spooled
-            == n as u64)
-        .await,
-        "{:?}",
-        audit.stats()
+    let audit = Arc::new(
+        Audit::start(
+            settings(&emu, dir.path(), &[("AUDIT_MAX_ATTEMPTS", "2")]),
+            Some(emu.account(vec![outage.clone()])),
+        )
+        .unwrap(),
     );
-    // Durable: on disk, one JSON line per record, none in Cosmos.
-    assert_eq!(
-        lines(&spool) + lines(&dir.path().join("spool.jsonl.replaying")),
-        n
+    let n = 300;
+    record_all(&audit, 0..n, "outage").await;
+    // Durable the moment `record` returned: on disk, one line per record, none in Cosmos.
+    let mut ids = on_disk(dir.path());
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n);
+    assert!(
+        eventually(Duration::from_secs(30), async || logs
+            .text()
+            .contains("Cosmos DB unavailable"))
+        .await,
+        "the shipper tried, gave up for now, and a log line says so"
     );
     assert_eq!(emu.abuse_count().await, 0);
 
-    // Cosmos comes back: the spool is replayed, then removed.
+    // Cosmos comes back: the journal is shipped, then trimmed.
     outage.disable();
     let started = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(60), async || audit.stats().replayed
-            == n as u64)
-        .await,
-        "{:?}",
-        audit.stats()
-    );
-    let replay_ms = started.elapsed().as_millis();
+    let report = audit.flush(Duration::from_secs(60)).await;
+    assert!(report.completed, "{report:?} {:?}", audit.stats());
+    let ship_ms = started.elapsed().as_millis();
     assert_eq!(emu.abuse_count().await, n);
-    assert!(
-        eventually(Duration::from_secs(5), async || lines(&spool) == 0
-            && !dir.path().join("spool.jsonl.replaying").exists())
-        .await
-    );
-    // New records flow straight to Cosmos again.
-    audit.submit(record(n, "outage"));
-    audit.shutdown(Duration::from_secs(10)).await;
+    assert!(journal_empty(dir.path()));
+    // New records flow to Cosmos again.
+    audit.record(record(n, "outage")).await.unwrap();
+    assert!(audit.shutdown(Duration::from_secs(10)).await.completed);
     assert_eq!(emu.abuse_count().await, n + 1);
     eprintln!(
-        "outage: {n} spooled records replayed in ~{replay_ms} ms (includes the probe wait); {:?}",
+        "outage: {n} journaled records shipped in ~{ship_ms} ms (includes the pause); {:?}",
         audit.stats()
     );
 
     let text = logs.text();
-    assert!(text.contains("abuse records spooled"), "a log line says so");
-    assert!(text.contains("spool replayed into Cosmos DB"));
+    assert!(text.contains("shipping resumed"));
     assert!(!text.contains(PROMPT_MARKER), "no prompt text in logs");
     assert!(!text.contains(KEY), "no key in logs");
 }
 
 #[tokio::test]
-async fn a_restart_with_a_non_empty_spool_replays_it_at_start_exactly_once() {
+async fn a_restart_ships_what_the_last_process_left_exactly_once_past_torn_lines() {
     let emu = Emu::start().await;
     let dir = tempfile::tempdir().unwrap();
 
-    // First life: 50 records reach Cosmos, then Cosmos goes down and 150 are spooled; SIGTERM.
+    // First life: 50 records reach Cosmos, then Cosmos goes down and 150 wait in the journal.
     let outage = rule(
         "outage-first-life",
         FaultInjectionErrorType::ServiceUnavailable,
         None,
     );
     outage.disable();
-    let first = Audit::start(
-        settings(&emu, dir.path(), &[("AUDIT_MAX_ATTEMPTS", "2")]),
-        Some(emu.account(vec![outage.clone()])),
-    )
-    .unwrap();
-    for i in 0..50 {
-        first.submit(record(i, "restart"));
-    }
-    first.flush(Duration::from_secs(30)).await;
+    let first = Arc::new(
+        Audit::start(
+            settings(&emu, dir.path(), &[("AUDIT_MAX_ATTEMPTS", "2")]),
+            Some(emu.account(vec![outage.clone()])),
+        )
+        .unwrap(),
+    );
+    record_all(&first, 0..50, "restart").await;
+    assert!(first.flush(Duration::from_secs(30)).await.completed);
     assert_eq!(emu.abuse_count().await, 50);
     outage.enable();
-    for i in 50..200 {
-        first.submit(record(i, "restart"));
-    }
-    let report = first.shutdown(Duration::from_secs(30)).await;
-    assert!(report.completed);
-    let stats = first.stats();
-    assert_eq!(stats.written, 50);
-    assert_eq!(stats.spooled, 150, "{stats:?}");
+    record_all(&first, 50..200, "restart").await;
+    let report = first.shutdown(Duration::from_millis(300)).await;
+    assert!(!report.completed && report.pending_bytes > 0, "{report:?}");
     drop(first);
-    // A crash in the middle of an earlier replay: some of the written records are also in a
-    // half-replayed file (they will be upserted again, under the same ids).
-    let replaying = dir.path().join("spool.jsonl.replaying");
-    let half: String = (40..60)
-        .map(|i| serde_json::to_string(&record(i, "restart")).unwrap() + "\n")
-        .collect();
-    std::fs::write(&replaying, half).unwrap();
-    // And a torn last line from a crash mid-append.
+
+    // What a crash leaves: a half-shipped file holding records already in Cosmos (upserted
+    // again under the same ids), a torn line in its middle with a record glued onto it, and a
+    // last line of the journal cut inside a multi-byte character.
+    let shipping = dir.path().join("journal.jsonl.shipping");
+    let mut half = Vec::new();
+    if let Ok(b) = std::fs::read(&shipping) {
+        half = b;
+    }
+    for i in 40..60 {
+        let mut l = serde_json::to_vec(&record(i, "restart")).unwrap();
+        if i == 45 {
+            l.truncate(l.len() / 2); // torn: record 46 is glued onto it
+        } else {
+            l.push(b'\n');
+        }
+        half.extend_from_slice(&l);
+    }
+    std::fs::write(&shipping, half).unwrap();
+    let torn = serde_json::to_vec(&record(999, "torn")).unwrap();
+    let cut = torn.windows(2).position(|w| w == "ü".as_bytes()).unwrap() + 1;
     std::fs::OpenOptions::new()
         .append(true)
-        .open(dir.path().join("spool.jsonl"))
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"id\":\"torn"))
+        .create(true)
+        .open(dir.path().join("journal.jsonl"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &torn[..cut]))
         .unwrap();
     assert_eq!(emu.abuse_count().await, 50);
 
-    // Second life, Cosmos healthy: the spool is replayed at start.
+    // Second life, Cosmos healthy: the journal is shipped at start.
     let started = Instant::now();
-    let second = Audit::start(settings(&emu, dir.path(), &[]), Some(emu.account(vec![]))).unwrap();
-    assert!(
-        eventually(Duration::from_secs(60), async || emu.abuse_count().await
-            == 200)
-        .await,
-        "{:?}",
-        second.stats()
-    );
+    let second =
+        Arc::new(Audit::start(settings(&emu, dir.path(), &[]), Some(emu.account(vec![]))).unwrap());
+    let report = second.flush(Duration::from_secs(60)).await;
+    assert!(report.completed, "{report:?} {:?}", second.stats());
     let replay_ms = started.elapsed().as_millis();
-    assert!(
-        eventually(Duration::from_secs(5), async || !replaying.exists()
-            && lines(&dir.path().join("spool.jsonl")) == 0)
-        .await
-    );
-    second.shutdown(Duration::from_secs(10)).await;
+    // and new records keep going after the torn tail
+    second.record(record(200, "restart")).await.unwrap();
+    assert!(second.shutdown(Duration::from_secs(10)).await.completed);
     let (ids, dup) = emu.abuse_ids().await;
     assert!(!dup);
-    assert_eq!(ids.len(), 200, "exactly the submitted records");
-    // The torn line is kept for a person, not dropped silently.
-    let rejected = std::fs::read_to_string(dir.path().join("spool.jsonl.rejected")).unwrap();
-    assert!(rejected.contains("torn"));
-    eprintln!("restart: spool of 150 + 20 replayed at start in {replay_ms} ms");
-}
-
-#[tokio::test]
-async fn a_full_queue_spools_at_once_and_nothing_is_lost() {
-    let emu = Emu::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let slow = Arc::new(
-        FaultInjectionRuleBuilder::new(
-            "slow-writes",
-            FaultInjectionResultBuilder::new()
-                .with_delay(Duration::from_millis(100))
-                .build(),
-        )
-        .with_condition(
-            FaultInjectionConditionBuilder::new()
-                .with_operation_type(FaultOperationType::UpsertItem)
-                .build(),
-        )
-        .with_hit_limit(40)
-        .build(),
-    );
-    let audit = Audit::start(
-        settings(
-            &emu,
-            dir.path(),
-            &[
-                ("AUDIT_QUEUE_CAPACITY", "4"),
-                ("AUDIT_WRITE_CONCURRENCY", "2"),
-            ],
-        ),
-        Some(emu.account(vec![slow])),
-    )
-    .unwrap();
-    let n = 200;
-    let started = Instant::now();
-    for i in 0..n {
-        audit.submit(record(i, "full"));
-    }
-    // submit never waited for Cosmos, even with a queue of 4 and slow writes.
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(audit.stats().spooled > 0, "{:?}", audit.stats());
-    assert!(
-        eventually(Duration::from_secs(60), async || emu.abuse_count().await
-            == n)
-        .await,
-        "{:?}",
-        audit.stats()
-    );
-    audit.shutdown(Duration::from_secs(10)).await;
-    assert_eq!(emu.abuse_count().await, n);
+    assert_eq!(ids.len(), 201, "exactly the durable records");
+    assert!(!ids.iter().any(|i| i.starts_with("torn")));
+    // The torn pieces are kept for a person, not dropped silently.
+    let rejected = std::fs::read(dir.path().join("journal.jsonl.rejected")).unwrap();
+    assert!(rejected.windows(5).any(|w| w == b"torn-"));
+    assert!(rejected.windows(17).any(|w| w == b"restart-req-00045"));
+    assert_eq!(second.stats().rejected, 1, "the torn middle line");
+    eprintln!("restart: journal of 150 + 20 shipped at start in {replay_ms} ms");
 }
 
 #[tokio::test]
@@ -501,24 +472,24 @@ async fn a_record_cosmos_refuses_for_good_is_kept_in_the_rejected_file() {
         .with_hit_limit(1)
         .build(),
     );
-    let audit = Audit::start(
-        settings(&emu, dir.path(), &[]),
-        Some(emu.account(vec![bad_request])),
-    )
-    .unwrap();
-    for i in 0..10 {
-        audit.submit(record(i, "reject"));
-    }
-    audit.shutdown(Duration::from_secs(30)).await;
+    let audit = Arc::new(
+        Audit::start(
+            settings(&emu, dir.path(), &[]),
+            Some(emu.account(vec![bad_request])),
+        )
+        .unwrap(),
+    );
+    record_all(&audit, 0..10, "reject").await;
+    assert!(audit.shutdown(Duration::from_secs(30)).await.completed);
     let stats = audit.stats();
     assert_eq!(stats.rejected, 1, "{stats:?}");
-    assert_eq!(stats.written, 9);
+    assert_eq!(stats.shipped, 9);
     assert_eq!(emu.abuse_count().await, 9);
-    assert_eq!(lines(&dir.path().join("spool.jsonl.rejected")), 1);
+    assert_eq!(lines(&dir.path().join("journal.jsonl.rejected")), 1);
 }
 
 #[tokio::test]
-async fn without_cosmos_records_go_to_the_json_lines_file() {
+async fn without_cosmos_the_journal_is_the_json_lines_file() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("abuse.jsonl");
     let settings = AuditSettings::from_source(&Source::from_map([(
@@ -527,10 +498,8 @@ async fn without_cosmos_records_go_to_the_json_lines_file() {
     )]))
     .unwrap();
     assert!(settings.cosmos.is_none());
-    let audit = Audit::start(settings, None).unwrap();
-    for i in 0..5 {
-        audit.submit(record(i, "file"));
-    }
+    let audit = Arc::new(Audit::start(settings, None).unwrap());
+    record_all(&audit, 0..5, "file").await;
     let report = audit.shutdown(Duration::from_secs(1)).await;
     assert!(report.completed);
     let text = std::fs::read_to_string(&log).unwrap();
@@ -539,8 +508,77 @@ async fn without_cosmos_records_go_to_the_json_lines_file() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(back.len(), 5);
-    assert_eq!(back[2], record(2, "file"));
-    assert_eq!(audit.stats().written, 5);
+    assert!(back.contains(&record(2, "file")));
+    assert_eq!(audit.stats().journaled, 5);
+}
+
+#[tokio::test]
+async fn a_401_from_cosmos_re_reads_the_key_from_key_vault() {
+    use aoai_fwdproxy::clients::cosmos::CosmosAccount;
+    use aoai_fwdproxy::clients::identity::{IdentitySettings, TokenSource};
+    use aoai_fwdproxy::clients::keyvault::{SecretUri, VaultSecret};
+    use azure_core::http::{ClientOptions, Transport};
+    use azure_security_keyvault_secrets::SecretClientOptions;
+    use support::keyvault_stub::KeyVaultStub;
+
+    let vault = KeyVaultStub::start().await;
+    vault.put("cosmos-key", KEY);
+    support::mi_stub::stub();
+    let mi = TokenSource::managed_identity(&IdentitySettings {
+        client_id: Some("99999999-9999-9999-9999-999999999999".into()),
+    })
+    .unwrap();
+    let uri = SecretUri::parse(
+        "COSMOS_KEY_SECRET_URI",
+        &format!("{}/secrets/cosmos-key", vault.url),
+    )
+    .unwrap();
+    let options = SecretClientOptions {
+        client_options: ClientOptions {
+            transport: Some(Transport::new(Arc::new(vault.client()))),
+            ..Default::default()
+        },
+        verify_challenge_resource: Some(false),
+        ..Default::default()
+    };
+    let secret = VaultSecret::fetch_with(&uri, mi.credential(), options)
+        .await
+        .unwrap();
+    secret.set_min_refresh_gap(Duration::ZERO);
+    let emu = Emu::start().await;
+    // The key was rotated in Key Vault; Cosmos answers the old one with 401 (twice).
+    vault.put("cosmos-key", "cm90YXRlZC1rZXk=");
+    let unauthorized = Arc::new(
+        FaultInjectionRuleBuilder::new(
+            "old-key",
+            FaultInjectionResultBuilder::new()
+                .with_custom_response(CustomResponseBuilder::new(StatusCode::Unauthorized).build())
+                .build(),
+        )
+        .with_condition(
+            FaultInjectionConditionBuilder::new()
+                .with_operation_type(FaultOperationType::UpsertItem)
+                .build(),
+        )
+        .with_hit_limit(2)
+        .build(),
+    );
+    let factory = emu.account(vec![unauthorized.clone()]).builder_factory();
+    let account = Arc::new(
+        CosmosAccount::new(emu.settings(), None)
+            .unwrap()
+            .with_builder(factory)
+            .with_vault_key(secret.clone()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let served = vault.served();
+    let audit = Arc::new(Audit::start(settings(&emu, dir.path(), &[]), Some(account)).unwrap());
+    record_all(&audit, 0..3, "rotated").await;
+    assert!(audit.shutdown(Duration::from_secs(30)).await.completed);
+    assert_eq!(unauthorized.hit_count(), 2);
+    assert!(vault.served() > served, "the 401 made the key be re-read");
+    assert_eq!(secret.current().expose(), "cm90YXRlZC1rZXk=");
+    assert_eq!(emu.abuse_count().await, 3);
 }
 
 #[tokio::test]
@@ -637,7 +675,7 @@ async fn the_registry_refresh_keeps_the_last_good_copy_while_cosmos_is_down() {
 }
 
 #[tokio::test]
-async fn sigterm_during_an_outage_spools_what_is_being_retried_and_loses_nothing() {
+async fn sigterm_during_an_outage_returns_in_time_and_the_next_start_ships_everything() {
     let emu = Emu::start().await;
     let dir = tempfile::tempdir().unwrap();
     let outage = rule(
@@ -645,47 +683,44 @@ async fn sigterm_during_an_outage_spools_what_is_being_retried_and_loses_nothing
         FaultInjectionErrorType::ServiceUnavailable,
         None,
     );
-    // Many tries with long waits: the writer is deep in retries when SIGTERM comes.
-    let audit = Audit::start(
-        settings(
-            &emu,
-            dir.path(),
-            &[
-                ("AUDIT_MAX_ATTEMPTS", "50"),
-                ("AUDIT_RETRY_BASE_MS", "1000"),
-            ],
-        ),
-        Some(emu.account(vec![outage.clone()])),
-    )
-    .unwrap();
-    for i in 0..100 {
-        audit.submit(record(i, "sigterm"));
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Many tries with long waits: the shipper is deep in retries when SIGTERM comes.
+    let audit = Arc::new(
+        Audit::start(
+            settings(
+                &emu,
+                dir.path(),
+                &[
+                    ("AUDIT_MAX_ATTEMPTS", "50"),
+                    ("AUDIT_RETRY_BASE_MS", "1000"),
+                ],
+            ),
+            Some(emu.account(vec![outage.clone()])),
+        )
+        .unwrap(),
+    );
+    record_all(&audit, 0..100, "sigterm").await;
+    assert!(eventually(Duration::from_secs(10), async || outage.hit_count() > 0).await);
     let started = Instant::now();
     let report = audit.shutdown(Duration::from_secs(2)).await;
     assert!(
-        started.elapsed() < Duration::from_secs(4),
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
-    assert!(report.completed, "{report:?}");
+    assert!(!report.completed, "{report:?}");
     let stats = audit.stats();
-    assert_eq!(stats.lost, 0);
-    assert_eq!(stats.spooled, 100, "{stats:?}");
-    // On disk: in the spool, or in the file a replay had started on.
-    let on_disk =
-        lines(&dir.path().join("spool.jsonl")) + lines(&dir.path().join("spool.jsonl.replaying"));
-    assert_eq!(on_disk, 100);
+    assert_eq!(stats.failed, 0);
+    assert_eq!(stats.journaled, 100, "{stats:?}");
+    let mut ids = on_disk(dir.path());
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 100);
     drop(audit);
 
     outage.disable();
-    let next = Audit::start(settings(&emu, dir.path(), &[]), Some(emu.account(vec![]))).unwrap();
-    assert!(
-        eventually(Duration::from_secs(30), async || emu.abuse_count().await
-            == 100)
-        .await
-    );
+    let next =
+        Arc::new(Audit::start(settings(&emu, dir.path(), &[]), Some(emu.account(vec![]))).unwrap());
+    assert!(next.flush(Duration::from_secs(30)).await.completed);
     next.shutdown(Duration::from_secs(5)).await;
     assert_eq!(emu.abuse_count().await, 100);
 }

@@ -84,6 +84,7 @@ fn local_settings_example_lists_every_setting() {
         "IDENTITY_ENDPOINT",
         "IDENTITY_HEADER",
         "REGION_NAME",
+        "WEBSITE_INSTANCE_ID",
         "RUST_LOG",
         "FWDPROXY_LOCAL_SETTINGS",
     ];

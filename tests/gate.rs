@@ -103,7 +103,8 @@ async fn missing_and_unregistered_users_are_refused_and_recorded() {
     assert_eq!(records[0]["reason"], "missing_user");
     assert_eq!(records[0]["user"], "(none)");
     assert_eq!(records[0]["request_id"], "req-missing-user");
-    assert_eq!(records[0]["client_ip"], "203.0.113.7:51234");
+    // the last X-Forwarded-For entry (the gateway's), port stripped
+    assert_eq!(records[0]["client_ip"], "203.0.113.7");
     assert_eq!(records[0]["caller"], "default");
     assert_eq!(records[0]["deployment"], "gpt-4o");
     assert_eq!(records[0]["operation"], "chat/completions");

@@ -245,7 +245,7 @@ async fn a_401_from_aoai_makes_the_app_re_read_the_key_from_key_vault() {
         upstream: Upstream::new(&settings, UpstreamAuth::Vault(secret.clone())).unwrap(),
         registry: Arc::new(UserRegistry::new(settings.policy.registered_users.clone())),
         content_safety: None,
-        audit: Audit::new(settings.audit.clone()),
+        audit: Audit::start(settings.audit.clone(), None).unwrap(),
         settings,
     });
     let app = TestApp::with_state(state).await;

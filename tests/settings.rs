@@ -99,6 +99,12 @@ const NUMBERS: &[(&str, Extra, &[&str], &[&str])] = &[
         &["0", "3600001", "2m", "-1"],
     ),
     (
+        "AUDIT_DIR",
+        &[],
+        &["/home/data/aoai-fwdproxy"],
+        &["data/aoai"],
+    ),
+    (
         "KEYVAULT_REFRESH_SECS",
         &[],
         &["0", "3600"],
@@ -345,6 +351,8 @@ fn every_setting_has_a_row() {
         "REGION_NAME",
         "AUDIT_LOG_PATH",
         "AUDIT_SPOOL_PATH",
+        "HOME",
+        "WEBSITE_INSTANCE_ID",
     ];
     let missing: Vec<_> = names
         .iter()

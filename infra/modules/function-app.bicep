@@ -36,6 +36,15 @@ var roles = {
   cognitiveServicesUser: 'a97b65f3-24c7-4388-baec-2e87135dc908'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
 }
+// Abuse-record journal: a persistent directory on /home, never the read-only package root (the
+// app runs from a package). The handler adds the instance (WEBSITE_INSTANCE_ID) below it, so
+// instances sharing /home never share a journal.
+var auditSettings = [
+  {
+    name: 'AUDIT_DIR'
+    value: '/home/data/aoai-fwdproxy'
+  }
+]
 var storageRoles = [
   roles.storageBlobDataOwner
   roles.storageQueueDataContributor
@@ -66,7 +75,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     siteConfig: {
       // Custom handlers on Linux use the generic runtime image: no language stack to pin.
       linuxFxVersion: ''
-      appSettings: appSettings
+      appSettings: concat(appSettings, auditSettings)
       ftpsState: 'Disabled'
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'

@@ -31,6 +31,7 @@ use url::Url;
 
 pub use azure_data_cosmos::CosmosError;
 
+use crate::clients::keyvault::VaultSecret;
 use crate::settings::{is_loopback_host, Secret, SettingsError, Source};
 
 /// Registry reads stop after this many users (a users container is not meant to be larger; a
@@ -127,6 +128,9 @@ pub type BuilderFactory = Arc<dyn Fn() -> CosmosClientBuilder + Send + Sync>;
 
 enum Auth {
     Key(Secret),
+    /// `COSMOS_KEY_SECRET_URI`: the current value of the Key Vault secret, refreshed every
+    /// `KEYVAULT_REFRESH_SECS` and on a 401/403 from Cosmos DB ([`CosmosAccount::key_rejected`]).
+    Vault(VaultSecret),
     Token(Arc<dyn TokenCredential>),
 }
 
@@ -135,7 +139,8 @@ pub struct CosmosAccount {
     settings: CosmosSettings,
     auth: Auth,
     builder: BuilderFactory,
-    client: tokio::sync::Mutex<Option<CosmosClient>>,
+    /// The client, and the key it was built with (a changed key rebuilds it).
+    client: tokio::sync::Mutex<Option<(CosmosClient, Option<Secret>)>>,
     containers: Mutex<HashMap<String, ContainerClient>>,
 }
 
@@ -144,7 +149,7 @@ impl std::fmt::Debug for CosmosAccount {
         f.debug_struct("CosmosAccount")
             .field("endpoint", &self.settings.endpoint.as_str())
             .field("database", &self.settings.database)
-            .field("key_auth", &matches!(self.auth, Auth::Key(_)))
+            .field("key_auth", &!matches!(self.auth, Auth::Token(_)))
             .finish_non_exhaustive()
     }
 }
@@ -175,6 +180,32 @@ impl CosmosAccount {
         })
     }
 
+    /// Take the Cosmos DB key from Key Vault (`COSMOS_KEY_SECRET_URI`) instead of `COSMOS_KEY`:
+    /// each connection uses the secret's current value, and a new value (periodic refresh or
+    /// [`CosmosAccount::key_rejected`]) makes the next call connect again with it.
+    pub fn with_vault_key(mut self, secret: VaultSecret) -> Self {
+        self.auth = Auth::Vault(secret);
+        self
+    }
+
+    /// Cosmos DB answered 401/403: re-read the key from Key Vault (single flight, spaced) and
+    /// reconnect when it changed. Nothing to do with a fixed key or a token credential.
+    pub async fn key_rejected(&self) {
+        let Auth::Vault(secret) = &self.auth else {
+            return;
+        };
+        match secret.refresh().await {
+            Ok(true) => {
+                tracing::info!(target: "cosmos", "Cosmos DB key re-read from Key Vault after a 401: reconnecting");
+                self.reset().await;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(target: "cosmos", error = %e, "re-reading the Cosmos DB key from Key Vault failed; keeping the last good value")
+            }
+        }
+    }
+
     /// Start every connection from `builder()` instead of `CosmosClientBuilder::new()`.
     pub fn with_builder(mut self, builder: BuilderFactory) -> Self {
         self.builder = builder;
@@ -201,21 +232,39 @@ impl CosmosAccount {
     }
 
     async fn client(&self) -> Result<CosmosClient, CosmosError> {
+        let key = match &self.auth {
+            Auth::Key(k) => Some(k.clone()),
+            Auth::Vault(v) => Some(v.current()),
+            Auth::Token(_) => None,
+        };
         let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+        match slot.as_ref() {
+            Some((c, built_with)) if *built_with == key => return Ok(c.clone()),
+            Some(_) => {
+                // The key was rotated: containers resolved with the old client go too.
+                self.containers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+            }
+            None => {}
         }
         let endpoint: AccountEndpoint = self.settings.endpoint.as_str().parse().map_err(|e| {
             CosmosError::builder()
                 .with_message(format!("COSMOS_ENDPOINT is not a Cosmos endpoint: {e}"))
                 .build()
         })?;
-        let account = match &self.auth {
-            Auth::Key(key) => AccountReference::with_authentication_key(
+        let account = match (&self.auth, &key) {
+            (Auth::Token(c), _) => AccountReference::with_credential(endpoint, c.clone()),
+            // Key and Vault auth always carry a key (see above).
+            (_, k) => AccountReference::with_authentication_key(
                 endpoint,
-                azure_core::credentials::Secret::new(key.expose().to_string()),
+                azure_core::credentials::Secret::new(
+                    k.as_ref()
+                        .map(|k| k.expose().to_string())
+                        .unwrap_or_default(),
+                ),
             ),
-            Auth::Token(c) => AccountReference::with_credential(endpoint, c.clone()),
         };
         let routing = match &self.settings.region {
             Some(r) => RoutingStrategy::ProximityTo(Region::from(r.clone())),
@@ -223,12 +272,24 @@ impl CosmosAccount {
         };
         let client = (self.builder)().build(account, routing).await?;
         tracing::info!(target: "cosmos", endpoint = %self.settings.endpoint, "connected to Cosmos DB");
-        *slot = Some(client.clone());
+        *slot = Some((client.clone(), key));
         Ok(client)
     }
 
-    /// A container of the database, cached once resolved.
+    /// A container of the database, cached once resolved (and dropped when the key changes).
     pub async fn container(&self, name: &str) -> Result<ContainerClient, CosmosError> {
+        // A connection in progress holds the lock: skip the check then (it uses the new key).
+        let rotated = match &self.auth {
+            Auth::Vault(v) => self.client.try_lock().is_ok_and(|slot| {
+                let current = v.current();
+                slot.as_ref()
+                    .is_some_and(|(_, k)| k.as_ref() != Some(&current))
+            }),
+            _ => false,
+        };
+        if rotated {
+            self.reset().await;
+        }
         if let Some(c) = self
             .containers
             .lock()

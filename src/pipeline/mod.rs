@@ -6,7 +6,7 @@
 //! | auth | [`auth`] | 401 |
 //! | policy | [`policy`] | 400 bad body or missing user, 403 unregistered user, 413 |
 //! | content safety | [`content_safety`] | 400 content filtered, 503 screening failed (fail closed), 413 too long to screen, 429 too many screened at once |
-//! | audit | [`audit`] | never: records every refusal above, off the request path |
+//! | audit | [`audit`] | 503 `audit_unavailable` when a refusal's record cannot be made durable; otherwise never: every refusal above is answered only once its record is durable |
 //! | forward | [`forward`] | 413, 502, 504 |
 //!
 //! Each stage's `//!` doc says when it runs, what it may short-circuit, and what it adds to the

@@ -13,11 +13,21 @@ use super::wait::{eventually_blocking, PATIENCE};
 
 pub const HANDLER: &str = env!("CARGO_BIN_EXE_handler");
 
-/// A `handler` command with exactly these variables (plus `PATH`), run in `dir`.
+/// A fresh directory for one handler's abuse journal: a journal is locked by the process using
+/// it, so concurrent handlers on the default place would refuse to start.
+fn unique_audit_dir() -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("fwdproxy-handler-{}-{n}", std::process::id()))
+}
+
+/// A `handler` command with exactly these variables (plus `PATH`, and its own `AUDIT_DIR`
+/// unless `envs` names one), run in `dir`.
 pub fn command(dir: &Path, envs: &[(String, String)]) -> Command {
     let mut cmd = Command::new(HANDLER);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AUDIT_DIR", unique_audit_dir())
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
