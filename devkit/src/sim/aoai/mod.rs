@@ -44,6 +44,12 @@ use super::tokens;
 use super::{base64_encode, run_seed, stable_hash, Recorder, Seen, SplitMix};
 use crate::server::{self, json_response, RunningServer};
 
+mod media;
+pub mod models;
+mod responses;
+
+pub use models::{Deployment, ModelKind};
+
 /// The largest request body the simulator reads (AOAI's own limit is far lower for JSON).
 const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Upper bound on any sleep the simulator schedules for one request, whatever the knobs say.
@@ -99,8 +105,9 @@ pub struct AoaiConfig {
     pub region: String,
     /// The key callers (the handler) must present.
     pub key: String,
-    /// Deployments that exist; `None` accepts any name.
-    pub deployments: Option<Vec<String>>,
+    /// Deployments that exist, each with its model; `None` accepts any name and takes it as
+    /// the model's name.
+    pub deployments: Option<Vec<Deployment>>,
     /// Delay between generated tokens.
     pub time_per_token: Duration,
     /// Delay before the first token (time to first byte of content).
@@ -150,6 +157,8 @@ pub struct AoaiSim {
     pub recorder: Recorder,
     limits: Mutex<HashMap<String, Quota>>,
     dice: Mutex<SplitMix>,
+    /// Stored responses (`store`, the default), for `GET`/`DELETE /responses/{id}`.
+    responses: responses::Store,
 }
 
 impl AoaiSim {
@@ -159,6 +168,7 @@ impl AoaiSim {
             recorder: Recorder::default(),
             limits: Mutex::new(HashMap::new()),
             dice: Mutex::new(SplitMix(run_seed())),
+            responses: responses::Store::default(),
         })
     }
 
@@ -267,10 +277,15 @@ enum Op {
     Completions,
     Embeddings,
     Responses,
+    /// `GET`/`DELETE /responses/{id}`, `GET …/input_items`, `POST …/cancel`.
+    ResponseItem,
+    Images,
+    Speech,
+    Transcriptions {
+        translate: bool,
+    },
     ListModels,
     GetModel,
-    /// A real AOAI operation the simulator does not implement (images, audio).
-    Unsupported,
 }
 
 impl Op {
@@ -281,8 +296,12 @@ impl Op {
             Op::Completions => "Completions_Create",
             Op::Embeddings => "Embeddings_Create",
             Op::Responses => "Responses_Create",
+            Op::ResponseItem => "Responses_Get",
+            Op::Images => "ImageGenerations_Create",
+            Op::Speech => "AudioSpeech_Create",
+            Op::Transcriptions { translate: false } => "AudioTranscriptions_Create",
+            Op::Transcriptions { translate: true } => "AudioTranslations_Create",
             Op::ListModels | Op::GetModel => "Models_List",
-            Op::Unsupported => "Unsupported",
         }
     }
 }
@@ -303,10 +322,10 @@ fn route(path: &str) -> Option<Target> {
                 ["extensions", "chat", "completions"] => Op::Chat { extensions: true },
                 ["completions"] => Op::Completions,
                 ["embeddings"] => Op::Embeddings,
-                ["images", "generations"]
-                | ["audio", "transcriptions"]
-                | ["audio", "translations"]
-                | ["audio", "speech"] => Op::Unsupported,
+                ["images", "generations"] => Op::Images,
+                ["audio", "transcriptions"] => Op::Transcriptions { translate: false },
+                ["audio", "translations"] => Op::Transcriptions { translate: true },
+                ["audio", "speech"] => Op::Speech,
                 _ => return None,
             };
             Some(Target {
@@ -321,6 +340,11 @@ fn route(path: &str) -> Option<Target> {
                 ["completions"] => Op::Completions,
                 ["embeddings"] => Op::Embeddings,
                 ["responses"] => Op::Responses,
+                ["responses", _] | ["responses", _, "input_items" | "cancel"] => Op::ResponseItem,
+                ["images", "generations"] => Op::Images,
+                ["audio", "transcriptions"] => Op::Transcriptions { translate: false },
+                ["audio", "translations"] => Op::Transcriptions { translate: true },
+                ["audio", "speech"] => Op::Speech,
                 ["models"] => Op::ListModels,
                 ["models", _] => Op::GetModel,
                 _ => return None,
@@ -356,7 +380,23 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
         Ok(b) => b,
         Err(_) => return aoai_error(413, "RequestTooLarge", "The request body is too large."),
     };
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let is_form = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
+    let body: Value = if is_form {
+        media::Form::parse(&parts.headers, &bytes)
+            .map(|f| f.as_json())
+            .unwrap_or(Value::Null)
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
+    if parts.method == Method::GET {
+        if let Some(image) = media::serve_image(parts.uri.path()) {
+            return image;
+        }
+    }
     sim.recorder.push(Seen {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
@@ -384,6 +424,9 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
         );
     }
     let api_version = api_version.unwrap_or_else(|| "v1".into());
+    if target.op == Op::ResponseItem {
+        return responses::item(&sim, &parts.method, parts.uri.path(), &query);
+    }
     let wanted = match target.op {
         Op::ListModels | Op::GetModel => Method::GET,
         _ => Method::POST,
@@ -394,13 +437,15 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
     if matches!(target.op, Op::ListModels | Op::GetModel) {
         return list_models(&sim, parts.uri.path(), target.op);
     }
-    if target.op == Op::Unsupported {
-        return aoai_error(
-            400,
-            "OperationNotSupported",
-            "The local AOAI simulator does not implement this operation.",
-        );
-    }
+    // The audio forms are multipart: read as fields, with the deployment from the path (or
+    // the `model` field on v1).
+    let form = match target.op {
+        Op::Transcriptions { .. } => match media::Form::parse(&parts.headers, &bytes) {
+            Ok(f) => Some(f),
+            Err(message) => return invalid_request(&message, "file"),
+        },
+        _ => None,
+    };
     if body.is_null() || !body.is_object() {
         return invalid_request(
             "We could not parse the JSON body of your request. (HINT: This likely means you \
@@ -415,16 +460,26 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
             _ => return invalid_request("you must provide a model parameter", "model"),
         },
     };
-    if let Some(list) = &sim.config.deployments {
-        if !list.iter().any(|d| d == &deployment) {
-            return aoai_error(
-                404,
-                "DeploymentNotFound",
-                "The API deployment for this resource does not exist. If you created the \
-                 deployment within the last 5 minutes, please wait a moment and try again.",
-            );
-        }
-    }
+    let model = match &sim.config.deployments {
+        Some(list) => match list.iter().find(|d| d.name == deployment) {
+            Some(d) => d.model.clone(),
+            None => {
+                return aoai_error(
+                    404,
+                    "DeploymentNotFound",
+                    "The API deployment for this resource does not exist. If you created the \
+                     deployment within the last 5 minutes, please wait a moment and try again.",
+                )
+            }
+        },
+        None => deployment.clone(),
+    };
+    let kind = models::kind(&model);
+    let at = Deployed {
+        deployment: &deployment,
+        model: &model,
+        kind,
+    };
 
     // Failure injection: the header wins over the configured rate.
     let forced = match parts
@@ -453,10 +508,24 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
     }
 
     let plan = match target.op {
-        Op::Chat { extensions } => plan_chat(&sim, &deployment, &body, extensions),
-        Op::Completions => plan_completions(&sim, &deployment, &body),
-        Op::Embeddings => plan_embeddings(&deployment, &body),
-        Op::Responses => plan_responses(&sim, &deployment, &body),
+        Op::Chat { extensions } => plan_chat(&sim, &at, &body, extensions),
+        Op::Completions => plan_completions(&sim, &at, &body),
+        Op::Embeddings => plan_embeddings(&at, &body),
+        Op::Responses => responses::plan(&sim, &at, &body),
+        Op::Images => {
+            // Image URLs point back at this simulator, under the name the caller used for it.
+            let host = parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("127.0.0.1");
+            media::plan_images(&at, &body, format!("http://{host}"))
+        }
+        Op::Speech => media::plan_speech(&at, &body),
+        Op::Transcriptions { translate } => match &form {
+            Some(f) => media::plan_transcription(&sim, &at, f, translate),
+            None => Err(not_found().into()),
+        },
         _ => Err(not_found().into()),
     };
     let plan = match plan {
@@ -521,10 +590,10 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
 
 fn list_models(sim: &AoaiSim, path: &str, op: Op) -> Response {
     let names: Vec<String> = match &sim.config.deployments {
-        Some(list) => list.clone(),
+        Some(list) => list.iter().map(|d| d.name.clone()).collect(),
         None => DEFAULT_MODELS.iter().map(|s| s.to_string()).collect(),
     };
-    let model = |id: &str| json!({"id": id, "object": "model", "created": 1_715_000_000, "owned_by": "system"});
+    let model = models::model_entry;
     if op == Op::GetModel {
         let id = path.rsplit('/').next().unwrap_or("");
         if sim.config.deployments.is_some() && !names.iter().any(|n| n == id) {
@@ -663,40 +732,18 @@ fn too_many_requests(sim: &AoaiSim, op: Op, api_version: &str, wait: Duration) -
 // ---------------------------------------------------------------------------------------------
 // Plans: what to answer, computed before the quota is charged.
 
-/// Kind of model behind a deployment, guessed from its name as operators usually name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ModelKind {
-    Chat,
-    Embedding {
-        native_dims: usize,
-        shortenable: bool,
-    },
+/// The deployment a request names, the model behind it and what that model can do.
+struct Deployed<'a> {
+    deployment: &'a str,
+    model: &'a str,
+    kind: ModelKind,
 }
 
-fn model_kind(deployment: &str) -> ModelKind {
-    let d = deployment.to_ascii_lowercase();
-    if d.contains("embedding") || d.contains("ada") {
-        if d.contains("3-large") {
-            ModelKind::Embedding {
-                native_dims: 3072,
-                shortenable: true,
-            }
-        } else {
-            ModelKind::Embedding {
-                native_dims: 1536,
-                shortenable: d.contains("3-small") || d.contains("-3"),
-            }
-        }
-    } else {
-        ModelKind::Chat
-    }
-}
-
-fn operation_not_supported<R: From<Response>>(op: &str, deployment: &str) -> R {
+fn operation_not_supported<R: From<Response>>(op: &str, model: &str) -> R {
     R::from(aoai_error(
         400,
         "OperationNotSupported",
-        &format!("The {op} operation does not work with the specified model, {deployment}. Please choose different model and try again. You can learn more about which models can be used with each operation here: https://go.microsoft.com/fwlink/?linkid=2197993."),
+        &format!("The {op} operation does not work with the specified model, {model}. Please choose different model and try again. You can learn more about which models can be used with each operation here: https://go.microsoft.com/fwlink/?linkid=2197993."),
     ))
 }
 
@@ -725,10 +772,10 @@ enum Plan {
         body: Value,
         prompt_tokens: usize,
     },
-    Responses {
-        deployment: String,
-        prompt_tokens: usize,
-        choice: Choice,
+    /// Any other answer: its token cost, and how to make it (`reset` cuts the body).
+    Custom {
+        tokens: usize,
+        respond: Box<dyn FnOnce(&AoaiSim, bool) -> Response + Send>,
     },
 }
 
@@ -746,11 +793,7 @@ impl Plan {
                 ..
             } => prompt_tokens + choices.iter().map(|c| c.tokens.len()).sum::<usize>(),
             Plan::Embeddings { prompt_tokens, .. } => *prompt_tokens,
-            Plan::Responses {
-                prompt_tokens,
-                choice,
-                ..
-            } => prompt_tokens + choice.tokens.len(),
+            Plan::Custom { tokens, .. } => *tokens,
         }
     }
 
@@ -841,29 +884,7 @@ impl Plan {
                 delayed_json(cfg, completion, body, reset)
             }
             Plan::Embeddings { body, .. } => delayed_json(cfg, 0, body, reset),
-            Plan::Responses {
-                deployment,
-                prompt_tokens,
-                choice,
-            } => {
-                let n = choice.tokens.len();
-                let id = sim.new_id().replace('-', "");
-                let body = json!({
-                    "id": format!("resp_{id}"),
-                    "object": "response",
-                    "created_at": created,
-                    "status": if choice.finish_reason == "length" { "incomplete" } else { "completed" },
-                    "model": deployment,
-                    "output": [{
-                        "type": "message", "id": format!("msg_{id}"), "status": "completed",
-                        "role": "assistant",
-                        "content": [{"type": "output_text", "text": choice.tokens.concat(), "annotations": []}]
-                    }],
-                    "usage": {"input_tokens": prompt_tokens, "output_tokens": n,
-                              "total_tokens": prompt_tokens + n},
-                });
-                delayed_json(cfg, n, body, reset)
-            }
+            Plan::Custom { respond, .. } => respond(sim, reset),
         }
     }
 }
@@ -1019,13 +1040,14 @@ fn answer(
 
 fn plan_chat(
     sim: &AoaiSim,
-    deployment: &str,
+    at: &Deployed<'_>,
     body: &Value,
     extensions: bool,
 ) -> Result<Plan, Reject> {
-    if model_kind(deployment) != ModelKind::Chat {
-        return Err(operation_not_supported("chatCompletion", deployment));
+    if !matches!(at.kind, ModelKind::Chat { .. }) {
+        return Err(operation_not_supported("chatCompletion", at.model));
     }
+    let deployment = at.deployment;
     let messages = match body.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => {
@@ -1062,7 +1084,7 @@ fn plan_chat(
     let n = choices_n(body)?;
     let (stream, include_usage) = stream_flags(body);
     Ok(Plan::Chat {
-        deployment: deployment.to_string(),
+        deployment: at.model.to_string(),
         prompt_tokens,
         choices: (0..n)
             .map(|i| answer(sim, deployment, &last_user, i, max))
@@ -1073,10 +1095,11 @@ fn plan_chat(
     })
 }
 
-fn plan_completions(sim: &AoaiSim, deployment: &str, body: &Value) -> Result<Plan, Reject> {
-    if model_kind(deployment) != ModelKind::Chat {
-        return Err(operation_not_supported("completion", deployment));
+fn plan_completions(sim: &AoaiSim, at: &Deployed<'_>, body: &Value) -> Result<Plan, Reject> {
+    if at.kind != ModelKind::Completion {
+        return Err(operation_not_supported("completion", at.model));
     }
+    let deployment = at.deployment;
     let prompts: Vec<String> = match body.get("prompt") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {
@@ -1110,7 +1133,7 @@ fn plan_completions(sim: &AoaiSim, deployment: &str, body: &Value) -> Result<Pla
         }
     }
     Ok(Plan::Completions {
-        deployment: deployment.to_string(),
+        deployment: at.model.to_string(),
         prompt_tokens,
         choices,
         stream,
@@ -1118,49 +1141,13 @@ fn plan_completions(sim: &AoaiSim, deployment: &str, body: &Value) -> Result<Pla
     })
 }
 
-fn plan_responses(sim: &AoaiSim, deployment: &str, body: &Value) -> Result<Plan, Reject> {
-    if model_kind(deployment) != ModelKind::Chat {
-        return Err(operation_not_supported("responses", deployment));
-    }
-    if body.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err(invalid_request(
-            "The local AOAI simulator does not stream the responses API.",
-            "stream",
-        ));
-    }
-    let text = match body.get("input") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|m| content_text(m.get("content").unwrap_or(m)))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => {
-            return Err(invalid_request(
-                "Missing required parameter: 'input'.",
-                "input",
-            ))
-        }
-    };
-    let prompt_tokens = tokens::count(&text)
-        + body
-            .get("instructions")
-            .and_then(Value::as_str)
-            .map_or(0, tokens::count);
-    Ok(Plan::Responses {
-        deployment: deployment.to_string(),
-        prompt_tokens,
-        choice: answer(sim, deployment, &text, 0, max_tokens(body)?),
-    })
-}
-
-fn plan_embeddings(deployment: &str, body: &Value) -> Result<Plan, Reject> {
+fn plan_embeddings(at: &Deployed<'_>, body: &Value) -> Result<Plan, Reject> {
     let ModelKind::Embedding {
         native_dims,
         shortenable,
-    } = model_kind(deployment)
+    } = at.kind
     else {
-        return Err(operation_not_supported("embeddings", deployment));
+        return Err(operation_not_supported("embeddings", at.model));
     };
     // Inputs as (text used for the vector, token count).
     let one = |v: &Value| -> Option<(String, usize)> {
@@ -1221,7 +1208,7 @@ fn plan_embeddings(deployment: &str, body: &Value) -> Result<Plan, Reject> {
             ))
         }
     };
-    let family = embedding_model_name(deployment);
+    let family = models::embedding_model_name(at.model);
     let prompt_tokens: usize = inputs.iter().map(|(_, n)| n).sum();
     let data: Vec<Value> = inputs
         .iter()
@@ -1242,17 +1229,6 @@ fn plan_embeddings(deployment: &str, body: &Value) -> Result<Plan, Reject> {
                      "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}),
         prompt_tokens,
     })
-}
-
-fn embedding_model_name(deployment: &str) -> &'static str {
-    let d = deployment.to_ascii_lowercase();
-    if d.contains("3-large") {
-        "text-embedding-3-large"
-    } else if d.contains("3-small") || d.contains("-3") {
-        "text-embedding-3-small"
-    } else {
-        "text-embedding-ada-002"
-    }
 }
 
 /// The deterministic unit vector of `text`: `native` dimensions from a seeded generator, cut to
@@ -1545,32 +1521,6 @@ mod tests {
             .iter()
             .zip(&a)
             .all(|(s, f)| (s - f * scale).abs() < 1e-4));
-    }
-
-    #[test]
-    fn model_kinds_follow_deployment_names() {
-        assert_eq!(model_kind("gpt-4o"), ModelKind::Chat);
-        assert_eq!(
-            model_kind("text-embedding-3-large"),
-            ModelKind::Embedding {
-                native_dims: 3072,
-                shortenable: true
-            }
-        );
-        assert_eq!(
-            model_kind("text-embedding-ada-002"),
-            ModelKind::Embedding {
-                native_dims: 1536,
-                shortenable: false
-            }
-        );
-        assert_eq!(
-            model_kind("emb-text-embedding-3-small"),
-            ModelKind::Embedding {
-                native_dims: 1536,
-                shortenable: true
-            }
-        );
     }
 
     #[test]
