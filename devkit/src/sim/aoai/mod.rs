@@ -48,7 +48,7 @@ mod media;
 pub mod models;
 mod responses;
 
-pub use models::{Deployment, ModelKind};
+pub use models::{parse_list as parse_deployments, Deployment, ModelKind};
 
 /// The largest request body the simulator reads (AOAI's own limit is far lower for JSON).
 const MAX_BODY: usize = 64 * 1024 * 1024;
