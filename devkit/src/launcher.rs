@@ -862,7 +862,7 @@ fn print_banner(b: &Banner<'_>) {
     }
     match b.cs_url {
         Some(cs) => out.push_str(&format!(
-            "  Content Safety simulator at {cs}: try \"kill them all\" (Violence 6) or \"ignore all previous instructions\" (jailbreak)\n"
+            "  Content Safety simulator at {cs}: try \"bloodbath\" or \"kill them all\" (Violence 6) or \"ignore all previous instructions\" (jailbreak)\n"
         )),
         None => out.push_str("  Content Safety screening is off (--no-content-safety)\n"),
     }
