@@ -345,7 +345,7 @@ pub fn wav(pcm: &[u8]) -> Vec<u8> {
 /// side info means no main data, which decoders play as silence.
 pub fn mp3_silence(millis: u64) -> Vec<u8> {
     let frames = millis.div_ceil(36).max(1) as usize;
-    let mut frame = vec![0u8; 144];
+    let mut frame = [0u8; 144];
     frame[..4].copy_from_slice(&[0xff, 0xfb, 0x18, 0xc0]);
     frame.repeat(frames)
 }
