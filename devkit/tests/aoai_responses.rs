@@ -383,3 +383,62 @@ async fn responses_need_a_chat_model_and_an_input() {
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.is_err());
 }
+
+#[tokio::test]
+async fn a_stored_stream_can_be_resumed_after_a_sequence_number() {
+    let s = Sim::start(|_| {}).await;
+    let live = named_events(
+        &s.post(
+            R,
+            json!({"model": "gpt-4o", "input": "echo: a b c", "stream": true}),
+        )
+        .await
+        .text()
+        .await
+        .unwrap(),
+    );
+    let id = live[0].1["response"]["id"].as_str().unwrap();
+    let all = named_events(
+        &s.get(&format!("{R}/{id}?stream=true"))
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    // The replay is the live stream, event for event.
+    assert_eq!(all, live);
+    for after in [0, 3, live.len() as u64 - 2, live.len() as u64 + 5] {
+        let resumed = named_events(
+            &s.get(&format!("{R}/{id}?stream=true&starting_after={after}"))
+                .await
+                .text()
+                .await
+                .unwrap(),
+        );
+        let expected: Vec<_> = live.iter().skip(after as usize + 1).cloned().collect();
+        assert_eq!(resumed, expected, "starting_after={after}");
+    }
+    // A background response started without stream can be streamed too.
+    let bg: Value = s
+        .post(
+            R,
+            json!({"model": "gpt-4o", "input": "echo: later", "background": true}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let events = named_events(
+        &s.get(&format!("{R}/{}?stream=true", bg["id"].as_str().unwrap()))
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(events[0].1["response"]["status"], "queued");
+    assert_eq!(events.last().unwrap().0, "response.completed");
+    let bad = s
+        .get(&format!("{R}/{id}?stream=true&starting_after=x"))
+        .await;
+    assert_eq!(bad.status(), 400);
+}

@@ -16,6 +16,8 @@
 //! answers at once with status `queued`; polling sees `queued` until the first token is due,
 //! `in_progress` until the last, then the finished response; `cancel` stops it (`cancelled`).
 //! Status is computed from the clock on each read, so no task runs per response.
+//! `GET /responses/{id}?stream=true&starting_after=N` replays the stored stream after event `N`
+//! (how a client resumes a dropped background stream).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -47,6 +49,8 @@ struct Stored {
     cancelled: bool,
     /// Input and output tokens: what a follow-up with `previous_response_id` carries along.
     context_tokens: usize,
+    /// The stream's events, for `GET …?stream=true&starting_after=N`.
+    events: Vec<Value>,
 }
 
 impl Store {
@@ -265,11 +269,15 @@ fn respond(sim: &AoaiSim, req: Request, reset: bool) -> Response {
                 ready_at,
                 cancelled: false,
                 context_tokens: req.input_tokens + n + req.reasoning_tokens,
+                events: events(cfg, &req, &done)
+                    .into_iter()
+                    .map(|(_, e)| e)
+                    .collect(),
             },
         );
     }
     if req.stream {
-        return stream(cfg, &req, done, reset);
+        return stream(cfg, &req, &done, reset);
     }
     if req.background {
         let mut queued = done;
@@ -379,17 +387,32 @@ fn finished(req: &Request) -> Value {
     envelope(req, status, Value::Array(output), usage)
 }
 
-fn stream(cfg: &AoaiConfig, req: &Request, done: Value, reset: bool) -> Response {
+/// One SSE event of a Responses stream.
+fn sse_event(event: &Value) -> Bytes {
+    let kind = event["type"].as_str().unwrap_or("");
+    Bytes::from(format!("event: {kind}\ndata: {event}\n\n"))
+}
+
+fn stream(cfg: &AoaiConfig, req: &Request, done: &Value, reset: bool) -> Response {
+    let pieces = events(cfg, req, done)
+        .into_iter()
+        .map(|(wait, event)| Piece {
+            wait,
+            bytes: sse_event(&event),
+        })
+        .collect();
+    sse_response(pieces, reset)
+}
+
+/// The stream's events, each with the wait before it.
+fn events(cfg: &AoaiConfig, req: &Request, done: &Value) -> Vec<(Duration, Value)> {
     let mut seq = 0u64;
-    let mut pieces = Vec::new();
+    let mut out = Vec::new();
     let mut push = |wait: Duration, kind: &str, mut event: Value| {
         event["type"] = json!(kind);
         event["sequence_number"] = json!(seq);
         seq += 1;
-        pieces.push(Piece {
-            wait,
-            bytes: Bytes::from(format!("event: {kind}\ndata: {event}\n\n")),
-        });
+        out.push((wait, event));
     };
     let first_status = if req.background {
         "queued"
@@ -474,7 +497,7 @@ fn stream(cfg: &AoaiConfig, req: &Request, done: Value, reset: bool) -> Response
         "response.incomplete"
     };
     push(Duration::ZERO, last, json!({"response": done}));
-    sse_response(pieces, reset)
+    out
 }
 
 /// `GET`/`DELETE /responses/{id}`, `GET …/input_items`, `POST …/cancel`.
@@ -516,10 +539,7 @@ pub(super) fn item(
     match sub {
         None => {
             if query.iter().any(|(k, v)| k == "stream" && v == "true") {
-                return invalid_request(
-                    "The local AOAI simulator does not replay stored streams.",
-                    "stream",
-                );
+                return replay(stored, now, query);
             }
             json_response(200, &stored.view(now))
         }
@@ -537,6 +557,46 @@ pub(super) fn item(
         }
         Some(_) => input_items(&stored.input_items, query),
     }
+}
+
+/// `GET /responses/{id}?stream=true[&starting_after=N]`: the stored stream's events after
+/// sequence number `N` (all of them without it). A background response still running holds the
+/// stream until it finishes; a cancelled one replays only its lifecycle start.
+fn replay(stored: &Stored, now: Instant, query: &[(String, String)]) -> Response {
+    let after = match query.iter().find(|(k, _)| k == "starting_after") {
+        None => None,
+        Some((_, v)) => match v.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return invalid_request(
+                    "Invalid 'starting_after': expected an integer.",
+                    "starting_after",
+                )
+            }
+        },
+    };
+    let mut hold = stored.ready_at.saturating_duration_since(now);
+    let pieces = stored
+        .events
+        .iter()
+        .filter(|e| after.is_none_or(|n| e["sequence_number"].as_u64().is_some_and(|s| s > n)))
+        .filter(|e| {
+            !stored.cancelled
+                || matches!(
+                    e["type"].as_str(),
+                    Some("response.created" | "response.in_progress")
+                )
+        })
+        .map(|e| Piece {
+            wait: if stored.cancelled {
+                Duration::ZERO
+            } else {
+                std::mem::take(&mut hold)
+            },
+            bytes: sse_event(e),
+        })
+        .collect();
+    sse_response(pieces, false)
 }
 
 fn input_items(items: &[Value], query: &[(String, String)]) -> Response {
