@@ -15,6 +15,7 @@ Environment:
                               (scripts/e2e.sh declares it: --deployments emb=text-embedding-3-small)
   FWDPROXY_IMAGE_DEPLOYMENT   [dall-e-3]
   FWDPROXY_SPEECH_DEPLOYMENT  [tts-1]
+  FWDPROXY_TRANSCRIBE_DEPLOYMENT  [whisper]
   FWDPROXY_SIMULATOR          "1" when the upstream is the local simulator [1]: enables the
                               checks only the simulator guarantees (exact token accounting,
                               one answer per simulated resource)
@@ -34,6 +35,7 @@ EMBED = os.environ.get("FWDPROXY_EMBED_DEPLOYMENT", "text-embedding-3-small")
 CUSTOM_EMBED = os.environ.get("FWDPROXY_CUSTOM_EMBED_DEPLOYMENT", "emb")
 IMAGE = os.environ.get("FWDPROXY_IMAGE_DEPLOYMENT", "dall-e-3")
 SPEECH = os.environ.get("FWDPROXY_SPEECH_DEPLOYMENT", "tts-1")
+TRANSCRIBE = os.environ.get("FWDPROXY_TRANSCRIBE_DEPLOYMENT", "whisper")
 SIMULATOR = os.environ.get("FWDPROXY_SIMULATOR", "1") == "1"
 API_VERSION = "2024-10-21"
 
@@ -233,3 +235,22 @@ def test_audio_speech(client, fmt, content_type, magic):
         assert response.headers["content-type"] == content_type
         audio = response.read()
     assert audio.startswith(magic) and len(audio) > 100
+
+
+def test_audio_speech_create_returns_the_audio(client):
+    audio = client.audio.speech.create(model=SPEECH, voice="nova", input="Plain create.",
+                                       response_format="wav", extra_body={"user": USER})
+    body = audio.content
+    assert body[:4] == b"RIFF" and body[8:12] == b"WAVE"
+    assert int.from_bytes(body[40:44], "little") == len(body) - 44
+
+
+
+def test_audio_transcription_of_the_speech(client):
+    audio = client.audio.speech.create(model=SPEECH, voice="nova", input="Round trip.",
+                                       response_format="wav", extra_body={"user": USER})
+    result = client.audio.transcriptions.create(model=TRANSCRIBE, file=("speech.wav", audio.content),
+                                                prompt="Names: Contoso.", extra_body={"user": USER})
+    assert isinstance(result.text, str) and result.text
+    if SIMULATOR:
+        assert "speech.wav" in result.text
