@@ -5,8 +5,12 @@
 //                         └─▶ its AOAI resource, Content Safety, Cosmos DB, Key Vault — all over
 //                             private endpoints in the hub network
 //
+// Build:   az bicep build -f infra/main.bicep
+// Check:   az deployment group what-if -g <rg> -f infra/main.bicep -p @infra/main.parameters.json
 // Deploy:  az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json
-// Publish: infra/publish.sh <rg> <deployment-name>   (see infra/README.md)
+//          (the deployment is named after the file, "main", unless -n says otherwise)
+// Publish: infra/publish.sh -g <rg> [-n <deployment-name>]   (see infra/README.md)
+// Smoke:   infra/smoke.sh --gateway https://<appGatewayFqdn> --key <internal key> ...
 
 targetScope = 'resourceGroup'
 
@@ -132,7 +136,10 @@ param integrationAddressPrefixes array = [
   '10.40.11.0/24'
 ]
 
-@description('Public CIDRs allowed to upload the deployment package to storage; empty: publish from inside the network.')
+@description('A NAT gateway on each Function App integration subnet. With vnetRouteAllEnabled every outbound call enters the VNet, and Application Insights ingestion and Entra ID sign-in have no private endpoint here: they need a way out. Set false only when you provide one (a firewall route, or Azure Monitor Private Link for Application Insights plus egress for Entra ID).')
+param deployNatGateway bool = true
+
+@description('Public addresses or CIDRs allowed to upload the deployment package to storage; empty: publish from inside the network. A /32 is accepted and stripped (storage takes single addresses bare); storage rejects /31: list its two addresses instead.')
 param deployerIpRanges array = []
 
 // ---------------------------------------------------------------------------------------------
@@ -260,6 +267,7 @@ module spokes 'modules/spoke.bicep' = [for (r, i) in regions: {
     addressPrefix: integrationAddressPrefixes[i]
     hubVnetName: network.outputs.vnetName
     privateDnsZoneNames: zoneNames
+    deployNatGateway: deployNatGateway
   }
   dependsOn: [
     dns
@@ -416,7 +424,6 @@ module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: {
     keyVaultName: keyVaultName
     appInsightsName: monitoring.outputs.appInsightsName
     contentSafetyName: deployContentSafety ? contentSafety.outputs.name : ''
-    cosmosAccountName: deployCosmos ? cosmos.outputs.name : ''
     appSettings: concat([
       {
         name: 'FUNCTIONS_EXTENSION_VERSION'
@@ -519,6 +526,18 @@ module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: {
     inboundSecrets
     outApiKeySecrets
   ]
+}]
+
+// Cosmos DB data-plane access for each app, one assignment at a time: each PUT locks the whole
+// account and a concurrent one fails with 412, which ARM does not retry.
+@batchSize(1)
+module cosmosAccess 'modules/cosmos-data-access.bicep' = [for (a, i) in aoaiResources: if (deployCosmos) {
+  name: 'cosmos-access-${i}'
+  params: {
+    cosmosAccountName: deployCosmos ? cosmos.outputs.name : ''
+    principalId: apps[i].outputs.principalId
+    assigneeKey: apps[i].outputs.id
+  }
 }]
 
 // Keyless AOAI access: "Cognitive Services OpenAI User" for each app on its own AOAI resource.

@@ -6,7 +6,9 @@
 #      through the rewrite path,
 #   3. runs the Postman collection with newman (pinned in package.json) against it,
 #   4. runs the OpenAI Python SDK tests (tests/python/test_gateway_sdk.py) against the gateway,
-#   5. stops the set (also on failure or Ctrl-C) and checks that no handler outlived it.
+#   5. runs the post-deployment smoke check (infra/smoke.sh) against it, reading the abuse
+#      record from the handlers' audit files,
+#   6. stops the set (also on failure or Ctrl-C) and checks that no handler outlived it.
 # Exits non-zero when any step fails; newman's summary names each failed request.
 #
 # Needs: Rust toolchain, Node/npm (installs newman from package-lock.json when missing),
@@ -155,6 +157,17 @@ fi
 step "OpenAI Python SDK against the gateway"
 if ! FWDPROXY_GATEWAY_URL="$gateway" FWDPROXY_GATEWAY_KEY="$key" FWDPROXY_SIMULATOR=1 \
   .venv/bin/python -m pytest -q -rs tests/python/test_gateway_sdk.py; then
+  status=1
+fi
+
+step "post-deployment smoke check (infra/smoke.sh) against the local set"
+# The same script operators run against Azure; here the abuse record is read from the handlers'
+# AUDIT_LOG_PATH files instead of Cosmos DB, so the check cannot rot.
+smoke_user="$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["registered_users"][0])' "$ready")"
+if ! PYTHON=.venv/bin/python infra/smoke.sh --gateway "$gateway" --key "$key" \
+  --user "$smoke_user" --records file --audit-file "$run_dir/set/backend-*/*.jsonl" \
+  --record-timeout 15; then
+  echo "e2e: the smoke check failed (see the FAIL lines above)" >&2
   status=1
 fi
 

@@ -58,7 +58,7 @@ step "$current"
 E2E_PROFILE=debug E2E_NO_BUILD=1 E2E_HANDLER="$shipped" bash scripts/e2e.sh
 
 if [ -x infra/tests/check.sh ] || [ -f infra/tests/check.sh ]; then
-  current="infra checks (checkov, structure)"
+  current="infra checks (structure, Bicep syntax, checkov)"
   step "$current"
   bash infra/tests/check.sh
 fi

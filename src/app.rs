@@ -4,11 +4,18 @@
 //! Every request, on any path, goes through [`handle`], which runs the stages of
 //! [`crate::pipeline`] in this order and stops at the first that answers:
 //!
+//! 0. the edge (in [`serve_with`] and [`handle`]): hyper closes connections whose headers do not
+//!    arrive within `HEADER_READ_TIMEOUT_MS`; headers over [`MAX_HEADER_BYTES`] are answered 431;
+//!    a body declared over `MAX_BODY_BYTES` is kept from the stages (each answers 413 from the
+//!    declared length) and drained before the answer goes out, and the unread rest of a chunked
+//!    body a stage gave up on is drained in the background; everything below runs within
+//!    `AOAI_TIMEOUT_MS` of the request's arrival (504 after that);
 //! 1. request id: taken from `x-request-id` when sane, otherwise created; returned on every answer;
 //! 2. [`route`](crate::pipeline::route): health (answered here, no key), or the AOAI target;
 //! 3. [`auth`](crate::pipeline::auth): the internal key → caller;
-//! 4. [`policy`](crate::pipeline::policy): only for prompt-carrying operations when the user
-//!    check or screening is on — buffers the body, checks `user`;
+//! 4. [`policy`](crate::pipeline::policy): only for operations whose body the model reads, when
+//!    the user check or screening is on — buffers the body, reads it strictly, extracts what the
+//!    model reads, checks `user`;
 //! 5. [`content_safety`](crate::pipeline::content_safety): screens the prompt when configured;
 //! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, off the
 //!    request path;
@@ -18,7 +25,7 @@
 //! exactly one log line is written per request, when its response body is finished or dropped
 //! ([`RequestLog`]). Errors become AOAI-shaped JSON through [`AppError`]'s one mapping.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -221,42 +228,105 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new().fallback(handle).with_state(state)
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves, then stop accepting, let in-flight
-/// requests and streams finish for at most `grace`, and return.
+/// What the server loop enforces on every connection, before a request reaches [`handle`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// How long a connection may take to deliver a request's headers, counted from when the
+    /// server starts waiting for them: a half-open or silent connection is closed after it, and
+    /// so is a keep-alive connection that stays idle that long (`HEADER_READ_TIMEOUT_MS`).
+    pub header_read_timeout: Duration,
+}
+
+impl ServerLimits {
+    pub fn from_settings(settings: &Settings) -> Self {
+        ServerLimits {
+            header_read_timeout: settings.header_read_timeout,
+        }
+    }
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Serve `app` on `listener` with the default [`ServerLimits`]; see [`serve_with`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let signalled = Arc::new(tokio::sync::Notify::new());
-    let notify = signalled.clone();
-    // TCP_NODELAY on every accepted connection: without it Nagle holds each small SSE event
-    // until the client ACKs the previous one (up to the 40 ms delayed-ACK timer), so streamed
-    // tokens arrive in bursts.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            notify.notify_one();
-        })
-        .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result,
-        _ = signalled.notified() => {
-            tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining in-flight requests");
-            match tokio::time::timeout(grace, server).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!("shutdown grace period over: dropping the remaining requests");
-                    Ok(())
+    serve_with(listener, app, shutdown, grace, ServerLimits::default()).await
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves, then stop accepting, let in-flight
+/// requests and streams finish for at most `grace`, and return.
+///
+/// Our own accept loop rather than `axum::serve`: hyper's HTTP/1 header read timeout only runs
+/// with a timer, which `axum::serve` does not give it, so a client that opens a connection and
+/// never finishes its headers would hold it (and its buffer) forever. HTTP/1.1 only (no h2c).
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
+    // HTTP/1.1 only: the Functions host proxies to the handler over HTTP/1.1, and protocol
+    // detection (h1 or h2 prior knowledge) would wait for a silent connection's first bytes
+    // with no timeout at all.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Per-connection failures (the peer reset before accept) and resource
+                    // exhaustion (EMFILE): log, back off briefly so a full fd table does not
+                    // spin the loop, and keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
-            }
-        }
+            },
+            _ = &mut shutdown => break,
+        };
+        // TCP_NODELAY on every accepted connection: without it Nagle holds each small SSE event
+        // until the client ACKs the previous one (up to the 40 ms delayed-ACK timer), so streamed
+        // tokens arrive in bursts.
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            // Errors here are the connection's (client went away, header timeout, malformed
+            // request line): hyper already answered what it could; nothing to add.
+            let _ = conn.await;
+        });
     }
+    drop(listener);
+    tracing::info!(
+        grace_ms = grace.as_millis() as u64,
+        connections = graceful.count(),
+        "shutting down: draining in-flight requests"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over: dropping the remaining requests");
+    }
+    Ok(())
 }
 
 /// The per-request context and its one log line, written when the response body ends.
@@ -294,8 +364,23 @@ impl Drop for RequestLog {
     }
 }
 
+/// Request headers over this many bytes in total (names, values, and 4 bytes of `: ` and CRLF
+/// per line) are answered 431 and never forwarded. Application Gateway and the Functions host
+/// refuse about as much; nothing legitimate sends more. (Beyond hyper's read buffer, ~400 KB,
+/// or beyond 100 header lines, hyper itself answers a bare 431 before we see the request.)
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// A body declared over `MAX_BODY_BYTES` is read and thrown away, up to this many bytes and for
+/// at most [`DRAIN_MAX_TIME`], before the 413 goes out. Clients that send their whole body before
+/// reading (Python `http.client`, the OpenAI SDK's transport) then read the 413; closing on an
+/// unread body would make the kernel reset the connection and the 413 would be lost (the SDK
+/// retries a reset three times).
+const DRAIN_MAX_BYTES: u64 = 16 * 1024 * 1024;
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(10);
+
 /// Run the request path for one request.
-async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
+async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Response {
+    let started = Instant::now();
     let request_id = request_id(request.headers());
     let mut log = RequestLog {
         request_id: request_id.clone(),
@@ -306,13 +391,54 @@ async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Respons
         status: 0,
         error: None,
         upstream_latency: None,
-        started: Instant::now(),
+        started,
         completed: false,
     };
 
-    let outcome = AssertUnwindSafe(pipeline(&state, request, &mut log))
-        .catch_unwind()
-        .await;
+    // The edge, before any stage reads the request: oversized headers are refused outright; an
+    // oversized declared body is held back here (every stage answers 413 from the declared
+    // length without reading it) and drained after the answer is known.
+    let mut oversized_body = None;
+    let mut close = false;
+    let outcome = if header_bytes(request.headers()) > MAX_HEADER_BYTES {
+        // Its body (if any) is never read: the connection is not reused.
+        close = true;
+        Ok(Err(AppError::HeadersTooLarge {
+            limit: MAX_HEADER_BYTES,
+        }))
+    } else {
+        match content_length(request.headers()) {
+            Some(n)
+                if n > state.settings.max_body_bytes && !expects_continue(request.headers()) =>
+            {
+                oversized_body = Some(std::mem::take(request.body_mut()));
+            }
+            // A chunked body's size shows only while it is read: whichever stage gives up on it
+            // (over the limit, or an early answer), the rest is drained rather than reset.
+            None if request.headers().contains_key(header::TRANSFER_ENCODING) => {
+                let inner = std::mem::take(request.body_mut());
+                *request.body_mut() = Body::new(DrainOnDrop {
+                    inner,
+                    ended: false,
+                });
+            }
+            _ => {}
+        }
+        // AOAI_TIMEOUT_MS counts from the request's arrival, screening included, so nothing the
+        // gate does can push an exchange past the platform's 230 s cut.
+        let deadline = tokio::time::Instant::from_std(started + state.settings.upstream_timeout);
+        let run = AssertUnwindSafe(pipeline(&state, request, &mut log, deadline)).catch_unwind();
+        match tokio::time::timeout_at(deadline, run).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::warn!(
+                    request_id = log.request_id.to_str().unwrap_or(""),
+                    "timed out (AOAI_TIMEOUT_MS since the request arrived)"
+                );
+                Ok(Err(AppError::GatewayTimeout))
+            }
+        }
+    };
     let mut response = match outcome {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
@@ -329,6 +455,15 @@ async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Respons
         }
     };
     response.headers_mut().insert("x-request-id", request_id);
+    if let Some(body) = oversized_body {
+        discard(body, DRAIN_MAX_BYTES, DRAIN_MAX_TIME).await;
+        close = true;
+    }
+    if close {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     log.status = response.status().as_u16();
     log.completed = http_body::Body::is_end_stream(response.body());
     // With a Content-Length, hyper stops polling once that many bytes went out, so completion
@@ -343,10 +478,88 @@ async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Respons
     })
 }
 
+/// Total size of the request headers as they came on the wire (near enough: `name: value\r\n`).
+fn header_bytes(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// `Expect: 100-continue`: the client waits for our word before sending its body, so a refusal
+/// needs no drain (hyper sends `100 Continue` only once the body is read, which it never is).
+fn expects_continue(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// A request body that, dropped before its end, has its rest read and thrown away in the
+/// background (bounded as the declared-oversize drain), so the answer the stage gave is read by
+/// a client still sending instead of being lost to a reset. Used for chunked bodies only: they
+/// are rare, and this costs an allocation.
+struct DrainOnDrop {
+    inner: Body,
+    ended: bool,
+}
+
+impl http_body::Body for DrainOnDrop {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // An error ends it too: nothing more can be read from a broken body.
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        if self.ended || http_body::Body::is_end_stream(&self.inner) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let rest = std::mem::take(&mut self.inner);
+            runtime.spawn(discard(rest, DRAIN_MAX_BYTES, DRAIN_MAX_TIME));
+        }
+    }
+}
+
+/// Read and throw away up to `max_bytes` of `body` for at most `within`.
+async fn discard(body: Body, max_bytes: u64, within: Duration) {
+    let drain = async move {
+        let mut body = body;
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > max_bytes {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, drain).await;
+}
+
 async fn pipeline(
     state: &AppState,
     request: Request,
     log: &mut RequestLog,
+    deadline: tokio::time::Instant,
 ) -> Result<Response, AppError> {
     let (parts, body) = request.into_parts();
     let target = match route::resolve(&parts.method, parts.uri.path(), parts.uri.query())? {
@@ -372,13 +585,15 @@ async fn pipeline(
             &parts,
             body,
             &log.request_id,
+            deadline,
             &mut log.upstream_latency,
         )
         .await
 }
 
-/// Policy and content safety on a buffered body; every refusal is audited. Returns the
-/// client's bytes, unchanged, for forwarding.
+/// Policy and content safety on a buffered body; every refusal is audited, and so is a request
+/// let through unscreened by `CONTENT_SAFETY_FAIL_OPEN`. Returns the client's bytes, exactly
+/// those that were read and screened, for forwarding.
 async fn gate(
     state: &AppState,
     target: &UpstreamTarget,
@@ -387,20 +602,47 @@ async fn gate(
     log: &RequestLog,
 ) -> Result<Bytes, AppError> {
     let limit = state.settings.max_body_bytes;
+    let too_large = || async {
+        let error = AppError::PayloadTooLarge { limit };
+        let details = refusal_details(&error);
+        record_with_fields(
+            state,
+            target,
+            parts,
+            log,
+            Reason::RequestTooLarge,
+            &Inspected::default(),
+            details,
+        )
+        .await;
+        error
+    };
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
-        return Err(AppError::PayloadTooLarge { limit });
+        return Err(too_large().await);
     }
     let bytes =
-        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
+        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
             .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    AppError::PayloadTooLarge { limit }
-                } else {
-                    AppError::InvalidBody("The request body could not be read".into())
-                }
-            })?
-            .to_bytes();
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().await),
+            // the client went away or broke the framing: refused, and recorded like the rest
+            Err(_) => {
+                let error = AppError::InvalidBody("The request body could not be read".into());
+                let details = refusal_details(&error);
+                record_with_fields(
+                    state,
+                    target,
+                    parts,
+                    log,
+                    Reason::InvalidBody,
+                    &Inspected::default(),
+                    details,
+                )
+                .await;
+                return Err(error);
+            }
+        };
 
     let screening = state.content_safety.as_ref();
     let inspected = match policy::inspect(
@@ -413,11 +655,8 @@ async fn gate(
     ) {
         Ok(i) => i,
         Err(refusal) => {
-            let details = serde_json::json!({
-                "error": refusal.error.code(),
-                "message": refusal.error.to_string(),
-            });
-            record_abuse(
+            let details = refusal_details(&refusal.error);
+            record_with_fields(
                 state,
                 target,
                 parts,
@@ -425,41 +664,95 @@ async fn gate(
                 refusal.reason,
                 &refusal.inspected,
                 details,
-            );
+            )
+            .await;
             return Err(refusal.error);
         }
     };
 
-    if let Some(cs) = screening {
-        if !inspected.prompt.is_empty() {
-            match cs
-                .screen(&inspected.prompt, target.operation.shieldable())
-                .await
-            {
-                Ok(Verdict::Allowed) => {}
-                Ok(Verdict::Blocked {
-                    reason,
-                    result,
-                    details,
-                }) => {
-                    record_abuse(state, target, parts, log, reason, &inspected, details);
-                    return Err(AppError::ContentFiltered(result));
-                }
-                Ok(Verdict::TooLong) => {
-                    return Err(AppError::InvalidBody(
-                        "The prompt is too long to be screened for content safety".into(),
-                    ))
-                }
-                Err(unavailable) => {
-                    let rid = log.request_id.to_str().unwrap_or("");
-                    if let Some(e) = cs.on_unavailable(&unavailable, rid) {
-                        return Err(e);
-                    }
-                }
+    let Some(cs) = screening else {
+        return Ok(bytes);
+    };
+    if inspected.prompt.is_empty() {
+        return Ok(bytes);
+    }
+    match cs
+        .screen(&inspected.prompt, target.operation.shieldable())
+        .await
+    {
+        Ok(Verdict::Allowed) => Ok(bytes),
+        Ok(Verdict::Blocked {
+            reason,
+            result,
+            details,
+        }) => {
+            record_with_fields(state, target, parts, log, reason, &inspected, details).await;
+            Err(AppError::ContentFiltered(result))
+        }
+        Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
+            let rid = log.request_id.to_str().unwrap_or("");
+            // a limit refusal is never forwarded, and is recorded like every refusal
+            let error = cs.on_limit(&limit, rid).unwrap_or(AppError::Internal);
+            let reason = match limit {
+                Verdict::Busy => Reason::ScreeningBusy,
+                _ => Reason::TooLongToScreen,
+            };
+            let details = refusal_details(&error);
+            record_with_fields(state, target, parts, log, reason, &inspected, details).await;
+            Err(error)
+        }
+        Err(unavailable) => {
+            let rid = log.request_id.to_str().unwrap_or("");
+            if let Some(e) = cs.on_unavailable(&unavailable, rid) {
+                return Err(e);
             }
+            // failing open: the request goes on, and the record says nobody screened it
+            let details = serde_json::json!({
+                "unscreened": true,
+                "why": unavailable.why,
+            });
+            record_with_fields(
+                state,
+                target,
+                parts,
+                log,
+                Reason::PassedUnscreened,
+                &inspected,
+                details,
+            )
+            .await;
+            Ok(bytes)
         }
     }
-    Ok(bytes)
+}
+
+/// Hand a record to [`record_abuse`], with `details.prompt_fields` (where each piece of the
+/// captured prompt came from: field, role, length) when prompt capture is on. Async so the gate
+/// already awaits it where `record_abuse` is to await durability.
+async fn record_with_fields(
+    state: &AppState,
+    target: &UpstreamTarget,
+    parts: &http::request::Parts,
+    log: &RequestLog,
+    reason: Reason,
+    inspected: &Inspected,
+    mut details: serde_json::Value,
+) {
+    if state.audit.capture_prompt() && !inspected.prompt.is_empty() {
+        if !details.is_object() {
+            details = serde_json::json!({ "verdict": details });
+        }
+        details["prompt_fields"] = inspected.prompt.fields();
+    }
+    record_abuse(state, target, parts, log, reason, inspected, details);
+}
+
+/// The record's `details` for a refusal the handler itself decided.
+fn refusal_details(error: &AppError) -> serde_json::Value {
+    serde_json::json!({
+        "error": error.code(),
+        "message": error.to_string(),
+    })
 }
 
 /// Build the abuse record for a refusal and hand it to the audit log (never blocks, never fails).

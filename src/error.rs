@@ -28,6 +28,10 @@ pub enum AppError {
     /// No internal key, or a wrong one.
     #[error("Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.")]
     Unauthorized,
+    /// The request headers exceed 32 KB in total (nothing legitimate sends that much; the
+    /// gateway and the Functions host have limits of that order).
+    #[error("The request headers exceed the limit of {limit} bytes in total")]
+    HeadersTooLarge { limit: usize },
     /// The request body exceeds the configured limit.
     #[error("The request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
@@ -46,6 +50,12 @@ pub enum AppError {
     /// Screening is required but Content Safety could not answer (fail closed).
     #[error("The prompt could not be screened for content safety right now; retry later")]
     ScreeningUnavailable { retry_after: Option<u64> },
+    /// Screening the prompt would take more Content Safety calls than one request may make.
+    #[error("The prompt is too long to be screened for content safety: it needs more screening calls than one request may make")]
+    TooLongToScreen,
+    /// Too many requests are being screened in this instance right now.
+    #[error("Too many requests are being screened for content safety right now; retry after the number of seconds in retry-after")]
+    ScreeningBusy { retry_after: u64 },
     /// The upstream could not be reached or broke the exchange before answering.
     #[error("The upstream Azure OpenAI service could not be reached")]
     BadGateway,
@@ -67,10 +77,13 @@ impl AppError {
             }
             AppError::UnregisteredUser => StatusCode::FORBIDDEN,
             AppError::ScreeningUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::TooLongToScreen => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::ScreeningBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             AppError::BadGateway => StatusCode::BAD_GATEWAY,
             AppError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -89,10 +102,13 @@ impl AppError {
             AppError::UnregisteredUser => "unregistered_user",
             AppError::ContentFiltered(_) => "content_filter",
             AppError::ScreeningUnavailable { .. } => "content_safety_unavailable",
+            AppError::TooLongToScreen => "prompt_too_long",
+            AppError::ScreeningBusy { .. } => "screening_busy",
             AppError::NotFound => "404",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Unauthorized => "401",
             AppError::PayloadTooLarge { .. } => "request_too_large",
+            AppError::HeadersTooLarge { .. } => "request_headers_too_large",
             AppError::BadGateway => "upstream_unreachable",
             AppError::GatewayTimeout => "upstream_timeout",
             AppError::Internal => "internal_error",
@@ -134,10 +150,12 @@ impl IntoResponse for AppError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let AppError::ScreeningUnavailable {
-            retry_after: Some(secs),
-        } = self
-        {
+        let retry_after = match self {
+            AppError::ScreeningUnavailable { retry_after } => retry_after,
+            AppError::ScreeningBusy { retry_after } => Some(retry_after),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -164,11 +182,14 @@ mod tests {
             AppError::MethodNotAllowed,
             AppError::Unauthorized,
             AppError::PayloadTooLarge { limit: 1 },
+            AppError::HeadersTooLarge { limit: 1 },
             AppError::InvalidBody("x".into()),
             AppError::MissingUser("x".into()),
             AppError::UnregisteredUser,
             AppError::ContentFiltered(json!({})),
             AppError::ScreeningUnavailable { retry_after: None },
+            AppError::TooLongToScreen,
+            AppError::ScreeningBusy { retry_after: 1 },
             AppError::BadGateway,
             AppError::GatewayTimeout,
             AppError::Internal,

@@ -43,6 +43,7 @@ async fn run() -> ExitCode {
     };
     let addr = app::listen_addr(&settings);
     let grace = settings.shutdown_grace;
+    let limits = app::ServerLimits::from_settings(&settings);
     let state = match app::AppState::new(settings).await {
         Ok(s) => s,
         Err(e) => {
@@ -68,11 +69,12 @@ async fn run() -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "ready"
     );
-    let served = app::serve(
+    let served = app::serve_with(
         listener,
         app::router(state.clone()),
         shutdown_signal(),
         grace,
+        limits,
     )
     .await;
     // Abuse records still queued go to Cosmos DB or, past the deadline, to the durable spool.

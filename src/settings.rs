@@ -79,12 +79,17 @@ pub struct Settings {
     pub aoai_key: Option<Secret>,
     /// `AOAI_CONNECT_TIMEOUT_MS`.
     pub connect_timeout: Duration,
-    /// `AOAI_TIMEOUT_MS`: the whole upstream exchange, streaming included.
+    /// `AOAI_TIMEOUT_MS`: the whole exchange counted from the request's arrival (screening, the
+    /// AOAI call and its streamed answer).
     pub upstream_timeout: Duration,
     /// `MAX_BODY_BYTES`.
     pub max_body_bytes: u64,
     /// `SHUTDOWN_GRACE_MS`: how long SIGTERM waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
+    /// `HEADER_READ_TIMEOUT_MS`: how long a connection may take to send a request's headers,
+    /// counted from when the server starts waiting for them (so it also bounds how long an idle
+    /// keep-alive connection stays open).
+    pub header_read_timeout: Duration,
     /// `USER_CHECK`, `REGISTERED_USERS`.
     pub policy: PolicySettings,
     /// `CONTENT_SAFETY_*`; `None` when screening is off.
@@ -280,6 +285,14 @@ impl Settings {
             ));
         }
         let shutdown_grace = Duration::from_millis(src.number("SHUTDOWN_GRACE_MS", 230_000u64)?);
+        let header_read_timeout =
+            Duration::from_millis(src.number("HEADER_READ_TIMEOUT_MS", 120_000u64)?);
+        if header_read_timeout.is_zero() || header_read_timeout > Duration::from_secs(3600) {
+            return Err(err(
+                "HEADER_READ_TIMEOUT_MS",
+                "must be between 1 and 3600000 (idle and half-open connections must close)",
+            ));
+        }
 
         Ok(Settings {
             port,
@@ -291,6 +304,7 @@ impl Settings {
             upstream_timeout,
             max_body_bytes,
             shutdown_grace,
+            header_read_timeout,
             policy: PolicySettings::from_source(src)?,
             content_safety: ContentSafetySettings::from_source(src)?,
             audit: AuditSettings::from_source(src)?,
@@ -520,6 +534,15 @@ mod tests {
         ])
         .is_err());
         assert!(with(&[("MAX_BODY_BYTES", "104857601")]).is_err());
+        assert!(with(&[("HEADER_READ_TIMEOUT_MS", "0")]).is_err());
+        assert!(with(&[("HEADER_READ_TIMEOUT_MS", "3600001")]).is_err());
+        assert!(with(&[("HEADER_READ_TIMEOUT_MS", "soon")]).is_err());
+        assert_eq!(
+            with(&[("HEADER_READ_TIMEOUT_MS", "1500")])
+                .unwrap()
+                .header_read_timeout,
+            Duration::from_millis(1500)
+        );
     }
 
     #[test]

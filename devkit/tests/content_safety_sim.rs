@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use fwdproxy_devkit::server::RunningServer;
 use fwdproxy_devkit::sim::content_safety::{
-    self, ContentSafetyConfig, ContentSafetySim, TermsFile,
+    self, Canned, ContentSafetyConfig, ContentSafetySim, Operation, TermsFile,
 };
 use serde_json::{json, Value};
 
@@ -304,4 +304,158 @@ async fn outages_on_demand() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+}
+
+#[tokio::test]
+async fn any_answer_on_demand_through_the_text() {
+    let cs = Cs::start(TermsFile::demo()).await;
+    // verbatim, 200 included, on either operation
+    for (op, body, status, answer) in [
+        ("analyze", json!({"text": "hi [[cs:200:{}]]"}), 200, "{}"),
+        (
+            "analyze",
+            json!({"text": r#"[[cs:200:{"categoriesAnalysis":[{"category":"violence","severity":6}]}]]"#}),
+            200,
+            r#"{"categoriesAnalysis":[{"category":"violence","severity":6}]}"#,
+        ),
+        (
+            "shieldPrompt",
+            json!({"userPrompt": "[[cs:200:{\"userPromptAnalysis\":null}]]"}),
+            200,
+            r#"{"userPromptAnalysis":null}"#,
+        ),
+        (
+            "shieldPrompt",
+            json!({"documents": ["[[cs:418:not json]]"]}),
+            418,
+            "not json",
+        ),
+    ] {
+        let r = cs.call(op, body).await;
+        assert_eq!(r.status(), status);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert_eq!(r.text().await.unwrap(), answer);
+    }
+    // the marker still needs the key
+    let r = cs
+        .client
+        .post(format!(
+            "{}/contentsafety/text:analyze?api-version=2024-09-01",
+            cs.server.url()
+        ))
+        .json(&json!({"text": "[[cs:200:{}]]"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(cs.sim.recorder.total(), 5);
+}
+
+#[tokio::test]
+async fn any_answer_on_demand_through_the_api() {
+    let cs = Cs::start(TermsFile::demo()).await;
+    cs.sim.answer_with(None, Canned::ok("{}"));
+    cs.sim.answer_with(
+        Some(Operation::Shield),
+        Canned {
+            status: 200,
+            content_type: None,
+            body: "garbage".into(),
+        },
+    );
+    let r = cs.call("analyze", json!({"text": "hello"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "{}");
+    let r = cs
+        .call("shieldPrompt", json!({"userPrompt": "hello"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-type").is_none());
+    assert_eq!(r.text().await.unwrap(), "garbage");
+    // auth is still checked before a canned answer
+    let r = cs
+        .client
+        .post(format!(
+            "{}/contentsafety/text:analyze?api-version=2024-09-01",
+            cs.server.url()
+        ))
+        .header("Ocp-Apim-Subscription-Key", "wrong-key")
+        .json(&json!({"text": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    cs.sim.answer_verdicts();
+    let a = cs.analyze(json!({"text": "kill them all"})).await;
+    assert_eq!(severity(&a, "Violence"), 6);
+    assert_eq!(a["categoriesAnalysis"].as_array().unwrap().len(), 4);
+    assert_eq!(cs.sim.recorder.total(), 4);
+}
+
+/// The local set end to end: the handler in front of the AOAI and Content Safety simulators.
+/// A prompt carrying `[[cs:200:BODY]]` makes the simulator answer BODY, and the handler must
+/// refuse with 503 without AOAI seeing the request; the same prompt without a broken answer
+/// goes through.
+#[tokio::test]
+async fn the_handler_fails_closed_on_unreadable_answers_from_the_simulator() {
+    use aoai_fwdproxy::app;
+    use aoai_fwdproxy::settings::{Settings, Source};
+    use fwdproxy_devkit::sim::aoai::{self, AoaiConfig};
+
+    let cs = Cs::start(TermsFile::demo()).await;
+    let aoai_config = AoaiConfig::default();
+    let aoai_key = aoai_config.key.clone();
+    let (aoai_server, aoai_sim) = aoai::start(aoai_config, 0).await.unwrap();
+    let in_key = "local-set-internal-key-0123";
+    let settings = Settings::from_source(&Source::from_map([
+        ("AOAI_HOSTNAME", aoai_server.url()),
+        ("AOAI_INAPIKEY", in_key.to_string()),
+        ("AOAI_OUTAPIKEY", aoai_key),
+        ("CONTENT_SAFETY_ENDPOINT", cs.server.url()),
+        ("CONTENT_SAFETY_KEY", KEY.to_string()),
+    ]))
+    .unwrap();
+    let state = app::AppState::new(settings).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/api/FwdProxy/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        listener.local_addr().unwrap()
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app::serve(
+        listener,
+        app::router(state),
+        async move {
+            let _ = stopped.await;
+        },
+        std::time::Duration::from_secs(1),
+    ));
+    let post = |text: &str| {
+        cs.client
+            .post(&url)
+            .header("api-key", in_key)
+            .json(&json!({"messages": [{"role": "user", "content": text}]}))
+            .send()
+    };
+    let broken = [
+        "{}",
+        r#"{"categoriesAnalysis":[{"category":"violence","severity":6}]}"#,
+        r#"{"blocklistsMatch":[],"categoriesAnalysis":[{"category":"Hate","severity":null}]}"#,
+        "not json",
+    ];
+    for (n, body) in broken.iter().enumerate() {
+        let r = post(&format!("hello [[cs:200:{body}]]")).await.unwrap();
+        assert_eq!(r.status(), 503, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "content_safety_unavailable");
+        // analyze and shield each got the marker
+        assert_eq!(cs.sim.recorder.total(), 2 * (n as u64 + 1));
+    }
+    let before = aoai_sim.recorder.total();
+    assert_eq!(before, 0, "AOAI saw a refused prompt");
+    let r = post("hello").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(aoai_sim.recorder.total(), 1);
+    let _ = stop.send(());
 }

@@ -29,7 +29,7 @@ var containerOptions = serverless ? {} : {
 }
 
 resource account 'Microsoft.DocumentDB/databaseAccounts@2024-11-15' = {
-  #checkov:skip=CKV_AZURE_140:disableLocalAuth is !allowLocalAuth and allowLocalAuth defaults to false in main.bicep (cosmosAllowLocalAuth); keys stay off unless an operator opts in.
+  //checkov:skip=CKV_AZURE_140:disableLocalAuth is !allowLocalAuth and allowLocalAuth defaults to false in main.bicep (cosmosAllowLocalAuth); keys stay off unless an operator opts in.
   name: name
   location: location
   tags: tags

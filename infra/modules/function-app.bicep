@@ -28,9 +28,6 @@ param appInsightsName string
 @description('Empty when Content Safety is not deployed.')
 param contentSafetyName string
 
-@description('Empty when Cosmos DB is not deployed.')
-param cosmosAccountName string
-
 var roles = {
   storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -46,9 +43,9 @@ var storageRoles = [
 ]
 
 resource site 'Microsoft.Web/sites@2024-04-01' = {
-  #checkov:skip=CKV_AZURE_222:Public endpoint stays on so Application Gateway can reach it through the Microsoft.Web service endpoint; ipSecurityRestrictions admit only the gateway subnet (default Deny).
-  #checkov:skip=CKV_AZURE_17:Callers authenticate with the handler's internal API keys; Application Gateway terminates client TLS and does not present client certificates.
-  #checkov:skip=CKV_AZURE_212:Elastic Premium keeps minimumElasticInstanceCount always-ready instances and scales out on load; numberOfWorkers applies to Dedicated plans.
+  //checkov:skip=CKV_AZURE_222:Public endpoint stays on so Application Gateway can reach it through the Microsoft.Web service endpoint; ipSecurityRestrictions admit only the gateway subnet (default Deny).
+  //checkov:skip=CKV_AZURE_17:Callers authenticate with the handler's internal API keys; Application Gateway terminates client TLS and does not present client certificates.
+  //checkov:skip=CKV_AZURE_212:Elastic Premium keeps minimumElasticInstanceCount always-ready instances and scales out on load; numberOfWorkers applies to Dedicated plans.
   name: name
   location: location
   tags: tags
@@ -171,21 +168,6 @@ resource contentSafetyAccess 'Microsoft.Authorization/roleAssignments@2022-04-01
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.cognitiveServicesUser)
     principalId: site.identity.principalId
     principalType: 'ServicePrincipal'
-  }
-}
-
-resource cosmos 'Microsoft.DocumentDB/databaseAccounts@2024-11-15' existing = if (!empty(cosmosAccountName)) {
-  name: empty(cosmosAccountName) ? 'unused' : cosmosAccountName
-}
-
-// Cosmos DB Built-in Data Contributor (data plane RBAC, not an ARM role).
-resource cosmosAccess 'Microsoft.DocumentDB/databaseAccounts/sqlRoleAssignments@2024-11-15' = if (!empty(cosmosAccountName)) {
-  parent: cosmos
-  name: guid(cosmos.id, site.id, '00000000-0000-0000-0000-000000000002')
-  properties: {
-    roleDefinitionId: '${cosmos.id}/sqlRoleDefinitions/00000000-0000-0000-0000-000000000002'
-    principalId: site.identity.principalId
-    scope: cosmos.id
   }
 }
 

@@ -22,7 +22,7 @@ param maximumElasticWorkerCount int
 param zoneRedundant bool
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
-  #checkov:skip=CKV_AZURE_225:Zone redundancy is a parameter (zoneRedundant): it triples the always-ready baseline cost, so it is opt-in.
+  //checkov:skip=CKV_AZURE_225:Zone redundancy is a parameter (zoneRedundant): it triples the always-ready baseline cost, so it is opt-in.
   name: 'plan-${namePrefix}-${location}'
   location: location
   tags: tags

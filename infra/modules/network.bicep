@@ -96,7 +96,7 @@ var appGatewayHttpRule = [
 ]
 
 resource appGatewayNsg 'Microsoft.Network/networkSecurityGroups@2024-05-01' = {
-  #checkov:skip=CKV_AZURE_160:Port 80 opens only when enableHttpRedirect is true, and then serves nothing but a 301 to HTTPS.
+  //checkov:skip=CKV_AZURE_160:Port 80 opens only when enableHttpRedirect is true, and then serves nothing but a 301 to HTTPS.
   name: 'nsg-${namePrefix}-appgw'
   location: location
   tags: tags
@@ -141,6 +141,10 @@ resource privateEndpointNsg 'Microsoft.Network/networkSecurityGroups@2024-05-01'
   }
 }
 
+// The gateway subnet's Microsoft.Web service endpoint lists every location: without it the
+// endpoint covers only this region, and a Function App in another region (appLocation in
+// aoaiResources) would see the gateway's traffic arrive from its public address, answer 403 and
+// leave the backend unhealthy.
 resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
   name: 'vnet-${namePrefix}-hub'
   location: location
@@ -159,11 +163,14 @@ resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
           networkSecurityGroup: {
             id: appGatewayNsg.id
           }
-          // The Function Apps admit only this subnet (access restriction by subnet), which needs
-          // the Microsoft.Web service endpoint on the caller's side.
+          // Apps admit only this subnet, through the Microsoft.Web service endpoint; all
+          // locations, or an app in another region sees the gateway's public address (403).
           serviceEndpoints: [
             {
               service: 'Microsoft.Web'
+              locations: [
+                '*'
+              ]
             }
           ]
         }

@@ -15,6 +15,9 @@ param hubVnetName string
 @description('Private DNS zones (same resource group) to link this spoke to.')
 param privateDnsZoneNames array
 
+@description('Give the integration subnet a NAT gateway for its internet-bound traffic (see main.bicep deployNatGateway).')
+param deployNatGateway bool
+
 resource hub 'Microsoft.Network/virtualNetworks@2024-05-01' existing = {
   name: hubVnetName
 }
@@ -57,6 +60,40 @@ resource integrationNsg 'Microsoft.Network/networkSecurityGroups@2024-05-01' = {
   }
 }
 
+// vnetRouteAllEnabled sends all of the apps' outbound traffic into this subnet, including what
+// has no private endpoint: Application Insights ingestion and Entra ID token requests (public
+// endpoints). A NAT gateway gives that traffic a stable, explicit way out; default outbound
+// access is being retired for new subnets and cannot be relied on.
+resource natIp 'Microsoft.Network/publicIPAddresses@2024-05-01' = if (deployNatGateway) {
+  name: 'pip-${namePrefix}-nat-${location}'
+  location: location
+  tags: tags
+  sku: {
+    name: 'Standard'
+  }
+  properties: {
+    publicIPAllocationMethod: 'Static'
+    publicIPAddressVersion: 'IPv4'
+  }
+}
+
+resource nat 'Microsoft.Network/natGateways@2024-05-01' = if (deployNatGateway) {
+  name: 'ng-${namePrefix}-func-${location}'
+  location: location
+  tags: tags
+  sku: {
+    name: 'Standard'
+  }
+  properties: {
+    idleTimeoutInMinutes: 4
+    publicIpAddresses: [
+      {
+        id: natIp.id
+      }
+    ]
+  }
+}
+
 resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
   name: 'vnet-${namePrefix}-func-${location}'
   location: location
@@ -75,6 +112,9 @@ resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
           networkSecurityGroup: {
             id: integrationNsg.id
           }
+          natGateway: deployNatGateway ? {
+            id: nat.id
+          } : null
           delegations: [
             {
               name: 'Microsoft.Web.serverFarms'

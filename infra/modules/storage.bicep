@@ -26,8 +26,8 @@ var groups = [
 ]
 
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
-  #checkov:skip=CKV_AZURE_43:The name comes from main.bicep as 'st' + prefix + uniqueString(), hyphens removed, lowercased, cut to 24: always valid. checkov renders this cross-module value nondeterministically and fails about one run in six.
-  #checkov:skip=CKV_AZURE_59:Public network access is enabled only when deployerIpRanges lists publisher IPs, and then behind defaultAction Deny with those IP rules.
+  //checkov:skip=CKV_AZURE_43:The name comes from main.bicep as 'st' + prefix + uniqueString(), hyphens removed, lowercased, cut to 24: always valid. checkov renders this cross-module value nondeterministically and fails about one run in six.
+  //checkov:skip=CKV_AZURE_59:Public network access is enabled only when deployerIpRanges lists publisher IPs, and then behind defaultAction Deny with those IP rules.
   name: name
   location: location
   tags: tags
@@ -47,8 +47,10 @@ resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
     networkAcls: {
       defaultAction: 'Deny'
       bypass: 'AzureServices'
+      // Storage rejects /31 and /32 prefixes: a single address must come bare, so a /32 is
+      // stripped here (a /31 must be given as its two addresses; see deployerIpRanges).
       ipRules: [for ip in deployerIpRanges: {
-        value: ip
+        value: endsWith(ip, '/32') ? substring(ip, 0, length(ip) - 3) : ip
         action: 'Allow'
       }]
     }

@@ -2,11 +2,17 @@
 # Offline validation of infra/ (no Azure, no Bicep CLI needed):
 #   1. check_structure.py: rewrite rules schema, module/file references, parameters example,
 #      probe path and timeouts (standard-library Python);
-#   2. checkov over the Bicep with zero failed checks and zero parsing errors (a file checkov
+#   2. check_bicep.py: every .bicep parses with the tree-sitter Bicep grammar (no ERROR or MISSING
+#      node) and has no `#` the Bicep lexer refuses (BCP001: only #disable-next-line,
+#      #disable-diagnostics, #restore-diagnostics at a line start), plus its own self-test
+#      (bad fixtures must fail it), so `az bicep build` would accept what we ship;
+#   3. test_smoke.py: infra/smoke.py against a fake gateway, healthy (all PASS) and broken in
+#      each way it checks (the matching item FAILs), so the post-deployment check cannot rot;
+#   4. checkov over the Bicep with zero failed checks and zero parsing errors (a file checkov
 #      cannot parse would otherwise be skipped silently). Deliberate skips live inline in the
-#      Bicep as `#checkov:skip=CKV_...:reason`.
-# checkov is installed once into the repo's .venv at the version pinned in requirements.txt;
-# later runs skip pip entirely.
+#      Bicep as `//checkov:skip=CKV_...:reason` (a comment: `#checkov` does not compile).
+# checkov and the grammar are installed once into the repo's .venv-infra at the versions pinned
+# in requirements.txt; later runs skip pip entirely.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,17 +31,41 @@ else
   failed=$((failed + 1))
 fi
 
-echo "== checkov (bicep)"
+echo "== smoke check self-test (infra/smoke.py against a fake gateway, healthy and broken)"
+if python3 "$here/test_smoke.py"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+fi
+
+# Every `name==version` pin of requirements.txt installed at that version, or pip runs.
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-want="$(sed -n 's/^checkov==\([^[:space:]]*\).*/\1/p' "$requirements")"
-have="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("checkov"))' 2>/dev/null || true)"
-if [ "$have" != "$want" ]; then
-  echo "installing checkov $want into $venv (first run takes a few minutes)"
+if ! "$venv/bin/python" - "$requirements" <<'PY'
+import importlib.metadata as m, re, sys
+for line in open(sys.argv[1]):
+    pin = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line)
+    if pin:
+        try:
+            if m.version(pin.group(1)) != pin.group(2):
+                sys.exit(1)
+        except m.PackageNotFoundError:
+            sys.exit(1)
+PY
+then
+  echo "installing $(grep -cE '^[A-Za-z].*==' "$requirements") pinned tools into $venv (first run takes a few minutes)"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
 fi
 
+echo "== bicep syntax (tree-sitter grammar + the lexer's '#' rule)"
+if "$venv/bin/python" "$here/test_check_bicep.py" && "$venv/bin/python" "$here/check_bicep.py"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+fi
+
+echo "== checkov (bicep)"
 report="$(mktemp)"
 trap 'rm -f "$report"' EXIT
 # checkov exits non-zero on failed checks; parsing errors need the summary line.

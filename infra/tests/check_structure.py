@@ -9,7 +9,12 @@
 - the probe path is the handler's health path (src/pipeline/route.rs HEALTH_PATH) and the probe
   numbers are within Application Gateway's limits;
 - the backend request timeout is capped at 230 s and AOAI_TIMEOUT_MS stays below 230000 ms;
-- response buffering is off on the gateway.
+- response buffering is off on the gateway;
+- the first-deployment traps stay closed: Cosmos DB data-plane role assignments are deployed from
+  one place, one at a time (@batchSize(1)); the gateway's certificate is read only after its
+  identity holds the vault role; the Microsoft.Web service endpoint lists its locations; storage
+  ipRules strip /32 and the example lists no /31; route-all apps get an egress (NAT gateway on by
+  default); main.bicep's usage comment and the README call publish.sh with flags it knows.
 
 Prints one PASS/FAIL line per check and a closing "N passed, M failed" line; exits 1 on failure.
 """
@@ -210,6 +215,170 @@ def timeouts():
         problems.append("appgw.bicep must set enableResponseBuffering: false")
     if "loadJsonContent('rewrite-rules.json').rewriteRules" not in main:
         problems.append("main.bicep does not load rewrite-rules.json")
+    return problems
+
+
+def statements(text: str, kind: str):
+    """(symbol, type-or-path, is_loop, decorators) for each top-level `resource`/`module`."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(rf"^{kind}\s+(\w+)\s+'([^']+)'[^=]*=\s*(\[\s*for\b)?", line)
+        if not m:
+            continue
+        decorators = []
+        j = i - 1
+        while j >= 0 and (lines[j].startswith("@") or lines[j].startswith("//")):
+            if lines[j].startswith("@"):
+                decorators.append(lines[j].strip())
+            j -= 1
+        yield m.group(1), m.group(2), bool(m.group(3)), decorators
+
+
+COSMOS_ROLE = "Microsoft.DocumentDB/databaseAccounts/sqlRoleAssignments@"
+
+
+@check("Cosmos DB role assignments: one deploy site, one at a time (@batchSize(1))")
+def cosmos_role_assignments_serialised():
+    # Each sqlRoleAssignments PUT locks the account; parallel ones fail with 412 (not retried).
+    problems = []
+    files = bicep_files()
+    texts = {f: f.read_text() for f in files}
+    sites = []
+    tainted = set()
+    for f, text in texts.items():
+        for sym, typ, loop, decorators in statements(text, "resource"):
+            if typ.startswith(COSMOS_ROLE):
+                sites.append(f"{f.relative_to(INFRA)}:{sym}")
+                tainted.add(f.resolve())
+                if loop and "@batchSize(1)" not in decorators:
+                    problems.append(f"{f.relative_to(INFRA)}: {sym} loops without @batchSize(1)")
+    if not sites:
+        problems.append("no sqlRoleAssignments resource found (the apps need Cosmos DB data access)")
+    if len(sites) > 1:
+        problems.append(f"sqlRoleAssignments declared in {len(sites)} places (they would run in parallel): {sites}")
+    # Modules that (transitively) deploy one: each reference must be a serial loop or single.
+    changed = True
+    while changed:
+        changed = False
+        for f, text in texts.items():
+            for sym, path, loop, decorators in statements(text, "module"):
+                if (f.parent / path).resolve() in tainted and f.resolve() not in tainted:
+                    tainted.add(f.resolve())
+                    changed = True
+    for f, text in texts.items():
+        refs = [(s, p, l, d) for s, p, l, d in statements(text, "module") if (f.parent / p).resolve() in tainted]
+        if len(refs) > 1:
+            problems.append(f"{f.relative_to(INFRA)}: {len(refs)} modules grant Cosmos DB roles (parallel): {[r[0] for r in refs]}")
+        for sym, path, loop, decorators in refs:
+            if loop and "@batchSize(1)" not in decorators:
+                problems.append(f"{f.relative_to(INFRA)}: module {sym} ({path}) loops without @batchSize(1)")
+    return problems
+
+
+@check("gateway reads its Key Vault certificate only after its identity got the role")
+def gateway_certificate_order():
+    problems = []
+    main = (INFRA / "main.bicep").read_text()
+    m = re.search(r"^module gateway 'modules/appgw.bicep'.*?^\}", main, re.M | re.S)
+    if not m:
+        return ["main.bicep has no gateway module"]
+    gw = m.group(0)
+    if not re.search(r"dependsOn:\s*\[[^\]]*\bgatewayCertificateAccess\b", gw):
+        problems.append("gateway module does not dependsOn gatewayCertificateAccess")
+    if "identityId: gatewayIdentity.id" not in gw:
+        problems.append("gateway does not use the user-assigned identity that gets the vault role")
+    a = re.search(r"^module gatewayCertificateAccess .*?^\}", main, re.M | re.S)
+    if not a or "principalId: gatewayIdentity.properties.principalId" not in a.group(0):
+        problems.append("gatewayCertificateAccess does not grant the gateway's identity")
+    readme = (INFRA / "README.md").read_text()
+    if "propagat" not in readme.lower() or "re-run" not in readme.lower():
+        problems.append("infra/README.md does not document RBAC propagation and the re-run")
+    return problems
+
+
+@check("Microsoft.Web service endpoints list their locations")
+def service_endpoint_locations():
+    problems = []
+    for f in bicep_files():
+        text = f.read_text()
+        for m in re.finditer(r"service:\s*'Microsoft\.Web'(.*?)\}", text, re.S):
+            if "locations:" not in m.group(1):
+                line = text.count("\n", 0, m.start()) + 1
+                problems.append(f"{f.relative_to(INFRA)}:{line}: Microsoft.Web endpoint without locations (cross-region apps answer 403)")
+    return problems
+
+
+@check("storage ipRules: /32 stripped, no /31 in the example")
+def storage_ip_rules():
+    problems = []
+    storage = (INFRA / "modules" / "storage.bicep").read_text()
+    m = re.search(r"ipRules:\s*\[for\s+(\w+)\s+in\s+\w+:\s*\{(.*?)\}\]", storage, re.S)
+    if not m:
+        return ["storage.bicep: ipRules loop not found"]
+    var, body = m.groups()
+    value = re.search(r"value:\s*(.+)", body)
+    if not value or "'/32'" not in value.group(1) or value.group(1).strip() == var:
+        problems.append("storage.bicep: ipRules value does not strip a /32 prefix")
+    example = json.loads((INFRA / "main.parameters.example.json").read_text())["parameters"]
+    for ip in (example.get("deployerIpRanges") or {}).get("value", []):
+        if ip.endswith("/31"):
+            problems.append(f"example deployerIpRanges has {ip}: storage rejects /31")
+    return problems
+
+
+@check("route-all Function Apps have an egress (NAT gateway by default)")
+def route_all_egress():
+    problems = []
+    app = (INFRA / "modules" / "function-app.bicep").read_text()
+    if "vnetRouteAllEnabled: true" not in app:
+        return problems
+    spoke = (INFRA / "modules" / "spoke.bicep").read_text()
+    main = (INFRA / "main.bicep").read_text()
+    if "Microsoft.Network/natGateways@" not in spoke or not re.search(r"natGateway:\s*deployNatGateway", spoke):
+        problems.append("spoke.bicep: the integration subnet has no NAT gateway option")
+    if not re.search(r"^param deployNatGateway bool = true", main, re.M):
+        problems.append("main.bicep: deployNatGateway must default to true")
+    if "deployNatGateway: deployNatGateway" not in main:
+        problems.append("main.bicep does not pass deployNatGateway to the spokes")
+    if "deployNatGateway" not in (INFRA / "README.md").read_text():
+        problems.append("infra/README.md does not say what deployNatGateway=false requires")
+    return problems
+
+
+@check("main.bicep usage comment and README call publish.sh with flags it knows")
+def publish_usage():
+    problems = []
+    publish = (INFRA / "publish.sh").read_text()
+    known = set()
+    for arm in re.findall(r"^\s*([-\w|]+)\)", publish, re.M):
+        known.update(a for a in arm.split("|") if a.startswith("-"))
+    if not {"-g", "-n"} <= known:
+        return [f"publish.sh does not parse -g/-n (knows {sorted(known)})"]
+    sources = {
+        "main.bicep": (INFRA / "main.bicep").read_text(),
+        "infra/README.md": (INFRA / "README.md").read_text(),
+    }
+    for name, text in sources.items():
+        uses = re.findall(r"publish\.sh([^\n`|]*)", text)
+        calls = [u for u in uses if u.strip() and not u.strip().startswith(("(", ":", ",", "."))]
+        if name == "main.bicep" and not calls:
+            problems.append("main.bicep has no publish.sh usage line")
+        for call in calls:
+            tokens = re.sub(r"\[|\]", " ", call.split("#")[0]).split()
+            expect_value = False
+            for tok in tokens:
+                if tok.startswith("-"):
+                    flag = tok.split("=")[0]
+                    if flag not in known:
+                        problems.append(f"{name}: publish.sh{call}: unknown flag {flag}")
+                    expect_value = flag in {"-g", "--resource-group", "-n", "--deployment", "--package-args", "--outputs-file"}
+                elif expect_value:
+                    expect_value = False
+                elif tok.startswith("<") or tok.startswith("$"):
+                    problems.append(f"{name}: publish.sh{call}: positional {tok} (publish.sh takes flags)")
+                    break
+                else:
+                    break  # prose after the command
     return problems
 
 

@@ -62,6 +62,15 @@ pub enum Reason {
     JailbreakDetected,
     /// Prompt Shields detected an indirect attack in documents or tool content.
     IndirectAttackDetected,
+    /// The body was over `MAX_BODY_BYTES` (refused 413 before it was read).
+    RequestTooLarge,
+    /// More text than one request may have screened: refused unscreened.
+    TooLongToScreen,
+    /// Too many screened requests at once in this process: refused unscreened (429).
+    ScreeningBusy,
+    /// Screening was unavailable and `CONTENT_SAFETY_FAIL_OPEN=true` let the request through
+    /// unscreened: not a refusal, but the record of a prompt nobody screened.
+    PassedUnscreened,
 }
 
 /// One non-compliant request. Partition key: `user` (`"(none)"` when the request named none).
@@ -79,7 +88,8 @@ pub struct AbuseRecord {
     pub reason: Reason,
     /// Verdict details: categories and severities, shield results, blocklist hits.
     pub details: serde_json::Value,
-    /// The prompt text, only when `AUDIT_CAPTURE_PROMPT=true`.
+    /// The prompt text (unless `AUDIT_CAPTURE_PROMPT=false`); `details.prompt_fields` says
+    /// which field and role each piece came from.
     pub prompt: Option<String>,
     /// `X-Forwarded-For` as AppGW set it.
     pub client_ip: Option<String>,
@@ -164,7 +174,7 @@ impl AuditSettings {
         }
         Ok(AuditSettings {
             log_path: PathBuf::from(src.get("AUDIT_LOG_PATH")?.unwrap_or("abuse-log.jsonl")),
-            capture_prompt: src.flag("AUDIT_CAPTURE_PROMPT", false)?,
+            capture_prompt: src.flag("AUDIT_CAPTURE_PROMPT", true)?,
             cosmos: CosmosSettings::from_source(src)?,
             spool_path: PathBuf::from(src.get("AUDIT_SPOOL_PATH")?.unwrap_or("abuse-spool.jsonl")),
             queue_capacity: queue_capacity as usize,

@@ -8,9 +8,10 @@
 //! (`x-functions-key`; the `code` query parameter is dropped by the route stage), the Functions
 //! host's own `x-azure-functions-*` headers, hop-by-hop headers and `Host` never reach AOAI.
 //!
-//! Short-circuits with 413 (body over the limit), 502 (AOAI unreachable or broke the exchange
-//! before answering) and 504 (AOAI did not answer within `AOAI_TIMEOUT_MS`). Adds the upstream
-//! latency (time to AOAI's response headers) to the request context.
+//! Short-circuits with 400 (the client's body broke while streaming up), 413 (body over the
+//! limit), 502 (AOAI unreachable or broke the exchange before answering) and 504 (no answer
+//! within `AOAI_TIMEOUT_MS` of the request's arrival, enforced by the caller's deadline). Adds
+//! the upstream latency (time to AOAI's response headers) to the request context.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -101,8 +102,6 @@ pub struct Upstream {
     prefix: String,
     auth: UpstreamAuth,
     max_body_bytes: u64,
-    /// `AOAI_TIMEOUT_MS`: the whole exchange, streamed answer included.
-    timeout: Duration,
 }
 
 /// How the handler authenticates to AOAI.
@@ -134,17 +133,19 @@ impl Upstream {
             prefix: base.path().trim_end_matches('/').to_string(),
             auth,
             max_body_bytes: settings.max_body_bytes,
-            timeout: settings.upstream_timeout,
         })
     }
 
-    /// Forward one request. `latency` receives the time to AOAI's response headers.
+    /// Forward one request. `deadline` is `AOAI_TIMEOUT_MS` after the request arrived: the
+    /// caller bounds this call by it (answering 504), and the streamed answer is cut there.
+    /// `latency` receives the time to AOAI's response headers.
     pub async fn forward(
         &self,
         target: &UpstreamTarget,
         parts: &http::request::Parts,
         body: UpBody,
         request_id: &HeaderValue,
+        deadline: tokio::time::Instant,
         latency: &mut Option<Duration>,
     ) -> Result<Response, AppError> {
         let limit = self.max_body_bytes;
@@ -216,16 +217,12 @@ impl Upstream {
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
 
-        // AOAI_TIMEOUT_MS bounds the whole exchange, streamed answer included.
+        // AOAI_TIMEOUT_MS bounds the whole exchange, streamed answer included; the wait for
+        // the answer's head is bounded by the caller (app::handle), with the same deadline.
         let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + self.timeout);
-        let upstream = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(classify(&e, limit)),
-            Err(_) => {
-                tracing::warn!("upstream timed out");
-                return Err(AppError::GatewayTimeout);
-            }
+        let upstream = match self.client.request(request).await {
+            Ok(r) => r,
+            Err(e) => return Err(classify(&e, limit)),
         };
         *latency = Some(started.elapsed());
         if upstream.status() == http::StatusCode::UNAUTHORIZED {
@@ -317,14 +314,20 @@ fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-/// Map a client error to our status: an over-limit body 413, the rest 502 (timeouts are
-/// decided by our own deadline).
+/// Map a client error to our status: an over-limit body 413, a client body that could not be
+/// read 400, the rest 502 (timeouts are decided by our own deadline).
 fn classify(e: &hyper_util::client::legacy::Error, limit: u64) -> AppError {
     let mut chain = Vec::new();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if s.is::<BodyTooLarge>() {
             return AppError::PayloadTooLarge { limit };
+        }
+        if s.is::<ClientBodyError>() {
+            return AppError::InvalidBody(
+                "The request body could not be read (malformed chunked encoding or cut short)"
+                    .into(),
+            );
         }
         chain.push(s.to_string());
         source = s.source();
@@ -338,6 +341,11 @@ fn classify(e: &hyper_util::client::legacy::Error, limit: u64) -> AppError {
 #[derive(Debug, thiserror::Error)]
 #[error("request body over the limit")]
 pub struct BodyTooLarge;
+
+/// Reading the client's body failed (hyper's error: bad chunk framing, connection closed early).
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body could not be read: {0}")]
+pub struct ClientBodyError(axum::Error);
 
 /// Streams the client's body upstream, failing once it passes the limit.
 struct Limited {
@@ -364,7 +372,9 @@ impl http_body::Body for Limited {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            // The client's own body broke (malformed chunking, cut short): its fault, not
+            // AOAI's, so it must come back as 400, never as 502.
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
             None => Poll::Ready(None),
         }
     }

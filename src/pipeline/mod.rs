@@ -5,7 +5,7 @@
 //! | route | [`route`] | 400 bad path or query, 404 unknown, 405 wrong method |
 //! | auth | [`auth`] | 401 |
 //! | policy | [`policy`] | 400 bad body or missing user, 403 unregistered user, 413 |
-//! | content safety | [`content_safety`] | 400 content filtered, 503 screening down (fail closed) |
+//! | content safety | [`content_safety`] | 400 content filtered, 503 screening failed (fail closed), 413 too long to screen, 429 too many screened at once |
 //! | audit | [`audit`] | never: records every refusal above, off the request path |
 //! | forward | [`forward`] | 413, 502, 504 |
 //!

@@ -69,6 +69,25 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Every operation, for tests that must cover each one (the gate's map of what the model
+    /// reads is checked against this list).
+    pub const ALL: &'static [Operation] = &[
+        Operation::ChatCompletions,
+        Operation::ExtensionsChatCompletions,
+        Operation::Completions,
+        Operation::Embeddings,
+        Operation::ImageGenerations,
+        Operation::AudioTranscriptions,
+        Operation::AudioTranslations,
+        Operation::AudioSpeech,
+        Operation::V1ChatCompletions,
+        Operation::V1Completions,
+        Operation::V1Embeddings,
+        Operation::V1Responses,
+        Operation::V1ResponseItem,
+        Operation::V1Models,
+    ];
+
     /// Stable name for logs and records.
     pub fn name(self) -> &'static str {
         match self {
@@ -95,19 +114,12 @@ impl Operation {
         self.carries_prompt() && !matches!(self, Operation::Embeddings | Operation::V1Embeddings)
     }
 
-    /// Operations whose body is a JSON document carrying the prompt (and a `user` field).
+    /// Operations whose body carries text the model reads (and a `user` field): they go
+    /// through the gate. JSON bodies, and the multipart forms of transcriptions and translations
+    /// (whose `prompt` is text). What is read of each is the gate's map
+    /// (`policy::map::spec`), which a test keeps in step with this list.
     pub fn carries_prompt(self) -> bool {
-        matches!(
-            self,
-            Operation::ChatCompletions
-                | Operation::ExtensionsChatCompletions
-                | Operation::Completions
-                | Operation::Embeddings
-                | Operation::V1ChatCompletions
-                | Operation::V1Completions
-                | Operation::V1Embeddings
-                | Operation::V1Responses
-        )
+        !matches!(self, Operation::V1ResponseItem | Operation::V1Models)
     }
 }
 
@@ -405,6 +417,31 @@ mod tests {
             status(Method::POST, "/api/FwdProxy/openai/v1/files", None),
             404
         );
+    }
+
+    #[test]
+    fn every_operation_the_router_resolves_is_listed_in_all() {
+        let mut resolved: Vec<Operation> = DEPLOYMENT_OPS.iter().map(|(_, _, op)| *op).collect();
+        for (method, path) in [
+            (Method::POST, "chat/completions"),
+            (Method::POST, "completions"),
+            (Method::POST, "embeddings"),
+            (Method::POST, "responses"),
+            (Method::GET, "responses/r1"),
+            (Method::GET, "models"),
+        ] {
+            resolved.push(up(method, &format!("/api/FwdProxy/openai/v1/{path}"), None).operation);
+        }
+        for op in resolved {
+            assert!(
+                Operation::ALL.contains(&op),
+                "{op:?} missing from Operation::ALL"
+            );
+        }
+        // and nothing twice
+        for (i, op) in Operation::ALL.iter().enumerate() {
+            assert!(!Operation::ALL[i + 1..].contains(op));
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod aoai;
 pub mod app;
+pub mod content_safety;
 pub mod cosmos_emu;
 pub mod handler;
 pub mod keyvault_stub;

@@ -16,6 +16,11 @@
 //!   a text containing `[[cs:503]]` (or any 5xx) gets that status, `[[cs:429]]` gets 429
 //!   `TooManyRequests` with `retry-after: 1`; and [`ContentSafetyConfig::failure_rate`] fails
 //!   that share of calls with 503 `ServerBusy`.
+//! - Any answer on demand, for testing that the handler fails closed on answers it cannot fully
+//!   read: `[[cs:200:BODY]]` in a text answers that status (any, 200 included) with `BODY`
+//!   verbatim as `application/json` (e.g. `[[cs:200:{}]]`; `BODY` ends at the first `]]`), and
+//!   [`ContentSafetySim::answer_with`] makes every call (or one operation's) answer a
+//!   [`Canned`] status, content type and body until [`ContentSafetySim::answer_verdicts`].
 //!
 //! The terms file (`fwdproxy-dev --cs-terms FILE`) has the shape of [`TermsFile`]:
 //! `{"terms": [{"text": "kill them all", "category": "Violence", "severity": 6}],
@@ -167,10 +172,48 @@ impl Default for ContentSafetyConfig {
     }
 }
 
+/// The two operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Analyze,
+    Shield,
+}
+
+/// An answer given verbatim instead of a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canned {
+    pub status: u16,
+    /// `None`: no content-type header at all.
+    pub content_type: Option<String>,
+    pub body: String,
+}
+
+impl Canned {
+    /// `200 application/json` with `body`.
+    pub fn ok(body: impl Into<String>) -> Self {
+        Canned {
+            status: 200,
+            content_type: Some("application/json".into()),
+            body: body.into(),
+        }
+    }
+
+    fn response(&self) -> Response {
+        let mut r = Response::builder().status(self.status);
+        if let Some(ct) = &self.content_type {
+            r = r.header(http::header::CONTENT_TYPE, ct.as_str());
+        }
+        r.body(axum::body::Body::from(self.body.clone()))
+            .unwrap_or_else(|_| cs_error(500, "InternalServerError", "bad canned answer"))
+    }
+}
+
 /// The simulator's state.
 pub struct ContentSafetySim {
     pub config: ContentSafetyConfig,
     pub recorder: Recorder,
+    /// Canned answers: (operation or every operation, answer).
+    canned: Mutex<Vec<(Option<Operation>, Canned)>>,
     terms: Vec<(String, Category, u8)>,
     jailbreaks: Vec<Regex>,
     blocklists: BTreeMap<String, Vec<(String, String)>>,
@@ -212,7 +255,33 @@ impl ContentSafetySim {
             jailbreaks,
             blocklists,
             dice: Mutex::new(SplitMix(run_seed())),
+            canned: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Answer every call to `operation` (`None`: to both) with `answer` instead of a verdict,
+    /// after the auth, path and api-version checks. A later call for the same operation
+    /// replaces it; one for a single operation wins over one for both.
+    pub fn answer_with(&self, operation: Option<Operation>, answer: Canned) {
+        let mut c = self.canned.lock().unwrap_or_else(|e| e.into_inner());
+        c.retain(|(op, _)| *op != operation);
+        c.push((operation, answer));
+    }
+
+    /// Back to answering verdicts.
+    pub fn answer_verdicts(&self) {
+        self.canned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn canned_for(&self, op: Operation) -> Option<Canned> {
+        let c = self.canned.lock().unwrap_or_else(|e| e.into_inner());
+        c.iter()
+            .find(|(o, _)| *o == Some(op))
+            .or_else(|| c.iter().find(|(o, _)| o.is_none()))
+            .map(|(_, a)| a.clone())
     }
 
     /// Severity (0–7) per category for `text`: the highest of the terms it contains.
@@ -288,11 +357,7 @@ fn key_ok(headers: &HeaderMap, key: &str) -> bool {
     sub == Some(key) || bearer == Some(key)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Analyze,
-    Shield,
-}
+use Operation as Op;
 
 async fn handle(sim: Arc<ContentSafetySim>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
@@ -347,6 +412,9 @@ async fn handle(sim: Arc<ContentSafetySim>, req: Request) -> Response {
     if parts.method != http::Method::POST {
         return cs_error(405, "MethodNotAllowed", "The HTTP method is not allowed.");
     }
+    if let Some(canned) = sim.canned_for(op) {
+        return canned.response();
+    }
     let Some(body) = parsed.filter(Value::is_object) else {
         return invalid_body("The request body is not a valid JSON object.");
     };
@@ -360,7 +428,8 @@ async fn handle(sim: Arc<ContentSafetySim>, req: Request) -> Response {
     }
 }
 
-/// `[[cs:<status>]]` in any text of the request, or the configured random failure rate.
+/// `[[cs:<status>]]` or `[[cs:<status>:<body>]]` in any text of the request, or the configured
+/// random failure rate.
 fn injected_outage(sim: &ContentSafetySim, body: &Value) -> Option<Response> {
     let mut texts: Vec<&str> = Vec::new();
     for key in ["text", "userPrompt"] {
@@ -375,9 +444,25 @@ fn injected_outage(sim: &ContentSafetySim, body: &Value) -> Option<Response> {
         let start = t.find("[[cs:")?;
         let rest = &t[start + 5..];
         let end = rest.find("]]")?;
-        rest[..end].parse::<u16>().ok()
+        let inner = &rest[..end];
+        match inner.split_once(':') {
+            Some((status, body)) => Some((status.parse::<u16>().ok()?, Some(body))),
+            None => Some((inner.parse::<u16>().ok()?, None)),
+        }
     });
-    let status = match marker {
+    if let Some((status, Some(body))) = marker {
+        if (100..=599).contains(&status) {
+            return Some(
+                Canned {
+                    status,
+                    content_type: Some("application/json".into()),
+                    body: body.to_string(),
+                }
+                .response(),
+            );
+        }
+    }
+    let status = match marker.map(|(s, _)| s) {
         Some(s) => Some(s),
         None if sim.config.failure_rate > 0.0 => {
             let roll = sim

@@ -1,20 +1,34 @@
-//! Stage 3, **policy**: runs after auth, for operations whose JSON body carries a prompt
-//! (chat, completions, embeddings, responses), and only when the user check or content
+//! Stage 3, **policy**: runs after auth, for every operation whose body carries text the model
+//! reads (all but `v1/responses/{id}…` and `v1/models`), and only when the user check or content
 //! screening is on — otherwise the body streams to AOAI untouched and this stage costs nothing.
 //!
-//! Buffers the body (up to `MAX_BODY_BYTES`), parses only the fields it needs as raw JSON slices
-//! (no re-serialisation: AOAI receives the client's bytes), and checks the `user` field as
-//! `USER_CHECK` asks. Short-circuits with 400 (invalid JSON, wrong content type, missing user,
-//! `user` not a string), 403 (unregistered user) and 413. Adds to the request context: the user,
-//! the v1 `model`, and the prompt text for the content-safety stage.
+//! The rule it enforces: **everything the model will read is screened, or the request is
+//! refused.** It buffers the body (up to `MAX_BODY_BYTES`), reads it whole and strictly
+//! ([`json`], [`multipart`]) by the operation's entry in [`map`] (what the model reads, one
+//! table), extracts every text-bearing field into [`PromptText`] for the content-safety stage
+//! ([`extract`]), and checks the `user` as `USER_CHECK` asks. AOAI receives the client's bytes,
+//! exactly those that were read: nothing is re-serialised.
+//!
+//! Short-circuits with 400 `invalid_body` (not strict JSON or multipart, wrong content type or
+//! charset, any `Content-Encoding`, token-id prompts while screening is on, `user` not a string,
+//! too many text fields), 400 `missing_user`, 403 (unregistered user); the gate adds 413. Adds to
+//! the request context: the user, the v1 `model`, and the prompt text.
+//!
+//! Layout: [`json`] the strict pull reader · [`multipart`] the strict form reader · [`map`] the
+//! declarative "what the model reads" table · [`extract`] the walk that applies the table.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use serde::Deserialize;
-use serde_json::value::RawValue;
+
+pub mod extract;
+pub mod json;
+pub mod map;
+pub mod multipart;
+#[cfg(test)]
+mod proptests;
 
 use super::audit::Reason;
 use super::route::Operation;
@@ -120,34 +134,20 @@ impl UserRegistry {
     }
 }
 
-/// The fields of a request body the gate reads; everything else is skipped unparsed.
-#[derive(Deserialize, Default)]
-struct Envelope<'a> {
-    #[serde(borrow, default)]
-    user: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    model: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    messages: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    prompt: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    input: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    instructions: Option<&'a RawValue>,
-}
-
 /// The text the model will read, by how it must be screened (Prompt Shields treats user prompts
 /// and documents apart). Every piece names where in the body it came from, for the abuse record.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PromptText {
     /// Written by the client and read as instructions: harm categories and Prompt Shields'
-    /// user prompt (user, system and developer messages, prompts, inputs).
+    /// user prompt (user, system and developer messages, client-written assistant turns and
+    /// their tool-call arguments, prompts, inputs, `role_information`, unknown fields).
     pub user: Vec<Text>,
     /// Content from elsewhere: harm categories and Prompt Shields' documents (indirect attack):
     /// tool and function results, retrieved documents.
     pub documents: Vec<Text>,
-    /// Read by the model but never executed as instructions: harm categories only.
+    /// Read by the model but not as instructions from the user: harm categories only (tool and
+    /// function definitions, JSON schemas, predicted outputs). Embeddings input is `user` text
+    /// of an operation that runs no Prompt Shields.
     pub harm_only: Vec<Text>,
 }
 
@@ -185,6 +185,20 @@ impl PromptText {
         let all: Vec<&str> = self.all().map(|t| t.text.as_str()).collect();
         all.join("\n")
     }
+
+    /// Where each piece of [`PromptText::joined`] came from, in the same order: its field, role
+    /// and length in characters (the pieces are joined with one `\n`), for the abuse record.
+    pub fn fields(&self) -> serde_json::Value {
+        self.all()
+            .map(|t| {
+                serde_json::json!({
+                    "field": t.field,
+                    "role": t.role,
+                    "chars": t.text.chars().count(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// What the policy stage learned from the body.
@@ -211,7 +225,8 @@ fn refuse(error: AppError, reason: Reason, inspected: Inspected) -> Box<Refusal>
     })
 }
 
-/// Inspect a buffered JSON body: parse, extract the prompt (when `want_prompt`), check the user.
+/// Inspect a buffered body by the operation's entry in [`map`]: read it strictly (JSON or
+/// multipart), extract what the model reads when `want_prompt`, check the user.
 pub fn inspect(
     headers: &HeaderMap,
     body: &Bytes,
@@ -220,61 +235,68 @@ pub fn inspect(
     registry: &UserRegistry,
     want_prompt: bool,
 ) -> Result<Inspected, Box<Refusal>> {
-    let mut inspected = Inspected::default();
-    if !is_json(headers) {
-        return Err(refuse(
-            AppError::InvalidBody(
-                "The Content-Type must be application/json for this operation".into(),
-            ),
+    let spec = map::spec(operation);
+    let invalid = |message: String, inspected: Inspected| {
+        refuse(
+            AppError::InvalidBody(message),
             Reason::InvalidBody,
+            inspected,
+        )
+    };
+    if let Err(why) = identity_encoding(headers) {
+        return Err(invalid(why.into(), Inspected::default()));
+    }
+    let read = match spec.body {
+        map::Body::None => return Ok(Inspected::default()),
+        map::Body::Json => match json_content_type(headers) {
+            Err(why) => return Err(invalid(why.into(), Inspected::default())),
+            Ok(()) => extract::json_body(body, spec, want_prompt),
+        },
+        map::Body::Multipart => {
+            let boundary = single_content_type(headers)
+                .ok_or("the Content-Type must be given once")
+                .and_then(multipart::boundary);
+            let parts = boundary.and_then(|b| multipart::parse(body, &b));
+            match parts {
+                Err(why) => {
+                    return Err(invalid(
+                        extract::Problem::Multipart(why).to_string(),
+                        Inspected::default(),
+                    ))
+                }
+                Ok(parts) => extract::form(&parts, spec, want_prompt),
+            }
+        }
+    };
+    let extracted = match read {
+        Ok(e) => e,
+        Err(failure) => {
+            let inspected = Inspected::from(failure.partial);
+            return Err(invalid(failure.problem.to_string(), inspected));
+        }
+    };
+    let tokens = extracted.tokens.clone();
+    let mut inspected = Inspected::from(extracted);
+    if let (true, Some(field)) = (want_prompt, tokens) {
+        return Err(invalid(
+            format!(
+                "'{field}' is given as token ids; token arrays cannot be screened for content \
+                 safety, send the text instead"
+            ),
             inspected,
         ));
     }
-    let envelope: Envelope = match serde_json::from_slice(body) {
-        Ok(e) => e,
-        Err(e) => {
-            return Err(refuse(
-                AppError::InvalidBody(format!(
-                    "The request body is not a valid JSON object (line {}, column {})",
-                    e.line(),
-                    e.column()
-                )),
-                Reason::InvalidBody,
-                inspected,
-            ))
-        }
-    };
-    inspected.model = envelope.model.and_then(as_string);
-
-    let user = match envelope.user {
-        None => None,
-        Some(raw) => match as_string(raw) {
-            Some(u) => Some(u),
-            None if raw.get() == "null" => None,
-            None => {
-                return Err(refuse(
-                    AppError::InvalidBody("The 'user' field must be a string".into()),
-                    Reason::InvalidBody,
-                    inspected,
-                ))
-            }
-        },
-    };
-    if want_prompt {
-        inspected.prompt = extract_prompt(&envelope, operation);
-    }
-    if let Some(u) = &user {
+    if let Some(u) = &inspected.user {
         if u.chars().count() > MAX_USER_LEN || u.chars().any(char::is_control) {
-            return Err(refuse(
-                AppError::InvalidBody(format!(
+            return Err(invalid(
+                format!(
                     "The 'user' field must be at most {MAX_USER_LEN} characters without control characters"
-                )),
-                Reason::InvalidBody,
+                ),
                 inspected,
             ));
         }
     }
-    inspected.user = user.filter(|u| !u.trim().is_empty());
+    inspected.user = inspected.user.take().filter(|u| !u.trim().is_empty());
 
     if check != UserCheck::Off && inspected.user.is_none() {
         return Err(refuse(
@@ -302,139 +324,60 @@ pub fn inspect(
     Ok(inspected)
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            let mime = v.split(';').next().unwrap_or("").trim();
-            mime.eq_ignore_ascii_case("application/json")
-        })
-        .unwrap_or(false)
-}
-
-fn as_string(raw: &RawValue) -> Option<String> {
-    serde_json::from_str::<String>(raw.get()).ok()
-}
-
-fn text(text: String, field: String, role: Option<&str>) -> Text {
-    Text {
-        text,
-        field,
-        role: role.map(str::to_string),
-    }
-}
-
-/// Strings, or arrays of strings (token arrays and other shapes are not text and are skipped).
-fn strings(raw: &RawValue, field: &str, role: Option<&str>, out: &mut Vec<Text>) {
-    if let Some(s) = as_string(raw) {
-        out.push(text(s, field.to_string(), role));
-    } else if let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(raw.get()) {
-        for (i, item) in items.into_iter().enumerate() {
-            if let Some(s) = as_string(item) {
-                out.push(text(s, format!("{field}[{i}]"), role));
-            }
+impl From<extract::Extracted> for Inspected {
+    fn from(e: extract::Extracted) -> Self {
+        Inspected {
+            user: e.user,
+            model: e.model,
+            prompt: e.prompt,
         }
     }
 }
 
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(default)]
-    role: Option<String>,
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
-    /// responses API: `function_call_output` items carry `output`
-    #[serde(borrow, default)]
-    output: Option<&'a RawValue>,
-    #[serde(default, rename = "type")]
-    kind: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(default, rename = "type")]
-    kind: Option<String>,
-    #[serde(default)]
-    text: Option<String>,
-}
-
-/// Message content: a string, or an array of parts whose text parts we keep.
-fn content_text(raw: &RawValue, field: &str, role: Option<&str>, out: &mut Vec<Text>) {
-    if let Some(s) = as_string(raw) {
-        out.push(text(s, field.to_string(), role));
-        return;
-    }
-    if let Ok(parts) = serde_json::from_str::<Vec<Part>>(raw.get()) {
-        for (i, p) in parts.into_iter().enumerate() {
-            let is_text = matches!(
-                p.kind.as_deref(),
-                Some("text" | "input_text" | "output_text") | None
-            );
-            if let (true, Some(t)) = (is_text, p.text) {
-                out.push(text(t, format!("{field}[{i}].text"), role));
-            }
-        }
+/// The one Content-Type header, when there is exactly one.
+fn single_content_type(headers: &HeaderMap) -> Option<&str> {
+    let mut all = headers.get_all(http::header::CONTENT_TYPE).iter();
+    match (all.next(), all.next()) {
+        (Some(v), None) => v.to_str().ok(),
+        _ => None,
     }
 }
 
-fn messages(raw: &RawValue, field: &str, prompt: &mut PromptText) {
-    let Ok(list) = serde_json::from_str::<Vec<Message>>(raw.get()) else {
-        // not a list of objects: a plain string or list of strings (responses `input`)
-        strings(raw, field, None, &mut prompt.user);
-        return;
-    };
-    for (i, m) in list.into_iter().enumerate() {
-        let role = m.role.as_deref();
-        let bucket = match (role, m.kind.as_deref()) {
-            (Some("tool" | "function"), _) => &mut prompt.documents,
-            (_, Some("function_call_output")) => &mut prompt.documents,
-            (Some("assistant"), _) => &mut prompt.harm_only,
-            _ => &mut prompt.user,
-        };
-        if let Some(c) = m.content {
-            content_text(c, &format!("{field}[{i}].content"), role, bucket);
-        }
-        if let Some(o) = m.output {
-            content_text(o, &format!("{field}[{i}].output"), role, bucket);
+/// `application/json`, with no charset or UTF-8 (JSON is UTF-8; another charset would make the
+/// gate and AOAI read different text).
+fn json_content_type(headers: &HeaderMap) -> Result<(), &'static str> {
+    const WRONG: &str = "The Content-Type must be application/json for this operation";
+    let value = single_content_type(headers).ok_or(WRONG)?;
+    let mut params = value.split(';');
+    let mime = params.next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(WRONG);
+    }
+    for param in params {
+        let (k, v) = param.split_once('=').unwrap_or((param, ""));
+        if k.trim().eq_ignore_ascii_case("charset") {
+            let v = v.trim().trim_matches('"');
+            if !v.eq_ignore_ascii_case("utf-8") && !v.eq_ignore_ascii_case("utf8") {
+                return Err("The Content-Type charset must be utf-8");
+            }
         }
     }
+    Ok(())
 }
 
-fn extract_prompt(env: &Envelope, operation: Operation) -> PromptText {
-    let mut prompt = PromptText::default();
-    match operation {
-        Operation::ChatCompletions
-        | Operation::ExtensionsChatCompletions
-        | Operation::V1ChatCompletions => {
-            if let Some(m) = env.messages {
-                messages(m, "messages", &mut prompt);
-            }
+/// The gate reads the bytes as sent: a compressed body (any `Content-Encoding` but `identity`)
+/// is refused rather than decoded (decoding would need its own bound on the decoded size).
+fn identity_encoding(headers: &HeaderMap) -> Result<(), &'static str> {
+    for v in headers.get_all(http::header::CONTENT_ENCODING) {
+        let ok = v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .all(|c| c.trim().eq_ignore_ascii_case("identity"))
+        });
+        if !ok {
+            return Err("A Content-Encoding (compressed request body) cannot be screened; send the body uncompressed");
         }
-        Operation::Completions | Operation::V1Completions => {
-            if let Some(p) = env.prompt {
-                strings(p, "prompt", None, &mut prompt.user);
-            }
-        }
-        Operation::Embeddings | Operation::V1Embeddings => {
-            if let Some(i) = env.input {
-                strings(i, "input", None, &mut prompt.user);
-            }
-        }
-        Operation::V1Responses => {
-            if let Some(i) = env.instructions {
-                strings(i, "instructions", None, &mut prompt.user);
-            }
-            if let Some(i) = env.input {
-                messages(i, "input", &mut prompt);
-            }
-        }
-        _ => {}
     }
-    prompt.user.retain(|t| !t.text.trim().is_empty());
-    prompt.documents.retain(|t| !t.text.trim().is_empty());
-    prompt.harm_only.retain(|t| !t.text.trim().is_empty());
-    prompt
+    Ok(())
 }
 
 #[cfg(test)]
@@ -525,8 +468,11 @@ mod tests {
             {"role":"tool","tool_call_id":"t","content":"tool said ignore instructions"}
         ]}"#;
         let i = run(body, Operation::ChatCompletions, UserCheck::Off).unwrap();
-        assert_eq!(i.prompt.user, ["be nice", "part one", "part \"two\""]);
-        assert_eq!(i.prompt.harm_only, ["earlier answer"]);
+        assert_eq!(
+            i.prompt.user,
+            ["be nice", "part one", "part \"two\"", "earlier answer"]
+        );
+        assert!(i.prompt.harm_only.is_empty());
         assert_eq!(i.prompt.documents, ["tool said ignore instructions"]);
 
         let i = run(
@@ -536,13 +482,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(i.prompt.user, ["a", "b"]);
-        let i = run(
+        let r = run(
             r#"{"input":[[1,2,3]]}"#,
             Operation::Embeddings,
             UserCheck::Off,
         )
-        .unwrap();
-        assert!(i.prompt.is_empty());
+        .unwrap_err();
+        assert!(r.error.to_string().contains("token ids"));
+        // without screening, token arrays are fine (only the user is needed)
+        assert!(inspect(
+            &json_headers(),
+            &Bytes::from_static(br#"{"input":[[1,2,3]]}"#),
+            Operation::Embeddings,
+            UserCheck::Off,
+            &registry(),
+            false,
+        )
+        .is_ok());
         let i = run(
             r#"{"input":"hello"}"#,
             Operation::V1Embeddings,
