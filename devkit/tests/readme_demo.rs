@@ -190,16 +190,30 @@ async fn every_demo_row_of_the_readme_holds_against_the_running_set() {
             api_key = values[1].clone();
         } else if c.starts_with("the deployment is") {
             deployment = values[0].clone();
+        } else if c.starts_with("an image (") || c.starts_with("speech (") {
         } else {
             panic!("this test does not know how to try the README row {c:?}: teach it");
         }
+        let mut operation = "chat/completions".to_string();
         let mut body = json!({"messages": [{"role": "user", "content": prompt}]});
+        if c.starts_with("an image (") || c.starts_with("speech (") {
+            // `an image (`OP` on `DEPLOYMENT`) whose `FIELD` contains `WORD``
+            let [op, dep, field, word] = &values[..] else {
+                panic!("README row {c:?}: want operation, deployment, field and word");
+            };
+            operation = op.clone();
+            deployment = dep.clone();
+            body = json!({field.as_str(): format!("A scene with {word} in it.")});
+            if c.starts_with("speech") {
+                body["voice"] = json!("alloy");
+            }
+        }
         if let Some(u) = &user {
             body["user"] = json!(u);
         }
         let resp = client
             .post(format!(
-                "{gateway}/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
+                "{gateway}/openai/deployments/{deployment}/{operation}?api-version=2024-10-21"
             ))
             .header("api-key", &api_key)
             .json(&body)
