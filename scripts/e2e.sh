@@ -111,6 +111,7 @@ started=$(date +%s%N)
 "target/$profile/fwdproxy-dev" --no-build --quiet ${handler_args[@]+"${handler_args[@]}"} \
   --gateway-port "${E2E_GATEWAY_PORT:-0}" --backends "${E2E_BACKENDS:-2}" \
   --ms-per-token 2 --first-token-ms 20 \
+  --deployments gpt-4o,gpt-4o-mini,gpt-35-turbo-instruct,text-embedding-3-small,emb=text-embedding-3-small,dall-e-3,tts-1,whisper \
   --run-dir "$run_dir/set" --ready-file "$ready" >"$launcher_log" 2>&1 &
 launcher_pid=$!
 

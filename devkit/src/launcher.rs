@@ -33,7 +33,7 @@ use crate::appgw::RewriteRules;
 use crate::gateway::{self, GatewayConfig, ProbeSettings, RunningGateway};
 use crate::procs::{self, Children};
 use crate::server::{self, RunningServer};
-use crate::sim::aoai::{self, AoaiConfig, FailureKind};
+use crate::sim::aoai::{self, models, AoaiConfig, Deployment, FailureKind};
 use crate::sim::content_safety::{self, ContentSafetyConfig, TermsFile};
 
 /// The internal key of the local set (also in `tests/postman/local.postman_environment.json`).
@@ -98,7 +98,7 @@ pub struct Options {
     pub fail_rate: f64,
     pub fail_kind: FailureKind,
     pub slow_ms: u64,
-    pub deployments: Option<Vec<String>>,
+    pub deployments: Option<Vec<Deployment>>,
     pub cs_terms: Option<PathBuf>,
     pub cs_fail_rate: f64,
     pub no_content_safety: bool,
@@ -172,7 +172,12 @@ AOAI simulator
   --fail-rate F             share of requests (0-1) that fail with --fail-kind [0]
   --fail-kind KIND          500|502|503|504|slow|slow:<ms>|reset [500]
   --slow-ms MS              how long `slow` waits [10000]
-  --deployments A,B         deployments that exist [any name]
+  --deployments A,B=MODEL   deployments that exist, each NAME or NAME=MODEL [any name]; the
+                            model decides the operations it serves (gpt-4o: chat, responses;
+                            gpt-35-turbo-instruct: completions; text-embedding-3-small:
+                            embeddings; dall-e-3, gpt-image-1: images; tts-1: speech; whisper:
+                            transcriptions), e.g. emb=text-embedding-3-small,img=dall-e-3,tts=tts-1.
+                            A name without a model is taken as the model's name
   Per request: headers x-sim-fail: 500|503|slow|slow:<ms>|reset and x-sim-ratelimit: <secs>.
 Content Safety simulator
   --cs-terms FILE           terms, jailbreak patterns and blocklists (JSON) [built-in demo list]
@@ -240,15 +245,7 @@ impl Options {
                 "--fail-rate" => o.fail_rate = rate(&flag, value(&flag)?)?,
                 "--fail-kind" => o.fail_kind = value(&flag)?.parse()?,
                 "--slow-ms" => o.slow_ms = num(&flag, value(&flag)?)?,
-                "--deployments" => {
-                    o.deployments = Some(
-                        value(&flag)?
-                            .split(',')
-                            .map(|s| s.trim().to_string())
-                            .filter(|s| !s.is_empty())
-                            .collect(),
-                    )
-                }
+                "--deployments" => o.deployments = Some(models::parse_list(&value(&flag)?)?),
                 "--cs-terms" => o.cs_terms = Some(PathBuf::from(value(&flag)?)),
                 "--cs-fail-rate" => o.cs_fail_rate = rate(&flag, value(&flag)?)?,
                 "--no-content-safety" => o.no_content_safety = true,
@@ -865,7 +862,7 @@ fn print_banner(b: &Banner<'_>) {
     }
     match b.cs_url {
         Some(cs) => out.push_str(&format!(
-            "  Content Safety simulator at {cs}: try \"kill them all\" (Violence 6) or \"ignore all previous instructions\" (jailbreak)\n"
+            "  Content Safety simulator at {cs}: try \"bloodbath\" or \"kill them all\" (Violence 6) or \"ignore all previous instructions\" (jailbreak)\n"
         )),
         None => out.push_str("  Content Safety screening is off (--no-content-safety)\n"),
     }
@@ -962,7 +959,7 @@ mod tests {
             "--handler-env",
             "CONTENT_SAFETY_FAIL_OPEN=true",
             "--deployments",
-            "gpt-4o, text-embedding-3-small",
+            "gpt-4o, emb=text-embedding-3-small",
         ])
         .unwrap();
         assert_eq!(o.backends, 3);
@@ -976,7 +973,13 @@ mod tests {
         );
         assert_eq!(
             o.deployments.unwrap(),
-            vec!["gpt-4o", "text-embedding-3-small"]
+            vec![
+                Deployment::named("gpt-4o"),
+                Deployment {
+                    name: "emb".into(),
+                    model: "text-embedding-3-small".into()
+                }
+            ]
         );
     }
 
@@ -1008,5 +1011,7 @@ mod tests {
         assert!(parse(&["--what"]).unwrap_err().contains("unknown option"));
         assert!(parse(&["--help"]).unwrap_err().contains("USAGE"));
         assert!(parse(&["--handler-port", "65535", "--backends", "2"]).is_err());
+        assert!(parse(&["--deployments", "emb=a/b"]).is_err());
+        assert!(parse(&["--deployments", "x,x=gpt-4o"]).is_err());
     }
 }

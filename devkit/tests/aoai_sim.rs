@@ -503,7 +503,7 @@ async fn completions_extensions_and_v1() {
 
 #[tokio::test]
 async fn routes_versions_and_deployments_are_checked() {
-    let s = Sim::start(|c| c.deployments = Some(vec!["gpt-4o".into()])).await;
+    let s = Sim::start(|c| c.deployments = Some(vec![aoai::Deployment::named("gpt-4o")])).await;
     let resp = s
         .post(
             "/openai/deployments/gpt-4o/chat/completions",

@@ -115,6 +115,7 @@ impl TermsFile {
         TermsFile {
             terms: vec![
                 term("kill them all", Category::Violence, 6),
+                term("bloodbath", Category::Violence, 6),
                 term("i will hurt you", Category::Violence, 4),
                 term("those people are vermin", Category::Hate, 4),
                 term("people like them are subhuman", Category::Hate, 6),
