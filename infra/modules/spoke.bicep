@@ -1,13 +1,28 @@
-// One spoke network per Function App region: the delegated integration subnet of that region's
-// plan (a subnet serves exactly one plan), peered with the hub so the apps reach the private
+// One spoke network per Function App region: the delegated integration subnet(s) of that region
+// (Elastic Premium: one subnet for the region's plan, which spans the whole space; Flex Consumption:
+// one subnet per app, delegated to Microsoft.App/environments, carved from the space), peered with the hub so the apps reach the private
 // endpoints there, and linked to the private DNS zones so their names resolve privately.
 
 param location string
 param namePrefix string
 param tags object = {}
 
-@description('Address space of this spoke; the integration subnet uses all of it (/26 or larger).')
+@description('Address space of this spoke; with one subnet it uses all of it (/26 or larger).')
 param addressPrefix string
+
+@description('Integration subnets to create: 1 for Elastic Premium (one plan per region), one per app on Flex Consumption.')
+@minValue(1)
+param subnetCount int
+
+@description('Prefix length of each subnet when subnetCount > 1 (carved from addressPrefix in order).')
+param subnetPrefixLength int
+
+@description('Microsoft.Web/serverFarms (Elastic Premium) or Microsoft.App/environments (Flex Consumption).')
+@allowed([
+  'Microsoft.Web/serverFarms'
+  'Microsoft.App/environments'
+])
+param delegation string
 
 @description('Name of the hub VNet (same resource group).')
 param hubVnetName string
@@ -104,28 +119,26 @@ resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
         addressPrefix
       ]
     }
-    subnets: [
-      {
-        name: 'snet-func'
-        properties: {
-          addressPrefix: addressPrefix
-          networkSecurityGroup: {
-            id: integrationNsg.id
-          }
-          natGateway: deployNatGateway ? {
-            id: nat.id
-          } : null
-          delegations: [
-            {
-              name: 'Microsoft.Web.serverFarms'
-              properties: {
-                serviceName: 'Microsoft.Web/serverFarms'
-              }
-            }
-          ]
+    subnets: [for k in range(0, subnetCount): {
+      name: subnetCount == 1 ? 'snet-func' : 'snet-func-${k}'
+      properties: {
+        addressPrefix: subnetCount == 1 ? addressPrefix : cidrSubnet(addressPrefix, subnetPrefixLength, k)
+        networkSecurityGroup: {
+          id: integrationNsg.id
         }
+        natGateway: deployNatGateway ? {
+          id: nat.id
+        } : null
+        delegations: [
+          {
+            name: replace(delegation, '/', '.')
+            properties: {
+              serviceName: delegation
+            }
+          }
+        ]
       }
-    ]
+    }]
   }
 }
 
@@ -176,3 +189,4 @@ resource links 'Microsoft.Network/privateDnsZones/virtualNetworkLinks@2024-06-01
 
 output vnetId string = vnet.id
 output integrationSubnetId string = '${vnet.id}/subnets/snet-func'
+output integrationSubnetIds array = [for k in range(0, subnetCount): '${vnet.id}/subnets/${subnetCount == 1 ? 'snet-func' : 'snet-func-${k}'}']
