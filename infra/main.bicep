@@ -148,10 +148,6 @@ param flexMaximumInstanceCount int = 100
 @maxValue(1000)
 param flexHttpPerInstanceConcurrency int = 64
 
-@description('Flex Consumption: prefix length of each app\'s integration subnet, carved from its region\'s integrationAddressPrefixes entry (a /24 holds four /26).')
-@minValue(24)
-@maxValue(28)
-param flexSubnetPrefixLength int = 26
 
 // ---------------------------------------------------------------------------------------------
 // Network
@@ -161,7 +157,7 @@ param hubAddressPrefix string = '10.40.0.0/22'
 param appGatewaySubnetPrefix string = '10.40.0.0/24'
 param privateEndpointSubnetPrefix string = '10.40.1.0/24'
 
-@description('One address space per Function App region, in order of first appearance in aoaiResources (/26 or larger).')
+@description('Integration subnets (/26 or larger). Elastic Premium: one per Function App region, in order of first appearance in aoaiResources. Flex Consumption: one per app, in aoaiResources order (a Flex app needs its own subnet, delegated to Microsoft.App/environments).')
 param integrationAddressPrefixes array = [
   '10.40.8.0/24'
   '10.40.9.0/24'
@@ -246,7 +242,7 @@ var isFlex = hostingPlan == 'FlexConsumption'
 // Flex: one deployment container per app (valid container names whatever the AOAI name is).
 var deploymentContainerNames = [for a in aoaiResources: 'deploy-${uniqueString(resourceGroup().id, a.name)}']
 // Flex: apps of one region, counted in order, each get their own subnet of that region's spoke.
-var appsPerRegion = [for r in regions: length(filter(appLocations, l => l == r))]
+var appIndexes = [for (a, j) in aoaiResources: j]
 var appSlotInRegion = [for (a, i) in aoaiResources: length(filter(take(appLocations, i), l => l == appLocations[i]))]
 var zoneNames = [
   'privatelink.openai.azure.com'
@@ -303,9 +299,11 @@ module spokes 'modules/spoke.bicep' = [for (r, i) in regions: {
     location: r
     namePrefix: namePrefix
     tags: tags
-    addressPrefix: integrationAddressPrefixes[i]
-    subnetCount: isFlex ? appsPerRegion[i] : 1
-    subnetPrefixLength: flexSubnetPrefixLength
+    // Premium: the region's prefix. Flex: the prefixes of the region's apps, one subnet each.
+    addressPrefixes: integrationAddressPrefixes
+    prefixIndexes: isFlex ? filter(appIndexes, j => appLocations[j] == r) : [
+      i
+    ]
     delegation: isFlex ? 'Microsoft.App/environments' : 'Microsoft.Web/serverFarms'
     hubVnetName: network.outputs.vnetName
     privateDnsZoneNames: zoneNames

@@ -131,6 +131,8 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   //checkov:skip=CKV_AZURE_222:Public endpoint stays on so Application Gateway can reach it through the Microsoft.Web service endpoint; ipSecurityRestrictions admit only the gateway subnet (default Deny).
   //checkov:skip=CKV_AZURE_17:Callers authenticate with the handler's internal API keys; Application Gateway terminates client TLS and does not present client certificates.
   //checkov:skip=CKV_AZURE_212:Flex Consumption keeps alwaysReady instances and scales out to maximumInstanceCount; numberOfWorkers applies to Dedicated plans.
+  //checkov:skip=CKV_AZURE_16:The app has a managed identity: 'SystemAssigned, UserAssigned' (the check recognises only one type at a time).
+  //checkov:skip=CKV_AZURE_213:No platform health check on Flex (healthCheckPath is not among Flex's documented site settings); Application Gateway probes the handler's health route and takes a failing app out of the pool.
   name: name
   location: location
   tags: tags

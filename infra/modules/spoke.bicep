@@ -1,21 +1,20 @@
 // One spoke network per Function App region: the delegated integration subnet(s) of that region
-// (Elastic Premium: one subnet for the region's plan, which spans the whole space; Flex Consumption:
-// one subnet per app, delegated to Microsoft.App/environments, carved from the space), peered with the hub so the apps reach the private
+// (Elastic Premium: one subnet for the region's plan; Flex Consumption: one subnet per app,
+// delegated to Microsoft.App/environments), each spanning one address prefix, peered with the hub so the apps reach the private
 // endpoints there, and linked to the private DNS zones so their names resolve privately.
 
 param location string
 param namePrefix string
 param tags object = {}
 
-@description('Address space of this spoke; with one subnet it uses all of it (/26 or larger).')
-param addressPrefix string
+@description('main.bicep integrationAddressPrefixes (each /26 or larger).')
+param addressPrefixes array
 
-@description('Integration subnets to create: 1 for Elastic Premium (one plan per region), one per app on Flex Consumption.')
-@minValue(1)
-param subnetCount int
+@description('Which of addressPrefixes this spoke uses, one integration subnet each: the region\'s index for Elastic Premium (one plan per region), the indexes of the region\'s apps for Flex Consumption. Together they are the spoke\'s address space.')
+@minLength(1)
+param prefixIndexes array
 
-@description('Prefix length of each subnet when subnetCount > 1 (carved from addressPrefix in order).')
-param subnetPrefixLength int
+var subnetPrefixes = [for j in prefixIndexes: addressPrefixes[j]]
 
 @description('Microsoft.Web/serverFarms (Elastic Premium) or Microsoft.App/environments (Flex Consumption).')
 @allowed([
@@ -32,6 +31,8 @@ param privateDnsZoneNames array
 
 @description('Give the integration subnet a NAT gateway for its internet-bound traffic (see main.bicep deployNatGateway).')
 param deployNatGateway bool
+
+var subnetNames = [for (p, k) in subnetPrefixes: length(subnetPrefixes) == 1 ? 'snet-func' : 'snet-func-${k}']
 
 resource hub 'Microsoft.Network/virtualNetworks@2024-05-01' existing = {
   name: hubVnetName
@@ -115,14 +116,12 @@ resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
   tags: tags
   properties: {
     addressSpace: {
-      addressPrefixes: [
-        addressPrefix
-      ]
+      addressPrefixes: subnetPrefixes
     }
-    subnets: [for k in range(0, subnetCount): {
-      name: subnetCount == 1 ? 'snet-func' : 'snet-func-${k}'
+    subnets: [for (p, k) in subnetPrefixes: {
+      name: subnetNames[k]
       properties: {
-        addressPrefix: subnetCount == 1 ? addressPrefix : cidrSubnet(addressPrefix, subnetPrefixLength, k)
+        addressPrefix: p
         networkSecurityGroup: {
           id: integrationNsg.id
         }
@@ -189,4 +188,4 @@ resource links 'Microsoft.Network/privateDnsZones/virtualNetworkLinks@2024-06-01
 
 output vnetId string = vnet.id
 output integrationSubnetId string = '${vnet.id}/subnets/snet-func'
-output integrationSubnetIds array = [for k in range(0, subnetCount): '${vnet.id}/subnets/${subnetCount == 1 ? 'snet-func' : 'snet-func-${k}'}']
+output integrationSubnetIds array = [for n in subnetNames: '${vnet.id}/subnets/${n}']

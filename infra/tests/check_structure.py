@@ -529,7 +529,7 @@ def flex_shape():
     main = texts["main.bicep"]
     if "delegation: isFlex ? 'Microsoft.App/environments' : 'Microsoft.Web/serverFarms'" not in main:
         problems.append("main.bicep: the Flex integration subnet must be delegated to Microsoft.App/environments")
-    if "subnetCount: isFlex ? appsPerRegion[i] : 1" not in main:
+    if "prefixIndexes: isFlex ? filter(appIndexes, j => appLocations[j] == r)" not in main:
         problems.append("main.bicep: each Flex app needs its own integration subnet")
     if "deploymentContainerNames: isFlex ? deploymentContainerNames : []" not in main:
         problems.append("main.bicep: the Flex deployment containers are not created")
