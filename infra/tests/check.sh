@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Offline validation of infra/ (no Azure, no Bicep CLI needed):
 #   1. check_structure.py: rewrite rules schema, module/file references, parameters example,
-#      probe path and timeouts (standard-library Python);
+#      probe path and timeouts, both hosting plans (standard-library Python), and its self-test
+#      (test_check_structure.py: each hosting-plan rule broken in a copy must fail);
 #   2. check_bicep.py: every .bicep parses with the tree-sitter Bicep grammar (no ERROR or MISSING
 #      node) and has no `#` the Bicep lexer refuses (BCP001: only #disable-next-line,
 #      #disable-diagnostics, #restore-diagnostics at a line start), plus its own self-test
@@ -26,6 +27,13 @@ passed=0
 
 echo "== infra structure"
 if python3 "$here/check_structure.py"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+fi
+
+echo "== structure check self-test (each hosting-plan rule broken in a copy must fail)"
+if python3 "$here/test_check_structure.py"; then
   passed=$((passed + 1))
 else
   failed=$((failed + 1))
