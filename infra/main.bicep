@@ -168,7 +168,7 @@ param integrationAddressPrefixes array = [
 @description('A NAT gateway on each Function App integration subnet. With vnetRouteAllEnabled every outbound call enters the VNet, and Application Insights ingestion and Entra ID sign-in have no private endpoint here: they need a way out. Set false only when you provide one (a firewall route, or Azure Monitor Private Link for Application Insights plus egress for Entra ID).')
 param deployNatGateway bool = true
 
-@description('Public addresses or CIDRs of the machines that publish. Elastic Premium: allowed to upload the package to storage (a /32 is stripped, storage takes single addresses bare; storage rejects /31: list its two addresses). Flex Consumption: allowed on each app\'s deployment endpoint (SCM site) that func and VS Code publish to. Empty: publish from inside the network.')
+@description('Public addresses or CIDRs of the machines that publish. Elastic Premium: allowed to upload the package to storage (a /32 is stripped, storage takes single addresses bare; storage rejects /31: list its two addresses). Flex Consumption: the only addresses each app\'s deployment endpoint (SCM site) admits, the one func and VS Code publish to. Empty: Premium publishes from inside the network; a Flex app admits no publisher until an address is added.')
 param deployerIpRanges array = []
 
 // ---------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@
 //   key and no Azure Files share anywhere. `func azure functionapp publish` and VS Code's
 //   "Deploy to Function App" upload to the app's deployment endpoint, which writes that container.
 // - The integration subnet is delegated to Microsoft.App/environments (spoke.bicep).
+// - No vnetRouteAllEnabled: Flex sends the app's outbound traffic into the integration subnet
+//   itself (WEBSITE_VNET_ROUTE_ALL is refused there); the subnet's NAT gateway stays the way out.
+// - No healthCheckPath: Application Gateway's probe watches the handler's health route.
 // Inbound stays as on Premium: only the Application Gateway subnet reaches the app; the SCM site
 // (deployment endpoint) admits only deployerIpRanges, or nothing when it is empty.
 
@@ -54,7 +57,7 @@ param httpPerInstanceConcurrency int
 @description('Spread instances over availability zones (needs at least 2 always-ready instances).')
 param zoneRedundant bool
 
-@description('Public addresses or CIDRs allowed on the SCM site (the deployment endpoint func and VS Code publish to); empty: deploy from inside the network.')
+@description('Public addresses or CIDRs allowed on the SCM site (the deployment endpoint func and VS Code publish to); empty: no publisher is admitted until a rule is added.')
 param deployerIpRanges array
 
 param storageAccountName string

@@ -577,8 +577,11 @@ def deploy_docs():
                      "Website Contributor", "deployerIpRanges", "Microsoft.App"):
             if must not in text:
                 problems.append(f"{name} does not mention {must}")
-    if "409" in deploy and "Elastic Premium" not in deploy[max(0, deploy.find("409") - 1500) : deploy.find("409") + 200]:
-        problems.append("docs/deploy.md keeps the 409 caveat without saying it is the Elastic Premium path")
+    for m in re.finditer(r"\b409\b", deploy):
+        line = deploy[deploy.rfind("\n", 0, m.start()) + 1 : deploy.find("\n", m.start())]
+        section = deploy[deploy.rfind("\n#", 0, m.start()) : m.start()]
+        if "Premium" not in line and "Premium" not in section.split("\n", 2)[1]:
+            problems.append(f"docs/deploy.md: the 409 caveat outside an Elastic Premium line or section: {line.strip()[:80]}")
     if "AUDIT_DIR" not in deploy:
         problems.append("docs/deploy.md does not say where the abuse-log journal goes on Flex (AUDIT_DIR)")
     return problems
