@@ -451,83 +451,6 @@ module plans 'modules/function-plan.bicep' = [for r in regions: if (!isFlex) {
   }
 }]
 
-// The handler's settings, the same on both plans (each plan adds its host settings in front and
-// additionalAppSettings behind).
-var handlerAppSettings = [for (a, i) in aoaiResources: concat([
-  {
-    name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
-    value: monitoring.outputs.appInsightsConnectionString
-  }
-  {
-    name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
-    value: 'Authorization=AAD'
-  }
-  {
-    name: 'AOAI_HOSTNAME'
-    value: replace(replace(aoaiAccounts[i].properties.endpoint, 'https://', ''), '/', '')
-  }
-  {
-    name: 'AOAI_AUTH'
-    value: aoaiAuth
-  }
-  {
-    name: 'AOAI_TIMEOUT_MS'
-    value: string(aoaiTimeoutMs)
-  }
-  {
-    name: 'USER_CHECK'
-    value: userCheck
-  }
-  {
-    name: 'REGISTERED_USERS'
-    value: registeredUsers
-  }
-], empty(inApiKey) ? [] : [
-  {
-    name: 'AOAI_INAPIKEY'
-    value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikey)'
-  }
-], empty(inApiKeys) ? [] : [
-  {
-    name: 'AOAI_INAPIKEYS'
-    value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikeys)'
-  }
-], aoaiAuth == 'key' ? [
-  {
-    name: 'AOAI_OUTAPIKEY'
-    value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-outapikey-${i})'
-  }
-] : [], deployContentSafety ? [
-  {
-    // No CONTENT_SAFETY_KEY: keys are disabled, the handler uses its managed identity.
-    name: 'CONTENT_SAFETY_ENDPOINT'
-    value: 'https://${contentSafety.outputs.name}.cognitiveservices.azure.com'
-  }
-] : [], deployCosmos ? [
-  {
-    // No COSMOS_KEY: the handler uses its managed identity (Built-in Data Contributor).
-    name: 'COSMOS_ENDPOINT'
-    value: cosmos.outputs.endpoint
-  }
-  {
-    name: 'COSMOS_DATABASE'
-    value: cosmosDatabaseName
-  }
-  {
-    name: 'COSMOS_CONTAINER'
-    value: 'abuse'
-  }
-  {
-    name: 'COSMOS_USERS_CONTAINER'
-    value: 'users'
-  }
-] : [], empty(auditLogPath) ? [] : [
-  {
-    name: 'AUDIT_LOG_PATH'
-    value: auditLogPath
-  }
-])]
-
 // Flex: additionalAppSettings without the names Flex refuses (infra/flex-refused-settings.json).
 var flexRefusedAppSettings = loadJsonContent('flex-refused-settings.json').appSettings
 var flexAdditionalAppSettings = filter(additionalAppSettings, s => !contains(flexRefusedAppSettings, toUpper(s.name)))
@@ -571,7 +494,79 @@ module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: if (!is
         name: 'WEBSITE_RUN_FROM_PACKAGE_BLOB_MI_RESOURCE_ID'
         value: 'SystemAssigned'
       }
-    ], handlerAppSettings[i], additionalAppSettings)
+      {
+        name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+        value: monitoring.outputs.appInsightsConnectionString
+      }
+      {
+        name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+        value: 'Authorization=AAD'
+      }
+      {
+        name: 'AOAI_HOSTNAME'
+        value: replace(replace(aoaiAccounts[i].properties.endpoint, 'https://', ''), '/', '')
+      }
+      {
+        name: 'AOAI_AUTH'
+        value: aoaiAuth
+      }
+      {
+        name: 'AOAI_TIMEOUT_MS'
+        value: string(aoaiTimeoutMs)
+      }
+      {
+        name: 'USER_CHECK'
+        value: userCheck
+      }
+      {
+        name: 'REGISTERED_USERS'
+        value: registeredUsers
+      }
+    ], empty(inApiKey) ? [] : [
+      {
+        name: 'AOAI_INAPIKEY'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikey)'
+      }
+    ], empty(inApiKeys) ? [] : [
+      {
+        name: 'AOAI_INAPIKEYS'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikeys)'
+      }
+    ], aoaiAuth == 'key' ? [
+      {
+        name: 'AOAI_OUTAPIKEY'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-outapikey-${i})'
+      }
+    ] : [], deployContentSafety ? [
+      {
+        // No CONTENT_SAFETY_KEY: keys are disabled, the handler uses its managed identity.
+        name: 'CONTENT_SAFETY_ENDPOINT'
+        value: 'https://${contentSafety.outputs.name}.cognitiveservices.azure.com'
+      }
+    ] : [], deployCosmos ? [
+      {
+        // No COSMOS_KEY: the handler uses its managed identity (Built-in Data Contributor).
+        name: 'COSMOS_ENDPOINT'
+        value: cosmos.outputs.endpoint
+      }
+      {
+        name: 'COSMOS_DATABASE'
+        value: cosmosDatabaseName
+      }
+      {
+        name: 'COSMOS_CONTAINER'
+        value: 'abuse'
+      }
+      {
+        name: 'COSMOS_USERS_CONTAINER'
+        value: 'users'
+      }
+    ] : [], empty(auditLogPath) ? [] : [
+      {
+        name: 'AUDIT_LOG_PATH'
+        value: auditLogPath
+      }
+    ], additionalAppSettings)
   }
   dependsOn: [
     inboundSecrets
@@ -600,25 +595,93 @@ module flexApps 'modules/function-app-flex.bicep' = [for (a, i) in aoaiResources
     keyVaultName: keyVaultName
     appInsightsName: monitoring.outputs.appInsightsName
     contentSafetyName: deployContentSafety ? contentSafety.outputs.name : ''
+    // The same list as the Premium apps above minus the settings Flex refuses (runtime and
+    // package are functionAppConfig there); check_structure.py keeps the two lists in step.
     appSettings: concat([
       {
         // Identity-based host storage: no connection string anywhere.
         name: 'AzureWebJobsStorage__accountName'
         value: storage.outputs.name
       }
-    ], handlerAppSettings[i], flexAdditionalAppSettings)
+      {
+        name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+        value: monitoring.outputs.appInsightsConnectionString
+      }
+      {
+        name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+        value: 'Authorization=AAD'
+      }
+      {
+        name: 'AOAI_HOSTNAME'
+        value: replace(replace(aoaiAccounts[i].properties.endpoint, 'https://', ''), '/', '')
+      }
+      {
+        name: 'AOAI_AUTH'
+        value: aoaiAuth
+      }
+      {
+        name: 'AOAI_TIMEOUT_MS'
+        value: string(aoaiTimeoutMs)
+      }
+      {
+        name: 'USER_CHECK'
+        value: userCheck
+      }
+      {
+        name: 'REGISTERED_USERS'
+        value: registeredUsers
+      }
+    ], empty(inApiKey) ? [] : [
+      {
+        name: 'AOAI_INAPIKEY'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikey)'
+      }
+    ], empty(inApiKeys) ? [] : [
+      {
+        name: 'AOAI_INAPIKEYS'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikeys)'
+      }
+    ], aoaiAuth == 'key' ? [
+      {
+        name: 'AOAI_OUTAPIKEY'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-outapikey-${i})'
+      }
+    ] : [], deployContentSafety ? [
+      {
+        // No CONTENT_SAFETY_KEY: keys are disabled, the handler uses its managed identity.
+        name: 'CONTENT_SAFETY_ENDPOINT'
+        value: 'https://${contentSafety.outputs.name}.cognitiveservices.azure.com'
+      }
+    ] : [], deployCosmos ? [
+      {
+        // No COSMOS_KEY: the handler uses its managed identity (Built-in Data Contributor).
+        name: 'COSMOS_ENDPOINT'
+        value: cosmos.outputs.endpoint
+      }
+      {
+        name: 'COSMOS_DATABASE'
+        value: cosmosDatabaseName
+      }
+      {
+        name: 'COSMOS_CONTAINER'
+        value: 'abuse'
+      }
+      {
+        name: 'COSMOS_USERS_CONTAINER'
+        value: 'users'
+      }
+    ] : [], empty(auditLogPath) ? [] : [
+      {
+        name: 'AUDIT_LOG_PATH'
+        value: auditLogPath
+      }
+    ], flexAdditionalAppSettings)
   }
   dependsOn: [
     inboundSecrets
     outApiKeySecrets
   ]
 }]
-
-// Whichever variant was deployed, per app.
-var appIds = [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.id : apps[i].outputs.id]
-var appPrincipalIds = [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.principalId : apps[i].outputs.principalId]
-var appHostNames = [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.defaultHostName : apps[i].outputs.defaultHostName]
-var appDeployedNames = [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.name : apps[i].outputs.name]
 
 // Cosmos DB data-plane access for each app, one assignment at a time: each PUT locks the whole
 // account and a concurrent one fails with 412, which ARM does not retry.
@@ -627,8 +690,8 @@ module cosmosAccess 'modules/cosmos-data-access.bicep' = [for (a, i) in aoaiReso
   name: 'cosmos-access-${i}'
   params: {
     cosmosAccountName: deployCosmos ? cosmos.outputs.name : ''
-    principalId: appPrincipalIds[i]
-    assigneeKey: appIds[i]
+    principalId: isFlex ? flexApps[i].outputs.principalId : apps[i].outputs.principalId
+    assigneeKey: isFlex ? flexApps[i].outputs.id : apps[i].outputs.id
   }
 }]
 
@@ -638,7 +701,7 @@ module aoaiAccess 'modules/aoai-access.bicep' = [for (a, i) in aoaiResources: {
   scope: resourceGroup(a.?subscriptionId ?? subscription().subscriptionId, a.resourceGroup)
   params: {
     aoaiName: a.name
-    principalId: appPrincipalIds[i]
+    principalId: isFlex ? flexApps[i].outputs.principalId : apps[i].outputs.principalId
     appId: appNames[i]
   }
 }]
@@ -688,7 +751,7 @@ module gateway 'modules/appgw.bicep' = if (deployAppGateway) {
     namePrefix: namePrefix
     tags: tags
     subnetId: network.outputs.appGatewaySubnetId
-    backendHostNames: appHostNames
+    backendHostNames: [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.defaultHostName : apps[i].outputs.defaultHostName]
     tlsCertificateSecretId: tlsCertificateSecretId
     identityId: gatewayIdentity.id
     rewriteRules: rewriteRules
@@ -720,8 +783,8 @@ module gateway 'modules/appgw.bicep' = if (deployAppGateway) {
 // ---------------------------------------------------------------------------------------------
 
 output hostingPlan string = hostingPlan
-output functionAppNames array = appDeployedNames
-output functionAppHostNames array = appHostNames
+output functionAppNames array = [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.name : apps[i].outputs.name]
+output functionAppHostNames array = [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.defaultHostName : apps[i].outputs.defaultHostName]
 output storageAccountName string = storage.outputs.name
 output packageContainerName string = packageContainerName
 output packageBlobName string = packageBlobName

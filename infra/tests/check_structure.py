@@ -405,9 +405,13 @@ def block(text: str, header_regex: str) -> str:
     return m.group(0) if m else ""
 
 
+def setting_pairs(text: str) -> dict[str, str]:
+    """Literal app-setting names and their value expressions (`name: 'X'` then `value: …`)."""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s*name:\s*'([^'$]+)'\s*\n\s*value:(.*)$", text, re.M)}
+
+
 def setting_names(text: str) -> set[str]:
-    """Literal app-setting names: `name: 'X'` lines whose next line sets `value:`."""
-    return {m.group(1) for m in re.finditer(r"^\s*name:\s*'([^'$]+)'\s*\n\s*value:", text, re.M)}
+    return set(setting_pairs(text))
 
 
 def flex_variant_settings() -> tuple[set[str], list[str]]:
@@ -415,7 +419,6 @@ def flex_variant_settings() -> tuple[set[str], list[str]]:
     main = (INFRA / "main.bicep").read_text()
     parts = {
         "main.bicep module flexApps": block(main, r"^module flexApps "),
-        "main.bicep var handlerAppSettings": block(main, r"^var handlerAppSettings "),
         "function-app-flex.bicep": FLEX_MODULE.read_text(),
     }
     missing = [k for k, v in parts.items() if not v]
@@ -473,7 +476,7 @@ def flex_refused_settings():
             problems.append(f"function-app-flex.bicep sets {prop}, which Flex refuses")
     main = (INFRA / "main.bicep").read_text()
     fb = block(main, r"^module flexApps ")
-    if "additionalAppSettings" in fb.replace("flexAdditionalAppSettings", ""):
+    if re.search(r"(?<![A-Za-z])additionalAppSettings", fb):
         problems.append("flexApps passes additionalAppSettings unfiltered (use flexAdditionalAppSettings)")
     if not re.search(r"var flexAdditionalAppSettings = filter\(additionalAppSettings, (\w+) => !contains\(flexRefusedAppSettings, toUpper\(\1\.name\)\)\)", main):
         problems.append("main.bicep: flexAdditionalAppSettings does not filter the refused names out")
@@ -562,6 +565,22 @@ def variants_in_step():
     for n in setting_names(ep):
         if n.upper() not in refused and n not in flex_names:
             problems.append(f"function-app.bicep adds app setting {n}; the Flex variant does not")
+    # The Flex apps get the Premium apps' settings from main.bicep, minus the refused ones, with
+    # the same values.
+    main = (INFRA / "main.bicep").read_text()
+    ep_main = setting_pairs(block(main, r"^module apps "))
+    flex_main = setting_pairs(block(main, r"^module flexApps "))
+    if not ep_main:
+        problems.append("main.bicep: no app settings found in module apps (the parser is broken)")
+    for n, v in ep_main.items():
+        if n.upper() in refused:
+            continue
+        if n not in flex_main:
+            problems.append(f"main.bicep: the Premium apps get {n}, the Flex apps do not")
+        elif flex_main[n] != v:
+            problems.append(f"main.bicep: {n} is {v} on Premium but {flex_main[n]} on Flex")
+    for n in flex_main.keys() - ep_main.keys():
+        problems.append(f"main.bicep: the Flex apps get {n}, the Premium apps do not")
     if "appSettings: appSettings" not in flex and not re.search(r"appSettings:\s*concat\(appSettings", flex):
         problems.append("function-app-flex.bicep does not apply the appSettings it is given")
     return problems

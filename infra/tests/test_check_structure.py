@@ -28,19 +28,35 @@ FLEX = "infra/modules/function-app-flex.bicep"
 MAIN = "infra/main.bicep"
 EP = "infra/modules/function-app.bicep"
 
-# (what, file, old, new, check that must fail[, "all": replace every occurrence])
+FLEX_HEAD = """    appSettings: concat([
+      {
+        // Identity-based host storage: no connection string anywhere.
+        name: 'AzureWebJobsStorage__accountName'
+        value: storage.outputs.name
+      }
+"""
+FLEX_FIRST_HANDLER = """      {
+        name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+        value: monitoring.outputs.appInsightsConnectionString
+      }
+"""
+
+# (what, file, old, new, check that must fail[, "all": replace every occurrence, "last": the
+# last one, i.e. the Flex block of main.bicep])
 MUTATIONS = [
     ("Premium default", MAIN, "param hostingPlan string = 'FlexConsumption'", "param hostingPlan string = 'ElasticPremium'", PLAN),
     ("Premium apps also on Flex", MAIN, "module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: if (!isFlex) {",
      "module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: {", PLAN),
-    ("gateway bound to the Premium apps", MAIN, "backendHostNames: appHostNames",
+    ("gateway bound to the Premium apps", MAIN, "backendHostNames: [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.defaultHostName : apps[i].outputs.defaultHostName]",
      "backendHostNames: [for (a, i) in aoaiResources: apps[i].outputs.defaultHostName]", PLAN),
-    ("FUNCTIONS_WORKER_RUNTIME on Flex", MAIN, "        name: 'AzureWebJobsStorage__accountName'\n        value: storage.outputs.name\n      }\n    ], handlerAppSettings[i], flexAdditionalAppSettings)",
-     "        name: 'AzureWebJobsStorage__accountName'\n        value: storage.outputs.name\n      }\n      {\n        name: 'FUNCTIONS_WORKER_RUNTIME'\n        value: 'custom'\n      }\n    ], handlerAppSettings[i], flexAdditionalAppSettings)", REFUSED),
-    ("WEBSITE_CONTENTSHARE among the handler settings", MAIN, "  {\n    name: 'AOAI_AUTH'\n",
-     "  {\n    name: 'website_contentshare'\n    value: 'x'\n  }\n  {\n    name: 'AOAI_AUTH'\n", REFUSED),
-    ("additionalAppSettings unfiltered on Flex", MAIN, "], handlerAppSettings[i], flexAdditionalAppSettings)",
-     "], handlerAppSettings[i], additionalAppSettings)", REFUSED),
+    ("FUNCTIONS_WORKER_RUNTIME on Flex", MAIN, FLEX_HEAD, FLEX_HEAD.replace(
+        "    appSettings: concat([\n", "    appSettings: concat([\n      {\n        name: 'FUNCTIONS_WORKER_RUNTIME'\n        value: 'custom'\n      }\n"), REFUSED),
+    ("website_contentshare (any case) on Flex", MAIN, FLEX_HEAD, FLEX_HEAD.replace(
+        "    appSettings: concat([\n", "    appSettings: concat([\n      {\n        name: 'website_contentshare'\n        value: 'x'\n      }\n"), REFUSED),
+    ("additionalAppSettings unfiltered on Flex", MAIN, "], flexAdditionalAppSettings)", "], additionalAppSettings)", REFUSED),
+    ("a Premium handler setting missing on Flex", MAIN, FLEX_HEAD + FLEX_FIRST_HANDLER, FLEX_HEAD, STEP),
+    ("a handler setting with another value on Flex", MAIN, "        name: 'USER_CHECK'\n        value: userCheck\n",
+     "        name: 'USER_CHECK'\n        value: 'off'\n", STEP, "last"),
     ("linuxFxVersion on the Flex site", FLEX, "      ftpsState: 'Disabled'", "      linuxFxVersion: ''\n      ftpsState: 'Disabled'", REFUSED),
     ("preWarmedInstanceCount on the Flex site", FLEX, "      ftpsState: 'Disabled'", "      preWarmedInstanceCount: 1\n      ftpsState: 'Disabled'", REFUSED),
     ("deployment storage with a connection string", FLEX,
@@ -102,11 +118,16 @@ def main() -> int:
             copy_tree(root)
             f = root / rel
             text = f.read_text()
-            if text.count(old) < 1 or (text.count(old) > 1 and mode != ["all"]):
+            if text.count(old) < 1 or (text.count(old) > 1 and not mode):
                 print(f"FAIL  {what}: the text to mutate is in {rel} {text.count(old)} times")
                 failures += 1
                 continue
-            f.write_text(text.replace(old, new))
+            if mode == ["last"]:
+                k = text.rindex(old)
+                text = text[:k] + new + text[k + len(old):]
+            else:
+                text = text.replace(old, new)
+            f.write_text(text)
             got = status(run(root), check)
             if got is False:
                 print(f"PASS  {what}: {check!r} fails")
