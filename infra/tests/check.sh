@@ -7,6 +7,7 @@
 #      node) and has no `#` the Bicep lexer refuses (BCP001: only #disable-next-line,
 #      #disable-diagnostics, #restore-diagnostics at a line start), plus its own self-test
 #      (bad fixtures must fail it), so `az bicep build` would accept what we ship;
+#      test_publish.py: publish.sh --dry-run for outputs of both hosting plans;
 #   3. test_smoke.py: infra/smoke.py against a fake gateway, healthy (all PASS) and broken in
 #      each way it checks (the matching item FAILs), so the post-deployment check cannot rot;
 #   4. checkov over the Bicep with zero failed checks and zero parsing errors (a file checkov
@@ -34,6 +35,13 @@ fi
 
 echo "== structure check self-test (each hosting-plan rule broken in a copy must fail)"
 if python3 "$here/test_check_structure.py"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+fi
+
+echo "== publish.sh dry runs (Flex: deployment endpoint; Premium: package blob + restart)"
+if python3 "$here/test_publish.py"; then
   passed=$((passed + 1))
 else
   failed=$((failed + 1))
