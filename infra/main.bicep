@@ -584,7 +584,7 @@ module flexApps 'modules/function-app-flex.bicep' = [for (a, i) in aoaiResources
     tags: tags
     integrationSubnetId: spokes[indexOf(regions, appLocations[i])].outputs.integrationSubnetIds[appSlotInRegion[i]]
     appGatewaySubnetId: network.outputs.appGatewaySubnetId
-    deploymentContainerUrl: '${storage.outputs.blobEndpoint}${deploymentContainerNames[i]}'
+    deploymentContainerName: deploymentContainerNames[i]
     instanceMemoryMB: flexInstanceMemoryMB
     maximumInstanceCount: flexMaximumInstanceCount
     alwaysReadyInstances: functionMinInstances

@@ -29,8 +29,8 @@ param appGatewaySubnetId string
 @description('App settings as [{name, value}]; none of the settings Flex refuses.')
 param appSettings array
 
-@description('Deployment container URL: https://<account>.blob.core.windows.net/<container>.')
-param deploymentContainerUrl string
+@description('This app\'s deployment container in storageAccountName (created by storage.bicep).')
+param deploymentContainerName string
 
 @description('Instance memory (MB).')
 @allowed([
@@ -82,6 +82,9 @@ var storageRoles = [
   roles.storageTableDataContributor
 ]
 
+// The deployment identity's only grant: read and write blobs in this app's container.
+var storageBlobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+
 // Storage takes a bare address for one host; access restrictions want CIDR notation.
 var scmRules = [for (ip, i) in deployerIpRanges: {
   name: 'allow-deployer-${i}'
@@ -91,7 +94,7 @@ var scmRules = [for (ip, i) in deployerIpRanges: {
   ipAddress: contains(ip, '/') ? ip : '${ip}/32'
 }]
 
-// Reads and writes the deployment container; granted before the app is created.
+// Reads and writes the deployment container (and nothing else); granted before the app exists.
 resource deployIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
   name: 'id-${name}-deploy'
   location: location
@@ -100,13 +103,21 @@ resource deployIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-0
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
+
+  resource blobService 'blobServices' existing = {
+    name: 'default'
+
+    resource deploymentContainer 'containers' existing = {
+      name: deploymentContainerName
+    }
+  }
 }
 
 resource deployStorageAccess 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(storage.id, deployIdentity.id, roles.storageBlobDataOwner)
-  scope: storage
+  name: guid(storage::blobService::deploymentContainer.id, deployIdentity.id, storageBlobDataContributor)
+  scope: storage::blobService::deploymentContainer
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataOwner)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributor)
     principalId: deployIdentity.properties.principalId
     principalType: 'ServicePrincipal'
   }
@@ -166,7 +177,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       deployment: {
         storage: {
           type: 'blobContainer'
-          value: deploymentContainerUrl
+          value: '${storage.properties.primaryEndpoints.blob}${deploymentContainerName}'
           authentication: {
             type: 'UserAssignedIdentity'
             userAssignedIdentityResourceId: deployIdentity.id
