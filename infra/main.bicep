@@ -9,7 +9,9 @@
 // Check:   az deployment group what-if -g <rg> -f infra/main.bicep -p @infra/main.parameters.json
 // Deploy:  az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json
 //          (the deployment is named after the file, "main", unless -n says otherwise)
-// Publish: infra/publish.sh -g <rg> [-n <deployment-name>]   (see infra/README.md)
+// Publish: Flex Consumption (default): cd dist/package && func azure functionapp publish <app> --no-build --custom,
+//          or VS Code "Deploy to Function App"; Elastic Premium: infra/publish.sh -g <rg> [-n <deployment-name>]
+//          (both: docs/deploy.md)
 // Smoke:   infra/smoke.sh --gateway https://<appGatewayFqdn> --key <internal key> ...
 
 targetScope = 'resourceGroup'
@@ -104,6 +106,13 @@ param logRetentionInDays int = 90
 // Functions
 // ---------------------------------------------------------------------------------------------
 
+@description('FlexConsumption (default): one FC1 plan per app, package in a blob container per app, published with func / VS Code. ElasticPremium: one EP plan per region, the apps run from a blob URL that infra/publish.sh writes.')
+@allowed([
+  'FlexConsumption'
+  'ElasticPremium'
+])
+param hostingPlan string = 'FlexConsumption'
+
 @description('Elastic Premium size of each regional plan.')
 @allowed([
   'EP1'
@@ -114,11 +123,31 @@ param functionPlanSku string = 'EP1'
 
 param functionMaxElasticWorkers int = 20
 
-@description('Always-ready instances per app.')
+@description('Always-ready instances per app (Elastic Premium: minimumElasticInstanceCount; Flex: the http scale group).')
 @minValue(1)
 param functionMinInstances int = 1
 
+@description('Zone redundancy (Elastic Premium: needs 3 always-ready instances; Flex: 2).')
 param functionZoneRedundant bool = false
+
+@description('Flex Consumption: instance memory (MB).')
+@allowed([
+  512
+  2048
+  4096
+])
+param flexInstanceMemoryMB int = 2048
+
+@description('Flex Consumption: scale-out bound per app (the platform accepts 40..1000).')
+@minValue(40)
+@maxValue(1000)
+param flexMaximumInstanceCount int = 100
+
+@description('Flex Consumption: HTTP requests (streams included) one instance takes before another is added. 64 = CONTENT_SAFETY_MAX_CONCURRENT_REQUESTS default, so an instance is not handed more than it screens at once.')
+@minValue(1)
+@maxValue(1000)
+param flexHttpPerInstanceConcurrency int = 64
+
 
 // ---------------------------------------------------------------------------------------------
 // Network
@@ -128,7 +157,7 @@ param hubAddressPrefix string = '10.40.0.0/22'
 param appGatewaySubnetPrefix string = '10.40.0.0/24'
 param privateEndpointSubnetPrefix string = '10.40.1.0/24'
 
-@description('One address space per Function App region, in order of first appearance in aoaiResources (/26 or larger).')
+@description('Integration subnets (/26 or larger). Elastic Premium: one per Function App region, in order of first appearance in aoaiResources. Flex Consumption: one per app, in aoaiResources order (a Flex app needs its own subnet, delegated to Microsoft.App/environments).')
 param integrationAddressPrefixes array = [
   '10.40.8.0/24'
   '10.40.9.0/24'
@@ -139,7 +168,7 @@ param integrationAddressPrefixes array = [
 @description('A NAT gateway on each Function App integration subnet. With vnetRouteAllEnabled every outbound call enters the VNet, and Application Insights ingestion and Entra ID sign-in have no private endpoint here: they need a way out. Set false only when you provide one (a firewall route, or Azure Monitor Private Link for Application Insights plus egress for Entra ID).')
 param deployNatGateway bool = true
 
-@description('Public addresses or CIDRs allowed to upload the deployment package to storage; empty: publish from inside the network. A /32 is accepted and stripped (storage takes single addresses bare); storage rejects /31: list its two addresses instead.')
+@description('Public addresses or CIDRs of the machines that publish. Elastic Premium: allowed to upload the package to storage (a /32 is stripped, storage takes single addresses bare; storage rejects /31: list its two addresses). Flex Consumption: the only addresses each app\'s deployment endpoint (SCM site) admits, the one func and VS Code publish to. Empty: Premium publishes from inside the network; a Flex app admits no publisher until an address is added.')
 param deployerIpRanges array = []
 
 // ---------------------------------------------------------------------------------------------
@@ -209,6 +238,12 @@ var packageBlobName = 'fwdproxy.zip'
 var appLocations = [for a in aoaiResources: a.?appLocation ?? location]
 var regions = union(appLocations, [])
 var appNames = [for a in aoaiResources: 'fn${take(uniqueString(resourceGroup().id, a.name), 8)}-${namePrefix}-${take(toLower(a.name), 30)}']
+var isFlex = hostingPlan == 'FlexConsumption'
+// Flex: one deployment container per app (valid container names whatever the AOAI name is).
+var deploymentContainerNames = [for a in aoaiResources: 'deploy-${uniqueString(resourceGroup().id, a.name)}']
+// Flex: apps of one region, counted in order, each get their own subnet of that region's spoke.
+var appIndexes = [for (a, j) in aoaiResources: j]
+var appSlotInRegion = [for (a, i) in aoaiResources: length(filter(take(appLocations, i), l => l == appLocations[i]))]
 var zoneNames = [
   'privatelink.openai.azure.com'
   'privatelink.cognitiveservices.azure.com'
@@ -264,7 +299,12 @@ module spokes 'modules/spoke.bicep' = [for (r, i) in regions: {
     location: r
     namePrefix: namePrefix
     tags: tags
-    addressPrefix: integrationAddressPrefixes[i]
+    // Premium: the region's prefix. Flex: the prefixes of the region's apps, one subnet each.
+    addressPrefixes: integrationAddressPrefixes
+    prefixIndexes: isFlex ? filter(appIndexes, j => appLocations[j] == r) : [
+      i
+    ]
+    delegation: isFlex ? 'Microsoft.App/environments' : 'Microsoft.Web/serverFarms'
     hubVnetName: network.outputs.vnetName
     privateDnsZoneNames: zoneNames
     deployNatGateway: deployNatGateway
@@ -290,8 +330,10 @@ module storage 'modules/storage.bicep' = {
       dns[5].outputs.id
       dns[6].outputs.id
     ]
-    deployerIpRanges: deployerIpRanges
+    // Flex: the deployers reach the app's deployment endpoint, not storage.
+    deployerIpRanges: isFlex ? [] : deployerIpRanges
     packageContainerName: packageContainerName
+    deploymentContainerNames: isFlex ? deploymentContainerNames : []
   }
 }
 
@@ -397,7 +439,7 @@ resource outApiKeySecrets 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = [for 
 // Function Apps: one plan per region, one app per AOAI resource
 // ---------------------------------------------------------------------------------------------
 
-module plans 'modules/function-plan.bicep' = [for r in regions: {
+module plans 'modules/function-plan.bicep' = [for r in regions: if (!isFlex) {
   name: 'plan-${r}'
   params: {
     location: r
@@ -409,7 +451,11 @@ module plans 'modules/function-plan.bicep' = [for r in regions: {
   }
 }]
 
-module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: {
+// Flex: additionalAppSettings without the names Flex refuses (infra/flex-refused-settings.json).
+var flexRefusedAppSettings = loadJsonContent('flex-refused-settings.json').appSettings
+var flexAdditionalAppSettings = filter(additionalAppSettings, s => !contains(flexRefusedAppSettings, toUpper(s.name)))
+
+module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: if (!isFlex) {
   name: 'app-${i}'
   params: {
     name: appNames[i]
@@ -528,6 +574,115 @@ module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: {
   ]
 }]
 
+// Flex Consumption: one plan per app (a Flex plan holds one app), the package in the app's own
+// deployment container, none of the app settings Flex refuses.
+module flexApps 'modules/function-app-flex.bicep' = [for (a, i) in aoaiResources: if (isFlex) {
+  name: 'app-flex-${i}'
+  params: {
+    name: appNames[i]
+    location: appLocations[i]
+    tags: tags
+    integrationSubnetId: spokes[indexOf(regions, appLocations[i])].outputs.integrationSubnetIds[appSlotInRegion[i]]
+    appGatewaySubnetId: network.outputs.appGatewaySubnetId
+    deploymentContainerName: deploymentContainerNames[i]
+    instanceMemoryMB: flexInstanceMemoryMB
+    maximumInstanceCount: flexMaximumInstanceCount
+    alwaysReadyInstances: functionMinInstances
+    httpPerInstanceConcurrency: flexHttpPerInstanceConcurrency
+    zoneRedundant: functionZoneRedundant
+    deployerIpRanges: deployerIpRanges
+    storageAccountName: storage.outputs.name
+    keyVaultName: keyVaultName
+    appInsightsName: monitoring.outputs.appInsightsName
+    contentSafetyName: deployContentSafety ? contentSafety.outputs.name : ''
+    // The same list as the Premium apps above minus the settings Flex refuses (runtime and
+    // package are functionAppConfig there); check_structure.py keeps the two lists in step.
+    appSettings: concat([
+      {
+        // Identity-based host storage: no connection string anywhere.
+        name: 'AzureWebJobsStorage__accountName'
+        value: storage.outputs.name
+      }
+      {
+        name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+        value: monitoring.outputs.appInsightsConnectionString
+      }
+      {
+        name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+        value: 'Authorization=AAD'
+      }
+      {
+        name: 'AOAI_HOSTNAME'
+        value: replace(replace(aoaiAccounts[i].properties.endpoint, 'https://', ''), '/', '')
+      }
+      {
+        name: 'AOAI_AUTH'
+        value: aoaiAuth
+      }
+      {
+        name: 'AOAI_TIMEOUT_MS'
+        value: string(aoaiTimeoutMs)
+      }
+      {
+        name: 'USER_CHECK'
+        value: userCheck
+      }
+      {
+        name: 'REGISTERED_USERS'
+        value: registeredUsers
+      }
+    ], empty(inApiKey) ? [] : [
+      {
+        name: 'AOAI_INAPIKEY'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikey)'
+      }
+    ], empty(inApiKeys) ? [] : [
+      {
+        name: 'AOAI_INAPIKEYS'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-inapikeys)'
+      }
+    ], aoaiAuth == 'key' ? [
+      {
+        name: 'AOAI_OUTAPIKEY'
+        value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-outapikey-${i})'
+      }
+    ] : [], deployContentSafety ? [
+      {
+        // No CONTENT_SAFETY_KEY: keys are disabled, the handler uses its managed identity.
+        name: 'CONTENT_SAFETY_ENDPOINT'
+        value: 'https://${contentSafety.outputs.name}.cognitiveservices.azure.com'
+      }
+    ] : [], deployCosmos ? [
+      {
+        // No COSMOS_KEY: the handler uses its managed identity (Built-in Data Contributor).
+        name: 'COSMOS_ENDPOINT'
+        value: cosmos.outputs.endpoint
+      }
+      {
+        name: 'COSMOS_DATABASE'
+        value: cosmosDatabaseName
+      }
+      {
+        name: 'COSMOS_CONTAINER'
+        value: 'abuse'
+      }
+      {
+        name: 'COSMOS_USERS_CONTAINER'
+        value: 'users'
+      }
+    ] : [], empty(auditLogPath) ? [] : [
+      {
+        name: 'AUDIT_LOG_PATH'
+        value: auditLogPath
+      }
+    ], flexAdditionalAppSettings)
+  }
+  dependsOn: [
+    inboundSecrets
+    outApiKeySecrets
+  ]
+}]
+
 // Cosmos DB data-plane access for each app, one assignment at a time: each PUT locks the whole
 // account and a concurrent one fails with 412, which ARM does not retry.
 @batchSize(1)
@@ -535,8 +690,8 @@ module cosmosAccess 'modules/cosmos-data-access.bicep' = [for (a, i) in aoaiReso
   name: 'cosmos-access-${i}'
   params: {
     cosmosAccountName: deployCosmos ? cosmos.outputs.name : ''
-    principalId: apps[i].outputs.principalId
-    assigneeKey: apps[i].outputs.id
+    principalId: isFlex ? flexApps[i].outputs.principalId : apps[i].outputs.principalId
+    assigneeKey: isFlex ? flexApps[i].outputs.id : apps[i].outputs.id
   }
 }]
 
@@ -546,7 +701,7 @@ module aoaiAccess 'modules/aoai-access.bicep' = [for (a, i) in aoaiResources: {
   scope: resourceGroup(a.?subscriptionId ?? subscription().subscriptionId, a.resourceGroup)
   params: {
     aoaiName: a.name
-    principalId: apps[i].outputs.principalId
+    principalId: isFlex ? flexApps[i].outputs.principalId : apps[i].outputs.principalId
     appId: appNames[i]
   }
 }]
@@ -596,7 +751,7 @@ module gateway 'modules/appgw.bicep' = if (deployAppGateway) {
     namePrefix: namePrefix
     tags: tags
     subnetId: network.outputs.appGatewaySubnetId
-    backendHostNames: [for (a, i) in aoaiResources: apps[i].outputs.defaultHostName]
+    backendHostNames: [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.defaultHostName : apps[i].outputs.defaultHostName]
     tlsCertificateSecretId: tlsCertificateSecretId
     identityId: gatewayIdentity.id
     rewriteRules: rewriteRules
@@ -623,15 +778,17 @@ module gateway 'modules/appgw.bicep' = if (deployAppGateway) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Outputs (infra/publish.sh reads functionAppNames, storageAccountName, packageContainerName,
-// packageBlobName)
+// Outputs (infra/publish.sh reads hostingPlan, functionAppNames, storageAccountName,
+// packageContainerName, packageBlobName)
 // ---------------------------------------------------------------------------------------------
 
-output functionAppNames array = [for (a, i) in aoaiResources: apps[i].outputs.name]
-output functionAppHostNames array = [for (a, i) in aoaiResources: apps[i].outputs.defaultHostName]
+output hostingPlan string = hostingPlan
+output functionAppNames array = [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.name : apps[i].outputs.name]
+output functionAppHostNames array = [for (a, i) in aoaiResources: isFlex ? flexApps[i].outputs.defaultHostName : apps[i].outputs.defaultHostName]
 output storageAccountName string = storage.outputs.name
 output packageContainerName string = packageContainerName
 output packageBlobName string = packageBlobName
+output deploymentContainerNames array = isFlex ? deploymentContainerNames : []
 output keyVaultName string = keyVaultName
 output appGatewayIdentityPrincipalId string = gatewayIdentity.properties.principalId
 output appGatewayPublicIp string = deployAppGateway ? gateway.outputs.publicIpAddress : ''

@@ -11,7 +11,15 @@
 #                             `az deployment group show --query properties.outputs`) instead of Azure
 #   --dry-run                 print the az commands instead of running them
 #
-# What it does, and why this way:
+# Flex Consumption apps (hostingPlan output FlexConsumption, the default) take the package through
+# their deployment endpoint, the way `func azure functionapp publish` and VS Code deploy: step 2
+# becomes `func azure functionapp publish <app> --no-build --custom` from dist/package (or
+# `az functionapp deployment source config-zip` when Core Tools are not installed), and step 3 is
+# not needed (the platform restarts the app on the new package). The signed-in identity then
+# needs "Website Contributor" on the apps and network reach to their SCM sites (deployerIpRanges,
+# or publish from inside the network); see docs/deploy.md §7.
+#
+# Elastic Premium apps -- what it does, and why this way:
 #   1. scripts/package.sh builds the Linux x86-64 `handler` and assembles dist/package/
 #      (host.json, FwdProxy/function.json, executable handler) and dist/fwdproxy.zip -- the
 #      layout `func azure functionapp publish --no-build` would upload.
@@ -37,7 +45,7 @@ PACKAGE_ARGS=""
 OUTPUTS_FILE=""
 DRY_RUN=0
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'publish.sh: %s\n' "$*" >&2; exit 1; }
 run() {
@@ -89,6 +97,7 @@ field() {
   python3 -c 'import json,sys; o=json.loads(sys.argv[1]); v=o[sys.argv[2]]["value"]
 print("\n".join(v) if isinstance(v, list) else v)' "$outputs" "$1"
 }
+plan="$(field hostingPlan 2>/dev/null || echo ElasticPremium)"
 storage="$(field storageAccountName)"
 container="$(field packageContainerName)"
 blob="$(field packageBlobName)"
@@ -97,6 +106,22 @@ mapfile -t apps < <(field functionAppNames)
 
 version="$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+
+if [[ "$plan" == "FlexConsumption" ]]; then
+  for app in "${apps[@]}"; do
+    if command -v func >/dev/null; then
+      say "publishing $version to $app (Flex Consumption, func)"
+      (cd "$PKG" && run func azure functionapp publish "$app" --no-build --custom)
+    else
+      say "publishing $version to $app (Flex Consumption, az config-zip; func not installed)"
+      run az functionapp deployment source config-zip -g "$RG" -n "$app" --src "$ZIP"
+    fi
+  done
+  fqdn="$(field appGatewayFqdn 2>/dev/null || true)"
+  say "published. Smoke test through the gateway (use your DNS name if the certificate is for it):"
+  echo "  curl -fsS https://${fqdn:-<gateway-host>}/openai/deployments/health/check"
+  exit 0
+fi
 say "publishing $version to ${#apps[@]} app(s) via $storage/$container/$blob"
 
 run az storage blob upload --auth-mode login --account-name "$storage" \

@@ -1,13 +1,27 @@
-// One spoke network per Function App region: the delegated integration subnet of that region's
-// plan (a subnet serves exactly one plan), peered with the hub so the apps reach the private
+// One spoke network per Function App region: the delegated integration subnet(s) of that region
+// (Elastic Premium: one subnet for the region's plan; Flex Consumption: one subnet per app,
+// delegated to Microsoft.App/environments), each spanning one address prefix, peered with the hub so the apps reach the private
 // endpoints there, and linked to the private DNS zones so their names resolve privately.
 
 param location string
 param namePrefix string
 param tags object = {}
 
-@description('Address space of this spoke; the integration subnet uses all of it (/26 or larger).')
-param addressPrefix string
+@description('main.bicep integrationAddressPrefixes (each /26 or larger).')
+param addressPrefixes array
+
+@description('Which of addressPrefixes this spoke uses, one integration subnet each: the region\'s index for Elastic Premium (one plan per region), the indexes of the region\'s apps for Flex Consumption. Together they are the spoke\'s address space.')
+@minLength(1)
+param prefixIndexes array
+
+var subnetPrefixes = [for j in prefixIndexes: addressPrefixes[j]]
+
+@description('Microsoft.Web/serverFarms (Elastic Premium) or Microsoft.App/environments (Flex Consumption).')
+@allowed([
+  'Microsoft.Web/serverFarms'
+  'Microsoft.App/environments'
+])
+param delegation string
 
 @description('Name of the hub VNet (same resource group).')
 param hubVnetName string
@@ -17,6 +31,8 @@ param privateDnsZoneNames array
 
 @description('Give the integration subnet a NAT gateway for its internet-bound traffic (see main.bicep deployNatGateway).')
 param deployNatGateway bool
+
+var subnetNames = [for (p, k) in subnetPrefixes: length(subnetPrefixes) == 1 ? 'snet-func' : 'snet-func-${k}']
 
 resource hub 'Microsoft.Network/virtualNetworks@2024-05-01' existing = {
   name: hubVnetName
@@ -100,32 +116,28 @@ resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
   tags: tags
   properties: {
     addressSpace: {
-      addressPrefixes: [
-        addressPrefix
-      ]
+      addressPrefixes: subnetPrefixes
     }
-    subnets: [
-      {
-        name: 'snet-func'
-        properties: {
-          addressPrefix: addressPrefix
-          networkSecurityGroup: {
-            id: integrationNsg.id
-          }
-          natGateway: deployNatGateway ? {
-            id: nat.id
-          } : null
-          delegations: [
-            {
-              name: 'Microsoft.Web.serverFarms'
-              properties: {
-                serviceName: 'Microsoft.Web/serverFarms'
-              }
-            }
-          ]
+    subnets: [for (p, k) in subnetPrefixes: {
+      name: subnetNames[k]
+      properties: {
+        addressPrefix: p
+        networkSecurityGroup: {
+          id: integrationNsg.id
         }
+        natGateway: deployNatGateway ? {
+          id: nat.id
+        } : null
+        delegations: [
+          {
+            name: replace(delegation, '/', '.')
+            properties: {
+              serviceName: delegation
+            }
+          }
+        ]
       }
-    ]
+    }]
   }
 }
 
@@ -176,3 +188,4 @@ resource links 'Microsoft.Network/privateDnsZones/virtualNetworkLinks@2024-06-01
 
 output vnetId string = vnet.id
 output integrationSubnetId string = '${vnet.id}/subnets/snet-func'
+output integrationSubnetIds array = [for n in subnetNames: '${vnet.id}/subnets/${n}']

@@ -1,6 +1,7 @@
-// Host storage for the Function Apps (AzureWebJobsStorage, identity-based) and the container the
-// deployment package is published to (WEBSITE_RUN_FROM_PACKAGE = blob URL, read with the apps'
-// managed identities). No shared keys: this is why the apps run without an Azure Files content
+// Host storage for the Function Apps (AzureWebJobsStorage, identity-based) and the containers the
+// deployment package is published to: on Elastic Premium one container (WEBSITE_RUN_FROM_PACKAGE =
+// blob URL, read with the apps' managed identities), on Flex Consumption one per app
+// (functionAppConfig.deployment.storage). No shared keys: this is why the apps run without an Azure Files content
 // share (Azure Files only supports connection strings).
 
 @description('Storage account name (3-24 lowercase letters and digits), computed in main.bicep.')
@@ -18,6 +19,9 @@ param deployerIpRanges array
 
 @description('Blob container holding the deployment package.')
 param packageContainerName string
+
+@description('Flex Consumption: one deployment container per app (func / VS Code publish into it); empty on Elastic Premium.')
+param deploymentContainerNames array
 
 var groups = [
   'blob'
@@ -99,6 +103,14 @@ resource packages 'Microsoft.Storage/storageAccounts/blobServices/containers@202
     publicAccess: 'None'
   }
 }
+
+resource deploymentContainers 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = [for c in deploymentContainerNames: {
+  parent: blobService
+  name: c
+  properties: {
+    publicAccess: 'None'
+  }
+}]
 
 module endpoints 'private-endpoint.bicep' = [for (g, i) in groups: {
   name: 'pe-${name}-${g}'

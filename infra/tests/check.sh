@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Offline validation of infra/ (no Azure, no Bicep CLI needed):
 #   1. check_structure.py: rewrite rules schema, module/file references, parameters example,
-#      probe path and timeouts (standard-library Python);
+#      probe path and timeouts, both hosting plans (standard-library Python), and its self-test
+#      (test_check_structure.py: each hosting-plan rule broken in a copy must fail);
 #   2. check_bicep.py: every .bicep parses with the tree-sitter Bicep grammar (no ERROR or MISSING
 #      node) and has no `#` the Bicep lexer refuses (BCP001: only #disable-next-line,
 #      #disable-diagnostics, #restore-diagnostics at a line start), plus its own self-test
 #      (bad fixtures must fail it), so `az bicep build` would accept what we ship;
+#      test_publish.py: publish.sh --dry-run for outputs of both hosting plans;
 #   3. test_smoke.py: infra/smoke.py against a fake gateway, healthy (all PASS) and broken in
 #      each way it checks (the matching item FAILs), so the post-deployment check cannot rot;
 #   4. checkov over the Bicep with zero failed checks and zero parsing errors (a file checkov
@@ -26,6 +28,20 @@ passed=0
 
 echo "== infra structure"
 if python3 "$here/check_structure.py"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+fi
+
+echo "== structure check self-test (each hosting-plan rule broken in a copy must fail)"
+if python3 "$here/test_check_structure.py"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+fi
+
+echo "== publish.sh dry runs (Flex: deployment endpoint; Premium: package blob + restart)"
+if python3 "$here/test_publish.py"; then
   passed=$((passed + 1))
 else
   failed=$((failed + 1))

@@ -14,7 +14,12 @@
   one place, one at a time (@batchSize(1)); the gateway's certificate is read only after its
   identity holds the vault role; the Microsoft.Web service endpoint lists its locations; storage
   ipRules strip /32 and the example lists no /31; route-all apps get an egress (NAT gateway on by
-  default); main.bicep's usage comment and the README call publish.sh with flags it knows.
+  default); main.bicep's usage comment and the README call publish.sh with flags it knows;
+- both hosting plans: hostingPlan selects the Premium or the Flex modules (never both), the Flex
+  variant carries none of the app settings or site properties Flex refuses
+  (flex-refused-settings.json), has the custom runtime, FC1, identity-based blob deployment,
+  always-ready HTTP instances, no storage key and no Azure Files; both variants grant the same
+  roles and carry the same module-added settings; the docs show func and VS Code deploying.
 
 Prints one PASS/FAIL line per check and a closing "N passed, M failed" line; exits 1 on failure.
 """
@@ -379,6 +384,225 @@ def publish_usage():
                     break
                 else:
                     break  # prose after the command
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Hosting plan variants (hostingPlan: FlexConsumption | ElasticPremium)
+# ---------------------------------------------------------------------------------------------
+
+FLEX_MODULE = INFRA / "modules" / "function-app-flex.bicep"
+EP_MODULE = INFRA / "modules" / "function-app.bicep"
+
+
+def flex_refused() -> dict:
+    return json.loads((INFRA / "flex-refused-settings.json").read_text())
+
+
+def block(text: str, header_regex: str) -> str:
+    """A top-level `module`/`resource`/`var` statement from its header to its closing line."""
+    m = re.search(header_regex + r".*?^(?:\}|\}\]|\]\)\]|\])\s*$", text, re.M | re.S)
+    return m.group(0) if m else ""
+
+
+def setting_pairs(text: str) -> dict[str, str]:
+    """Literal app-setting names and their value expressions (`name: 'X'` then `value: …`)."""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s*name:\s*'([^'$]+)'\s*\n\s*value:(.*)$", text, re.M)}
+
+
+def setting_names(text: str) -> set[str]:
+    return set(setting_pairs(text))
+
+
+def flex_variant_settings() -> tuple[set[str], list[str]]:
+    """Every app-setting name the Flex variant can carry, and the places it was read from."""
+    main = (INFRA / "main.bicep").read_text()
+    parts = {
+        "main.bicep module flexApps": block(main, r"^module flexApps "),
+        "function-app-flex.bicep": FLEX_MODULE.read_text(),
+    }
+    missing = [k for k, v in parts.items() if not v]
+    names = set()
+    for v in parts.values():
+        names |= setting_names(v)
+    return names, missing
+
+
+@check("hostingPlan: FlexConsumption (default) or ElasticPremium, each module deployed for its plan only")
+def hosting_plan_switch():
+    problems = []
+    main = (INFRA / "main.bicep").read_text()
+    m = re.search(r"@allowed\(\[\s*'FlexConsumption'\s*'ElasticPremium'\s*\]\)\s*\nparam hostingPlan string = '(\w+)'", main)
+    if not m:
+        return ["main.bicep: param hostingPlan with @allowed(['FlexConsumption', 'ElasticPremium']) not found"]
+    if m.group(1) != "FlexConsumption":
+        problems.append(f"hostingPlan defaults to {m.group(1)}, not FlexConsumption")
+    if "var isFlex = hostingPlan == 'FlexConsumption'" not in main:
+        problems.append("main.bicep: isFlex is not derived from hostingPlan")
+    expect = {
+        r"^module plans 'modules/function-plan.bicep' = \[for r in regions: if \(!isFlex\)": "Premium plans only when not Flex",
+        r"^module apps 'modules/function-app.bicep' = \[for \(a, i\) in aoaiResources: if \(!isFlex\)": "Premium apps only when not Flex",
+        r"^module flexApps 'modules/function-app-flex.bicep' = \[for \(a, i\) in aoaiResources: if \(isFlex\)": "Flex apps only when Flex",
+    }
+    for rx, what in expect.items():
+        if not re.search(rx, main, re.M):
+            problems.append(f"main.bicep: {what} ({rx})")
+    # Everything downstream of the apps must use the per-plan selection, never one variant.
+    for sym in ("apps", "flexApps"):
+        for use in re.finditer(rf"\b{sym}\[i\]\.outputs\.(\w+)", main):
+            line = main[main.rfind("\n", 0, use.start()) + 1 : main.find("\n", use.start())]
+            if "isFlex ?" not in line:
+                problems.append(f"main.bicep uses {sym}[i].outputs.{use.group(1)} outside an isFlex selection: {line.strip()}")
+    for out in ("functionAppNames", "functionAppHostNames", "hostingPlan"):
+        if not re.search(rf"^output {out} ", main, re.M):
+            problems.append(f"main.bicep: output {out} missing (publish.sh and smoke read it)")
+    return problems
+
+
+@check("Flex variant: none of the app settings or site properties Flex refuses")
+def flex_refused_settings():
+    problems = []
+    refused = flex_refused()
+    names, missing = flex_variant_settings()
+    problems += [f"{k}: not found" for k in missing]
+    if not names:
+        problems.append("no app setting names found for the Flex variant (the parser is broken)")
+    for n in sorted(names):
+        if n.upper() in refused["appSettings"]:
+            problems.append(f"Flex variant sets {n}, which Flex refuses")
+    flex = FLEX_MODULE.read_text()
+    for prop in refused["siteProperties"]:
+        if re.search(rf"^\s*{prop}\s*:", flex, re.M):
+            problems.append(f"function-app-flex.bicep sets {prop}, which Flex refuses")
+    main = (INFRA / "main.bicep").read_text()
+    fb = block(main, r"^module flexApps ")
+    if re.search(r"(?<![A-Za-z])additionalAppSettings", fb):
+        problems.append("flexApps passes additionalAppSettings unfiltered (use flexAdditionalAppSettings)")
+    if not re.search(r"var flexAdditionalAppSettings = filter\(additionalAppSettings, (\w+) => !contains\(flexRefusedAppSettings, toUpper\(\1\.name\)\)\)", main):
+        problems.append("main.bicep: flexAdditionalAppSettings does not filter the refused names out")
+    if "loadJsonContent('flex-refused-settings.json').appSettings" not in main:
+        problems.append("main.bicep does not load flex-refused-settings.json")
+    # The list itself must keep the settings this repo's Premium variant relies on.
+    for must in ("FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION", "WEBSITE_RUN_FROM_PACKAGE",
+                 "WEBSITE_CONTENTSHARE", "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING"):
+        if must not in refused["appSettings"]:
+            problems.append(f"flex-refused-settings.json lost {must}")
+    if any(n != n.upper() for n in refused["appSettings"]):
+        problems.append("flex-refused-settings.json: appSettings must be upper case (main.bicep compares toUpper)")
+    return problems
+
+
+@check("Flex variant: custom runtime, FC1, identity-based blob deployment, always-ready http, no key, no Azure Files")
+def flex_shape():
+    problems = []
+    flex = FLEX_MODULE.read_text()
+    need = {
+        "FC1 / FlexConsumption SKU": r"sku:\s*\{\s*name:\s*'FC1'\s*tier:\s*'FlexConsumption'\s*\}",
+        "runtime custom": r"runtime:\s*\{\s*(?://[^\n]*\s*)*name:\s*'custom'\s*version:\s*'1\.0'\s*\}",
+        "blobContainer deployment storage": r"storage:\s*\{\s*type:\s*'blobContainer'",
+        "identity authentication": r"authentication:\s*\{\s*type:\s*'(?:SystemAssignedIdentity|UserAssignedIdentity)'",
+        "always-ready http group": r"alwaysReady:\s*\[\s*\{\s*name:\s*'http'\s*instanceCount:\s*alwaysReadyInstances",
+        "http per-instance concurrency": r"http:\s*\{\s*perInstanceConcurrency:\s*httpPerInstanceConcurrency",
+        "instance memory": r"instanceMemoryMB:\s*instanceMemoryMB",
+        "maximum instances": r"maximumInstanceCount:\s*maximumInstanceCount",
+        "VNet integration": r"virtualNetworkSubnetId:\s*integrationSubnetId",
+        "gateway-only inbound": r"ipSecurityRestrictionsDefaultAction:\s*'Deny'",
+        "SCM default deny": r"scmIpSecurityRestrictionsDefaultAction:\s*'Deny'",
+        "basic publishing (scm) off": r"name:\s*'scm'\s*properties:\s*\{\s*allow:\s*false",
+        "basic publishing (ftp) off": r"name:\s*'ftp'\s*properties:\s*\{\s*allow:\s*false",
+        "deployment identity granted before the app": r"dependsOn:\s*\[\s*deployStorageAccess\s*\]",
+    }
+    for what, rx in need.items():
+        if not re.search(rx, flex, re.S):
+            problems.append(f"function-app-flex.bicep: {what} missing")
+    if re.search(r"StorageAccountConnectionString|storageAccountConnectionStringName", flex):
+        problems.append("function-app-flex.bicep: deployment storage authenticates with a connection string (a key)")
+    texts = {"main.bicep": (INFRA / "main.bicep").read_text(), "function-app-flex.bicep": flex,
+             "storage.bicep": (INFRA / "modules" / "storage.bicep").read_text()}
+    for name, text in texts.items():
+        code = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("//"))
+        for bad, why in ((r"AccountKey=", "a storage key in a connection string"),
+                         (r"\bstorage\w*\.listKeys\(", "storage account keys"),
+                         (r"azureStorageAccounts", "an Azure Files / blob mount"),
+                         (r"WEBSITE_CONTENTAZUREFILECONNECTIONSTRING", "an Azure Files content share")):
+            if re.search(bad, code):
+                problems.append(f"{name}: {why}")
+    if "allowSharedKeyAccess: false" not in texts["storage.bicep"]:
+        problems.append("storage.bicep: shared keys must stay off")
+    main = texts["main.bicep"]
+    if "delegation: isFlex ? 'Microsoft.App/environments' : 'Microsoft.Web/serverFarms'" not in main:
+        problems.append("main.bicep: the Flex integration subnet must be delegated to Microsoft.App/environments")
+    if "prefixIndexes: isFlex ? filter(appIndexes, j => appLocations[j] == r)" not in main:
+        problems.append("main.bicep: each Flex app needs its own integration subnet")
+    if "deploymentContainerNames: isFlex ? deploymentContainerNames : []" not in main:
+        problems.append("main.bicep: the Flex deployment containers are not created")
+    m = re.search(r"^param flexMaximumInstanceCount int = (\d+)", main, re.M)
+    if not m or not 40 <= int(m.group(1)) <= 1000:
+        problems.append("flexMaximumInstanceCount must default within Flex's 40..1000")
+    return problems
+
+
+@check("both plan variants grant the same roles and carry the same module-added app settings")
+def variants_in_step():
+    problems = []
+    ep, flex = EP_MODULE.read_text(), FLEX_MODULE.read_text()
+
+    def roles(text):
+        m = re.search(r"^var roles = \{(.*?)^\}", text, re.M | re.S)
+        return dict(re.findall(r"^\s*(\w+):\s*'([0-9a-f-]{36})'", m.group(1), re.M)) if m else {}
+
+    def granted(text):
+        return set(re.findall(r"roleDefinitions', (?:role|roles\.(\w+))\)", text)) - {""}
+
+    if not roles(ep) or roles(ep) != roles(flex):
+        problems.append(f"role tables differ: premium {roles(ep)} vs flex {roles(flex)}")
+    if granted(ep) - granted(flex):
+        problems.append(f"Flex module does not grant {sorted(granted(ep) - granted(flex))}")
+    # A setting function-app.bicep adds on its own (beyond the appSettings param) must reach the
+    # Flex apps too, unless Flex refuses it.
+    refused = set(flex_refused()["appSettings"])
+    flex_names, _ = flex_variant_settings()
+    for n in setting_names(ep):
+        if n.upper() not in refused and n not in flex_names:
+            problems.append(f"function-app.bicep adds app setting {n}; the Flex variant does not")
+    # The Flex apps get the Premium apps' settings from main.bicep, minus the refused ones, with
+    # the same values.
+    main = (INFRA / "main.bicep").read_text()
+    ep_main = setting_pairs(block(main, r"^module apps "))
+    flex_main = setting_pairs(block(main, r"^module flexApps "))
+    if not ep_main:
+        problems.append("main.bicep: no app settings found in module apps (the parser is broken)")
+    for n, v in ep_main.items():
+        if n.upper() in refused:
+            continue
+        if n not in flex_main:
+            problems.append(f"main.bicep: the Premium apps get {n}, the Flex apps do not")
+        elif flex_main[n] != v:
+            problems.append(f"main.bicep: {n} is {v} on Premium but {flex_main[n]} on Flex")
+    for n in flex_main.keys() - ep_main.keys():
+        problems.append(f"main.bicep: the Flex apps get {n}, the Premium apps do not")
+    if "appSettings: appSettings" not in flex and not re.search(r"appSettings:\s*concat\(appSettings", flex):
+        problems.append("function-app-flex.bicep does not apply the appSettings it is given")
+    return problems
+
+
+@check("docs: func and VS Code deploy to infra-created apps; the 409 caveat only for Premium")
+def deploy_docs():
+    problems = []
+    deploy = (REPO / "docs" / "deploy.md").read_text()
+    readme = (INFRA / "README.md").read_text()
+    for text, name in ((deploy, "docs/deploy.md"), (readme, "infra/README.md")):
+        for must in ("hostingPlan", "func azure functionapp publish", "Deploy to Function App",
+                     "Website Contributor", "deployerIpRanges", "Microsoft.App"):
+            if must not in text:
+                problems.append(f"{name} does not mention {must}")
+    for m in re.finditer(r"\b409\b", deploy):
+        line = deploy[deploy.rfind("\n", 0, m.start()) + 1 : deploy.find("\n", m.start())]
+        section = deploy[deploy.rfind("\n#", 0, m.start()) : m.start()]
+        if "Premium" not in line and "Premium" not in section.split("\n", 2)[1]:
+            problems.append(f"docs/deploy.md: the 409 caveat outside an Elastic Premium line or section: {line.strip()[:80]}")
+    if "AUDIT_DIR" not in deploy:
+        problems.append("docs/deploy.md does not say where the abuse-log journal goes on Flex (AUDIT_DIR)")
     return problems
 
 
