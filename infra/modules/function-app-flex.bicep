@@ -83,6 +83,15 @@ var storageRoles = [
 ]
 
 // The deployment identity's only grant: read and write blobs in this app's container.
+// Abuse-record journal: the same setting as on Elastic Premium. Where /home is not writable on
+// an instance, the handler falls back to the temp directory with a warning (records there are
+// per instance and shipped to Cosmos DB, the durable store, as soon as it answers).
+var auditSettings = [
+  {
+    name: 'AUDIT_DIR'
+    value: '/home/data/aoai-fwdproxy'
+  }
+]
 var storageBlobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
 
 // Storage takes a bare address for one host; access restrictions want CIDR notation.
@@ -201,7 +210,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       }
     }
     siteConfig: {
-      appSettings: appSettings
+      appSettings: concat(appSettings, auditSettings)
       ftpsState: 'Disabled'
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
