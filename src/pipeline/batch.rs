@@ -107,10 +107,12 @@ pub fn read_upload(
             "purpose" => purpose = Some(part.body),
             "file" => file = Some(part.body),
             "expires_after[anchor]" | "expires_after[seconds]" => {}
-            _ => return Err(whole(format!(
+            _ => {
+                return Err(whole(format!(
                 "The form field '{}' is not one a file upload takes (purpose, file, expires_after)",
                 part.name
-            ))),
+            )))
+            }
         }
     }
     let purpose = purpose
@@ -306,13 +308,15 @@ fn envelope(line: &[u8]) -> Result<Envelope<'_>, (Option<String>, String)> {
                     .unwrap_or(raw.len());
                 body = Some(&raw[from..]);
             }
-            other => return fail(
-                &custom_id,
-                format!(
+            other => {
+                return fail(
+                    &custom_id,
+                    format!(
                     "The key '{}' is not one a batch request takes (custom_id, method, url, body)",
                     other.chars().take(32).collect::<String>()
                 ),
-            ),
+                )
+            }
         }
     }
     if let Err(e) = p.finish() {
