@@ -760,7 +760,7 @@ async fn gate_upload(
             );
             return Ok(bytes);
         }
-        Ok(Upload::Batch(lines)) => lines,
+        Ok(Upload::Batch { lines, refused }) => (lines, refused),
         Err(Refused::Whole(refusal)) => {
             let details = refusal_details(&refusal.error);
             record_with_fields(
@@ -775,32 +775,34 @@ async fn gate_upload(
             .await;
             return Err(refusal.error);
         }
-        Err(Refused::Lines(refused)) => {
-            let mut offenders = Vec::with_capacity(refused.len());
-            for line in &refused {
-                let mut details = refusal_details(&line.refusal.error);
-                details["custom_id"] = line.custom_id.clone().into();
-                details["line"] = line.number.into();
-                record_with_fields(
-                    state,
-                    target,
-                    parts,
-                    log,
-                    line.refusal.reason,
-                    &line.refusal.inspected,
-                    details,
-                )
-                .await;
-                offenders.push((
-                    batch::line_name(line.number, line.custom_id.as_deref()),
-                    line.refusal.error.code(),
-                ));
-            }
-            return Err(batch::refusal(&offenders));
-        }
     };
+    let (lines, refused) = lines;
+    let mut offenders = Vec::with_capacity(refused.len());
+    for line in &refused {
+        let mut details = refusal_details(&line.refusal.error);
+        details["custom_id"] = line.custom_id.clone().into();
+        details["line"] = line.number.into();
+        record_with_fields(
+            state,
+            target,
+            parts,
+            log,
+            line.refusal.reason,
+            &line.refusal.inspected,
+            details,
+        )
+        .await;
+        offenders.push((
+            line.number,
+            batch::line_name(line.number, line.custom_id.as_deref()),
+            line.refusal.error.code(),
+        ));
+    }
     let Some(cs) = screening else {
-        return Ok(bytes);
+        return match offenders.is_empty() {
+            true => Ok(bytes),
+            false => Err(batch::refusal(&offenders)),
+        };
     };
     // chunks joined in turn rather than a buffered stream: the stream's closures make the
     // handler's future fail axum's `Send` bound (a higher-ranked lifetime rustc cannot prove)
@@ -818,7 +820,6 @@ async fn gate_upload(
         verdicts.extend(chunk.iter().copied().zip(out));
     }
     let rid = log.request_id.to_str().unwrap_or("");
-    let mut offenders = Vec::new();
     let mut limit_error = None;
     for (line, verdict) in verdicts {
         let tag = |mut details: serde_json::Value| {
@@ -845,6 +846,7 @@ async fn gate_upload(
                 )
                 .await;
                 offenders.push((
+                    line.number,
                     batch::line_name(line.number, Some(&line.custom_id)),
                     "content_filter",
                 ));
@@ -883,6 +885,7 @@ async fn gate_upload(
         }
     }
     if !offenders.is_empty() {
+        offenders.sort_by_key(|o| o.0);
         return Err(batch::refusal(&offenders));
     }
     match limit_error {

@@ -44,8 +44,13 @@ pub struct Line {
 /// What the upload is.
 #[derive(Debug)]
 pub enum Upload {
-    /// A batch input file, every line read: screen each line's prompt.
-    Batch(Vec<Line>),
+    /// A batch input file, every line read: screen the prompt of each line in `lines`; any line
+    /// in `refused` (or refused by screening) refuses the upload. Lines the policy refused are
+    /// not screened, the others are, so that the answer names every offending line at once.
+    Batch {
+        lines: Vec<Line>,
+        refused: Vec<LineRefusal>,
+    },
     /// A purpose `UPLOAD_UNSCREENED_PURPOSES` lets through unread.
     Unscreened { purpose: String },
 }
@@ -59,13 +64,10 @@ pub struct LineRefusal {
     pub refusal: Box<Refusal>,
 }
 
-/// Why an upload is refused.
+/// Why an upload is refused as a whole (its form, its purpose, its size in lines).
 #[derive(Debug)]
 pub enum Refused {
-    /// The upload itself (its form, its purpose, its size in lines).
     Whole(Box<Refusal>),
-    /// Some lines; the upload is refused for them.
-    Lines(Vec<LineRefusal>),
 }
 
 fn whole(message: impl Into<String>) -> Refused {
@@ -211,11 +213,10 @@ pub fn read_batch_file(
             }),
         }
     }
-    if refused.is_empty() {
-        Ok(Upload::Batch(read))
-    } else {
-        Err(Refused::Lines(refused))
-    }
+    Ok(Upload::Batch {
+        lines: read,
+        refused,
+    })
 }
 
 struct Envelope<'a> {
@@ -354,13 +355,13 @@ pub fn line_name(number: usize, custom_id: Option<&str>) -> String {
     }
 }
 
-/// The one answer for an upload refused for some of its lines: `offenders` are (line name,
-/// error code of the online refusal), in file order.
-pub fn refusal(offenders: &[(String, &'static str)]) -> AppError {
+/// The one answer for an upload refused for some of its lines: `offenders` are (line number,
+/// line name, error code of the online refusal), in file order.
+pub fn refusal(offenders: &[(usize, String, &'static str)]) -> AppError {
     let named: Vec<String> = offenders
         .iter()
         .take(NAMED_IN_MESSAGE)
-        .map(|(name, code)| format!("{name} ({code})"))
+        .map(|(_, name, code)| format!("{name} ({code})"))
         .collect();
     let more = offenders.len().saturating_sub(NAMED_IN_MESSAGE);
     let tail = if more > 0 {
@@ -419,7 +420,7 @@ mod tests {
 
     fn refused_ids(r: Result<Upload, Refused>) -> Vec<String> {
         match r {
-            Err(Refused::Lines(ls)) => ls
+            Ok(Upload::Batch { refused: ls, .. }) if !ls.is_empty() => ls
                 .iter()
                 .map(|l| line_name(l.number, l.custom_id.as_deref()))
                 .collect(),
@@ -448,9 +449,11 @@ mod tests {
         ]
         .join("\n")
             + "\n";
-        let Ok(Upload::Batch(lines)) = run("batch", &file, UserCheck::Registered) else {
+        let Ok(Upload::Batch { lines, refused }) = run("batch", &file, UserCheck::Registered)
+        else {
             panic!()
         };
+        assert!(refused.is_empty());
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0].inspected.prompt.user, ["hi there"]);
         assert_eq!(lines[0].operation, Operation::V1ChatCompletions);
@@ -527,7 +530,7 @@ mod tests {
         ] {
             let r = run("batch", &bad, UserCheck::Off);
             assert!(
-                matches!(r, Err(Refused::Lines(ref l)) if l.len() == 1),
+                matches!(r, Ok(Upload::Batch { ref refused, ref lines }) if refused.len() == 1 && lines.is_empty()),
                 "{bad}: {r:?}"
             );
         }
@@ -548,15 +551,15 @@ mod tests {
         let ok = line("a", "/chat/completions", r#"{"messages":[]}"#);
         for p in ["batch", "Batch", " BATCH "] {
             assert!(
-                matches!(run(p, &ok, UserCheck::Off), Ok(Upload::Batch(_))),
+                matches!(run(p, &ok, UserCheck::Off), Ok(Upload::Batch { ref refused, .. }) if refused.is_empty()),
                 "{p}"
             );
         }
         // a spelling of batch never passes unread, even with a bad file
-        assert!(matches!(
-            run("BATCH", "junk", UserCheck::Off),
-            Err(Refused::Lines(_))
-        ));
+        assert_eq!(
+            refused_ids(run("BATCH", "junk", UserCheck::Off)),
+            ["line 1"]
+        );
         assert!(matches!(
             run("fine-tune", "anything", UserCheck::Off),
             Ok(Upload::Unscreened { .. })
@@ -601,8 +604,8 @@ mod tests {
 
     #[test]
     fn refusal_names_ids_and_counts_the_rest() {
-        let offenders: Vec<(String, &str)> = (0..25)
-            .map(|i| (line_name(i, Some(&format!("t{i}"))), "content_filter"))
+        let offenders: Vec<(usize, String, &str)> = (0..25)
+            .map(|i| (i, line_name(i, Some(&format!("t{i}"))), "content_filter"))
             .collect();
         let e = refusal(&offenders);
         let m = e.to_string();
