@@ -148,6 +148,8 @@ pub const DEFAULT_MODELS: &[&str] = &[
 pub struct AoaiSim {
     pub config: AoaiConfig,
     pub recorder: Recorder,
+    /// Files and batches (`sim::batch`).
+    pub batches: super::batch::Store,
     limits: Mutex<HashMap<String, Quota>>,
     dice: Mutex<SplitMix>,
 }
@@ -157,6 +159,7 @@ impl AoaiSim {
         Arc::new(AoaiSim {
             config,
             recorder: Recorder::default(),
+            batches: super::batch::Store::default(),
             limits: Mutex::new(HashMap::new()),
             dice: Mutex::new(SplitMix(run_seed())),
         })
@@ -323,6 +326,7 @@ fn route(path: &str) -> Option<Target> {
                 ["responses"] => Op::Responses,
                 ["models"] => Op::ListModels,
                 ["models", _] => Op::GetModel,
+                ["images", "generations"] | ["audio", _] => Op::Unsupported,
                 _ => return None,
             };
             Some(Target {
@@ -331,6 +335,12 @@ fn route(path: &str) -> Option<Target> {
                 v1: true,
             })
         }
+        // the AzureOpenAI client's Responses path (api-version required)
+        ["openai", "responses"] => Some(Target {
+            op: Op::Responses,
+            deployment: None,
+            v1: false,
+        }),
         _ => None,
     }
 }
@@ -367,6 +377,10 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
 
     if !key_ok(&parts.headers, &sim.config.key) {
         return unauthorized();
+    }
+    let (m, p, q) = (&parts.method, parts.uri.path(), parts.uri.query());
+    if let Some(r) = super::batch::handle(&sim.batches, m, p, q, &parts.headers, &bytes) {
+        return r;
     }
     let Some(target) = route(parts.uri.path()) else {
         return not_found();
