@@ -549,3 +549,47 @@ async fn files_and_batches_routes_are_forwarded_on_both_forms() {
     }
     assert_eq!(g.aoai.seen().len(), 2 * cases.len());
 }
+
+/// A batch file of `BATCH_MAX_LINES` (the default, 1000) requests: every line is screened (one
+/// analyze and one shield call each), none is skipped, and the upload goes through whole.
+#[tokio::test]
+async fn a_full_size_batch_file_is_screened_line_for_line() {
+    let g = gate(&[]).await;
+    let file = (0..1000)
+        .map(|i| {
+            line(
+                &format!("t{i}"),
+                chat(Some("alice"), &format!("question number {i}")),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (ct, body) = upload("batch", &file);
+    let started = std::time::Instant::now();
+    let resp = g
+        .send(
+            reqwest::Method::POST,
+            &format!("{P}/v1/files"),
+            Some(&ct),
+            body.clone(),
+        )
+        .await;
+    // measured, not asserted (no latency thresholds in tests)
+    eprintln!(
+        "1000-line batch file ({} bytes) screened in {} ms",
+        body.len(),
+        started.elapsed().as_millis()
+    );
+    assert_eq!(resp.status(), 200);
+    assert_eq!(g.aoai.only().body.as_ref(), &body[..]);
+    assert_eq!(g.cs.count(Endpoint::Analyze), 1000);
+    assert_eq!(g.cs.count(Endpoint::Shield), 1000);
+    let mut texts: Vec<String> =
+        g.cs.calls_to(Endpoint::Analyze)
+            .iter()
+            .map(|c| c.2["text"].as_str().unwrap().to_string())
+            .collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), 1000, "every line screened once");
+}

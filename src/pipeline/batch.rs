@@ -179,6 +179,19 @@ pub fn read_batch_file(
                 inspected: Inspected::default(),
             }),
         };
+        // JSON allows these raw inside strings, but line readers that split on every Unicode
+        // line break (Python's `splitlines`) would cut the line there and read other requests
+        // than the gate did: they must be written escaped (`\u2028`)
+        if std::str::from_utf8(bytes).is_ok_and(|l| l.contains(['\u{85}', '\u{2028}', '\u{2029}']))
+        {
+            refused.push(bad(
+                None,
+                "The line has a raw Unicode line separator (U+0085, U+2028 or U+2029); write it \
+                 escaped (\\u2028)"
+                    .into(),
+            ));
+            continue;
+        }
         let envelope = match envelope(bytes) {
             Ok(e) => e,
             Err((custom_id, why)) => {
@@ -532,6 +545,24 @@ mod tests {
             assert!(
                 matches!(r, Ok(Upload::Batch { ref refused, ref lines }) if refused.len() == 1 && lines.is_empty()),
                 "{bad}: {r:?}"
+            );
+        }
+        // raw Unicode line breaks another line reader would split at
+        for sep in ['\u{85}', '\u{2028}', '\u{2029}'] {
+            let bad = line(
+                "x",
+                "/chat/completions",
+                &format!(r#"{{"messages":[{{"role":"user","content":"a{sep}b"}}]}}"#),
+            );
+            assert_eq!(refused_ids(run("batch", &bad, UserCheck::Off)), ["line 1"]);
+            // escaped, it is plain text
+            let good = line(
+                "x",
+                "/chat/completions",
+                r#"{"messages":[{"role":"user","content":"a\u2028b"}]}"#,
+            );
+            assert!(
+                matches!(run("batch", &good, UserCheck::Off), Ok(Upload::Batch { ref refused, .. }) if refused.is_empty())
             );
         }
         // the same custom_id twice
