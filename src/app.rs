@@ -15,7 +15,9 @@
 //! 3. [`auth`](crate::pipeline::auth): the internal key → caller;
 //! 4. [`policy`](crate::pipeline::policy): only for operations whose body the model reads, when
 //!    the user check or screening is on — buffers the body, reads it strictly, extracts what the
-//!    model reads, checks `user`;
+//!    model reads, checks `user`; a file upload is read instead by
+//!    [`batch`](crate::pipeline::batch): every line of a batch input file through the same map and
+//!    user check, then each line screened in step 5 (any refused line refuses the upload);
 //! 5. [`content_safety`](crate::pipeline::content_safety): screens the prompt when configured;
 //! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, off the
 //!    request path;
