@@ -1,5 +1,6 @@
 //! Stage 3, **policy**: runs after auth, for every operation whose body carries text the model
-//! reads (all but `v1/responses/{id}…` and `v1/models`), and only when the user check or content
+//! reads (all but the `responses/{id}…`, `models`, `files` and `batches` routes; a file upload
+//! is read by `pipeline::batch` instead), and only when the user check or content
 //! screening is on — otherwise the body streams to AOAI untouched and this stage costs nothing.
 //!
 //! The rule it enforces: **everything the model will read is screened, or the request is
