@@ -15,7 +15,9 @@
 //! 3. [`auth`](crate::pipeline::auth): the internal key → caller;
 //! 4. [`policy`](crate::pipeline::policy): only for operations whose body the model reads, when
 //!    the user check or screening is on — buffers the body, reads it strictly, extracts what the
-//!    model reads, checks `user`;
+//!    model reads, checks `user`; a file upload is read instead by
+//!    [`batch`](crate::pipeline::batch): every line of a batch input file through the same map and
+//!    user check, then each line screened in step 5 (any refused line refuses the upload);
 //! 5. [`content_safety`](crate::pipeline::content_safety): screens the prompt when configured;
 //! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, made
 //!    durable (journal fsync'd, group commit) before the refusal is answered; 503 when it cannot be;
@@ -49,10 +51,11 @@ use crate::clients::keyvault::{SecretUri, VaultSecret};
 use crate::error::AppError;
 use crate::pipeline::audit::{client_ip, AbuseRecord, Audit, Reason, NO_USER};
 use crate::pipeline::auth::Authenticator;
+use crate::pipeline::batch::{self, Refused, Upload};
 use crate::pipeline::content_safety::{ContentSafety, Credential, Verdict};
 use crate::pipeline::forward::{content_length, sensitive, UpBody, Upstream, UpstreamAuth};
 use crate::pipeline::policy::{self, Inspected, UserCheck, UserRegistry};
-use crate::pipeline::route::{self, Route, UpstreamTarget};
+use crate::pipeline::route::{self, Operation, Route, UpstreamTarget};
 use crate::settings::{AoaiAuth, Settings, SettingsError};
 
 /// What every request shares, built once at startup.
@@ -650,6 +653,10 @@ async fn gate(
             }
         };
 
+    if target.operation == Operation::FileUpload {
+        return gate_upload(state, target, parts, bytes, log).await;
+    }
+
     let screening = state.content_safety.as_ref();
     let inspected = match policy::inspect(
         &parts.headers,
@@ -729,6 +736,169 @@ async fn gate(
             .await?;
             Ok(bytes)
         }
+    }
+}
+
+/// How many batch lines are screened at once (each is one or two Content Safety calls).
+const BATCH_SCREENING_CONCURRENCY: usize = 4;
+
+/// The gate for a file upload ([`batch`]): every line of a batch input file read by its
+/// operation's entry, user-checked and screened as the online call would be. Any line refused
+/// refuses the whole upload (each such line recorded); a screening limit or outage is answered
+/// as for one online request.
+async fn gate_upload(
+    state: &AppState,
+    target: &UpstreamTarget,
+    parts: &http::request::Parts,
+    bytes: Bytes,
+    log: &RequestLog,
+) -> Result<Bytes, AppError> {
+    let screening = state.content_safety.as_ref();
+    let lines = match batch::read_upload(
+        &parts.headers,
+        &bytes,
+        &state.settings.policy,
+        &state.registry,
+        screening.is_some(),
+    ) {
+        Ok(Upload::Unscreened { purpose }) => {
+            tracing::info!(
+                purpose,
+                "file upload passed unread (UPLOAD_UNSCREENED_PURPOSES)"
+            );
+            return Ok(bytes);
+        }
+        Ok(Upload::Batch { lines, refused }) => (lines, refused),
+        Err(Refused::Whole(refusal)) => {
+            let details = refusal_details(&refusal.error);
+            record_with_fields(
+                state,
+                target,
+                parts,
+                log,
+                refusal.reason,
+                &refusal.inspected,
+                details,
+            )
+            .await?;
+            return Err(refusal.error);
+        }
+    };
+    let (lines, refused) = lines;
+    let mut offenders = Vec::with_capacity(refused.len());
+    for line in &refused {
+        let mut details = refusal_details(&line.refusal.error);
+        details["custom_id"] = line.custom_id.clone().into();
+        details["line"] = line.number.into();
+        record_with_fields(
+            state,
+            target,
+            parts,
+            log,
+            line.refusal.reason,
+            &line.refusal.inspected,
+            details,
+        )
+        .await?;
+        offenders.push((
+            line.number,
+            batch::line_name(line.number, line.custom_id.as_deref()),
+            line.refusal.error.code(),
+        ));
+    }
+    let Some(cs) = screening else {
+        return match offenders.is_empty() {
+            true => Ok(bytes),
+            false => Err(batch::refusal(&offenders)),
+        };
+    };
+    // chunks joined in turn rather than a buffered stream: the stream's closures make the
+    // handler's future fail axum's `Send` bound (a higher-ranked lifetime rustc cannot prove)
+    let todo: Vec<&batch::Line> = lines
+        .iter()
+        .filter(|l| !l.inspected.prompt.is_empty())
+        .collect();
+    let mut verdicts = Vec::with_capacity(todo.len());
+    for chunk in todo.chunks(BATCH_SCREENING_CONCURRENCY) {
+        let screens: Vec<_> = chunk
+            .iter()
+            .map(|l| cs.screen(&l.inspected.prompt, l.operation.shieldable()))
+            .collect();
+        let out = futures_util::future::join_all(screens).await;
+        verdicts.extend(chunk.iter().copied().zip(out));
+    }
+    let rid = log.request_id.to_str().unwrap_or("");
+    let mut limit_error = None;
+    for (line, verdict) in verdicts {
+        let tag = |mut details: serde_json::Value| {
+            if !details.is_object() {
+                details = serde_json::json!({ "verdict": details });
+            }
+            details["custom_id"] = line.custom_id.clone().into();
+            details["line"] = line.number.into();
+            details
+        };
+        match verdict {
+            Ok(Verdict::Allowed) => {}
+            Ok(Verdict::Blocked {
+                reason, details, ..
+            }) => {
+                record_with_fields(
+                    state,
+                    target,
+                    parts,
+                    log,
+                    reason,
+                    &line.inspected,
+                    tag(details),
+                )
+                .await?;
+                offenders.push((
+                    line.number,
+                    batch::line_name(line.number, Some(&line.custom_id)),
+                    "content_filter",
+                ));
+            }
+            Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
+                let error = cs.on_limit(&limit, rid).unwrap_or(AppError::Internal);
+                let reason = match limit {
+                    Verdict::Busy => Reason::ScreeningBusy,
+                    _ => Reason::TooLongToScreen,
+                };
+                let details = tag(refusal_details(&error));
+                record_with_fields(state, target, parts, log, reason, &line.inspected, details)
+                    .await?;
+                limit_error.get_or_insert(error);
+            }
+            Err(unavailable) => {
+                if let Some(e) = cs.on_unavailable(&unavailable, rid) {
+                    limit_error.get_or_insert(e);
+                    continue;
+                }
+                let details = tag(serde_json::json!({
+                    "unscreened": true,
+                    "why": unavailable.why,
+                }));
+                record_with_fields(
+                    state,
+                    target,
+                    parts,
+                    log,
+                    Reason::PassedUnscreened,
+                    &line.inspected,
+                    details,
+                )
+                .await?;
+            }
+        }
+    }
+    if !offenders.is_empty() {
+        offenders.sort_by_key(|o| o.0);
+        return Err(batch::refusal(&offenders));
+    }
+    match limit_error {
+        Some(e) => Err(e),
+        None => Ok(bytes),
     }
 }
 

@@ -47,6 +47,10 @@ pub enum AppError {
     /// Content Safety blocked the prompt; the value is AOAI's `content_filter_result` object.
     #[error("The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more about our content filtering policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766")]
     ContentFiltered(serde_json::Value),
+    /// A batch input file has lines that would have been refused as online calls; the message
+    /// names their `custom_id`s. The whole upload is refused.
+    #[error("{0}")]
+    BatchInputRefused(String),
     /// Screening is required but Content Safety could not answer (fail closed).
     #[error("The prompt could not be screened for content safety right now; retry later")]
     ScreeningUnavailable { retry_after: Option<u64> },
@@ -76,9 +80,10 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
             AppError::BadPath(_) | AppError::BadQuery(_) => StatusCode::BAD_REQUEST,
-            AppError::InvalidBody(_) | AppError::MissingUser(_) | AppError::ContentFiltered(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            AppError::InvalidBody(_)
+            | AppError::MissingUser(_)
+            | AppError::ContentFiltered(_)
+            | AppError::BatchInputRefused(_) => StatusCode::BAD_REQUEST,
             AppError::UnregisteredUser => StatusCode::FORBIDDEN,
             AppError::ScreeningUnavailable { .. } | AppError::AuditUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -107,6 +112,7 @@ impl AppError {
             AppError::MissingUser(_) => "missing_user",
             AppError::UnregisteredUser => "unregistered_user",
             AppError::ContentFiltered(_) => "content_filter",
+            AppError::BatchInputRefused(_) => "batch_input_refused",
             AppError::ScreeningUnavailable { .. } => "content_safety_unavailable",
             AppError::TooLongToScreen => "prompt_too_long",
             AppError::ScreeningBusy { .. } => "screening_busy",
@@ -194,6 +200,7 @@ mod tests {
             AppError::MissingUser("x".into()),
             AppError::UnregisteredUser,
             AppError::ContentFiltered(json!({})),
+            AppError::BatchInputRefused("x".into()),
             AppError::ScreeningUnavailable { retry_after: None },
             AppError::TooLongToScreen,
             AppError::ScreeningBusy { retry_after: 1 },

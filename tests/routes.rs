@@ -97,6 +97,14 @@ fn rows() -> Vec<Row> {
             Saw("POST", "/openai/v1/responses/resp_abc123/cancel", None)),
         ok("GET", p!("/api/FwdProxy/openai/v1", "/models"), Saw("GET", "/openai/v1/models", None)),
         ok("GET", p!("/api/FwdProxy/openai/v1", "/models/gpt-4o"), Saw("GET", "/openai/v1/models/gpt-4o", None)),
+        // --- issue 19: the AzureOpenAI client's responses/files/batches form, and v1 files ---
+        ok("GET", p!("/api/FwdProxy/openai", "/responses/resp_abc123?api-version=2024-10-21"),
+            Saw("GET", "/openai/responses/resp_abc123", Some(Q))),
+        ok("GET", p!("/api/FwdProxy/openai", "/files/file-1/content?api-version=2024-10-21"),
+            Saw("GET", "/openai/files/file-1/content", Some(Q))),
+        ok("GET", p!("/api/FwdProxy/openai/v1", "/files"), Saw("GET", "/openai/v1/files", None)),
+        ok("POST", p!("/api/FwdProxy/openai", "/batches/batch_1/cancel?api-version=2024-10-21"),
+            Saw("POST", "/openai/batches/batch_1/cancel", Some(Q))),
         // --- health: GET and HEAD, no key needed, never upstream ---
         ok("GET", "/api/FwdProxy/openai/deployments/health/check", Nothing),
         ok("HEAD", "/api/FwdProxy/openai/deployments/health/check", Nothing),
@@ -143,7 +151,8 @@ fn rows() -> Vec<Row> {
         refused("POST", "/api/FwdProxy/openai/deployments/gpt-4o?api-version=1", 404, "404"),
         refused("POST", p!("/api/FwdProxy/openai/deployments/gpt-4o", "/fine-tunes?api-version=1"), 404, "404"),
         refused("POST", p!("/api/FwdProxy/openai/deployments/gpt-4o", "/chat/completions/extra?api-version=1"), 404, "404"),
-        refused("GET", p!("/api/FwdProxy/openai/v1", "/files"), 404, "404"),
+        refused("GET", p!("/api/FwdProxy/openai/v1", "/fine_tuning/jobs"), 404, "404"),
+        refused("GET", p!("/api/FwdProxy/openai", "/realtime?api-version=1"), 404, "404"),
         refused("GET", p!("/api/FwdProxy/openai/v1", "/responses/resp_1/input_items/x"), 404, "404"),
         refused("GET", p!("/api/FwdProxy/openai/v1", "/models/a/b"), 404, "404"),
     ]

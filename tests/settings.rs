@@ -105,6 +105,18 @@ const NUMBERS: &[(&str, Extra, &[&str], &[&str])] = &[
         &["data/aoai"],
     ),
     (
+        "BATCH_MAX_LINES",
+        &[],
+        &["1", "100000"],
+        &["0", "100001", "many", "-1"],
+    ),
+    (
+        "UPLOAD_UNSCREENED_PURPOSES",
+        &[],
+        &["fine-tune", "fine-tune, assistants"],
+        &["batch", "fine-tune,BATCH"],
+    ),
+    (
         "KEYVAULT_REFRESH_SECS",
         &[],
         &["0", "3600"],

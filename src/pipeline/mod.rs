@@ -5,6 +5,7 @@
 //! | route | [`route`] | 400 bad path or query, 404 unknown, 405 wrong method |
 //! | auth | [`auth`] | 401 |
 //! | policy | [`policy`] | 400 bad body or missing user, 403 unregistered user, 413 |
+//! | batch (file upload) | [`batch`] | 400 a batch input line would be refused online |
 //! | content safety | [`content_safety`] | 400 content filtered, 503 screening failed (fail closed), 413 too long to screen, 429 too many screened at once |
 //! | audit | [`audit`] | 503 `audit_unavailable` when a refusal's record cannot be made durable; otherwise never: every refusal above is answered only once its record is durable |
 //! | forward | [`forward`] | 413, 502, 504 |
@@ -14,6 +15,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod batch;
 pub mod content_safety;
 pub mod forward;
 pub mod policy;

@@ -14,7 +14,9 @@
 //! - `deployments/{deployment}/chatcompletions` and `…/extensionschatcompletions`: the short
 //!   names the AppGW rewrite rules produce;
 //! - `deployments/{deployment}/{operation}` in native AOAI form (`chat/completions`, …);
-//! - `v1/{…}`: the v1 surface, where the deployment travels in the body as `model`.
+//! - `v1/{…}`: the v1 surface, where the deployment travels in the body as `model`;
+//! - `responses…`, `files…`, `batches…` with `api-version` (the `AzureOpenAI` client's form of
+//!   the deployment-less operations; the same operations as their `v1/…` forms).
 
 use http::Method;
 
@@ -66,6 +68,23 @@ pub enum Operation {
     /// `v1/responses/{id}` and its sub-resources (`input_items`, `cancel`).
     V1ResponseItem,
     V1Models,
+    /// `responses?api-version=…`: the `AzureOpenAI` client's form of `v1/responses`.
+    Responses,
+    /// `responses/{id}…?api-version=…`.
+    ResponseItem,
+    V1ImageGenerations,
+    V1AudioTranscriptions,
+    V1AudioTranslations,
+    V1AudioSpeech,
+    /// `POST files` (both forms): a multipart upload; a `purpose=batch` file is screened line by
+    /// line (`pipeline::batch`).
+    FileUpload,
+    /// `GET files`, `GET`/`DELETE files/{id}`, `GET files/{id}/content`.
+    Files,
+    /// `POST batches`: names an uploaded (screened) file; no prompt in its body.
+    BatchCreate,
+    /// `GET batches`, `GET batches/{id}`, `POST batches/{id}/cancel`.
+    Batches,
 }
 
 impl Operation {
@@ -86,6 +105,16 @@ impl Operation {
         Operation::V1Responses,
         Operation::V1ResponseItem,
         Operation::V1Models,
+        Operation::Responses,
+        Operation::ResponseItem,
+        Operation::V1ImageGenerations,
+        Operation::V1AudioTranscriptions,
+        Operation::V1AudioTranslations,
+        Operation::V1AudioSpeech,
+        Operation::FileUpload,
+        Operation::Files,
+        Operation::BatchCreate,
+        Operation::Batches,
     ];
 
     /// Stable name for logs and records.
@@ -105,21 +134,45 @@ impl Operation {
             Operation::V1Responses => "v1/responses",
             Operation::V1ResponseItem => "v1/responses/item",
             Operation::V1Models => "v1/models",
+            Operation::Responses => "responses",
+            Operation::ResponseItem => "responses/item",
+            Operation::V1ImageGenerations => "v1/images/generations",
+            Operation::V1AudioTranscriptions => "v1/audio/transcriptions",
+            Operation::V1AudioTranslations => "v1/audio/translations",
+            Operation::V1AudioSpeech => "v1/audio/speech",
+            Operation::FileUpload => "files/upload",
+            Operation::Files => "files",
+            Operation::BatchCreate => "batches/create",
+            Operation::Batches => "batches",
         }
     }
 
     /// Operations whose prompt Prompt Shields should see (embeddings are never executed as
     /// instructions, so they get harm screening only).
+    /// A batch upload is screened line by line, each line by its own operation's rule.
     pub fn shieldable(self) -> bool {
-        self.carries_prompt() && !matches!(self, Operation::Embeddings | Operation::V1Embeddings)
+        self.carries_prompt()
+            && !matches!(
+                self,
+                Operation::Embeddings | Operation::V1Embeddings | Operation::FileUpload
+            )
     }
 
     /// Operations whose body carries text the model reads (and a `user` field): they go
     /// through the gate. JSON bodies, and the multipart forms of transcriptions and translations
     /// (whose `prompt` is text). What is read of each is the gate's map
     /// (`policy::map::spec`), which a test keeps in step with this list.
+    /// A batch input upload (`FileUpload`) carries the prompts of many requests.
     pub fn carries_prompt(self) -> bool {
-        !matches!(self, Operation::V1ResponseItem | Operation::V1Models)
+        !matches!(
+            self,
+            Operation::V1ResponseItem
+                | Operation::V1Models
+                | Operation::ResponseItem
+                | Operation::Files
+                | Operation::BatchCreate
+                | Operation::Batches
+        )
     }
 }
 
@@ -194,16 +247,20 @@ pub fn resolve(method: &Method, path: &str, query: Option<&str>) -> Result<Route
             }))
         }
         ["v1", op @ ..] => {
-            let (operation, methods): (Operation, &[Method]) = match op {
-                ["chat", "completions"] => (Operation::V1ChatCompletions, &[Method::POST]),
-                ["completions"] => (Operation::V1Completions, &[Method::POST]),
-                ["embeddings"] => (Operation::V1Embeddings, &[Method::POST]),
-                ["responses"] => (Operation::V1Responses, &[Method::POST]),
-                ["responses", _id] => (Operation::V1ResponseItem, &[Method::GET, Method::DELETE]),
-                ["responses", _id, "input_items"] => (Operation::V1ResponseItem, &[Method::GET]),
-                ["responses", _id, "cancel"] => (Operation::V1ResponseItem, &[Method::POST]),
-                ["models"] | ["models", _] => (Operation::V1Models, &[Method::GET]),
-                _ => return Err(AppError::NotFound),
+            let (operation, methods) = match op {
+                ["chat", "completions"] => (Operation::V1ChatCompletions, POST),
+                ["completions"] => (Operation::V1Completions, POST),
+                ["embeddings"] => (Operation::V1Embeddings, POST),
+                ["responses"] => (Operation::V1Responses, POST),
+                ["responses", _id] => (Operation::V1ResponseItem, GET_DELETE),
+                ["responses", _id, "input_items"] => (Operation::V1ResponseItem, GET),
+                ["responses", _id, "cancel"] => (Operation::V1ResponseItem, POST),
+                ["models"] | ["models", _] => (Operation::V1Models, GET),
+                ["images", "generations"] => (Operation::V1ImageGenerations, POST),
+                ["audio", "transcriptions"] => (Operation::V1AudioTranscriptions, POST),
+                ["audio", "translations"] => (Operation::V1AudioTranslations, POST),
+                ["audio", "speech"] => (Operation::V1AudioSpeech, POST),
+                _ => files_or_batches(method, op).ok_or(AppError::NotFound)?,
             };
             require_method(method, methods)?;
             let query = rebuild_query(query, false)?;
@@ -214,8 +271,47 @@ pub fn resolve(method: &Method, path: &str, query: Option<&str>) -> Result<Route
                 query,
             }))
         }
+        // The `AzureOpenAI` client's form of the deployment-less operations: same operations,
+        // `api-version` required, no `v1/` in the path.
+        op @ (["responses", ..] | ["files", ..] | ["batches", ..]) => {
+            let (operation, methods) = match op {
+                ["responses"] => (Operation::Responses, POST),
+                ["responses", _id] => (Operation::ResponseItem, GET_DELETE),
+                ["responses", _id, "input_items"] => (Operation::ResponseItem, GET),
+                ["responses", _id, "cancel"] => (Operation::ResponseItem, POST),
+                _ => files_or_batches(method, op).ok_or(AppError::NotFound)?,
+            };
+            require_method(method, methods)?;
+            let query = rebuild_query(query, true)?;
+            Ok(Route::Upstream(UpstreamTarget {
+                deployment: None,
+                operation,
+                path: format!("/openai/{}", op.join("/")),
+                query,
+            }))
+        }
         _ => Err(AppError::NotFound),
     }
+}
+
+const POST: &[Method] = &[Method::POST];
+const GET: &[Method] = &[Method::GET];
+const GET_DELETE: &[Method] = &[Method::GET, Method::DELETE];
+
+/// Files and batches, the same under both forms. `files` takes `POST` (upload) and `GET` (list),
+/// which are different operations: the upload is the one whose body is read.
+fn files_or_batches(method: &Method, op: &[&str]) -> Option<(Operation, &'static [Method])> {
+    Some(match op {
+        ["files"] if method == Method::POST => (Operation::FileUpload, POST),
+        ["files"] => (Operation::Files, GET),
+        ["files", _id] => (Operation::Files, GET_DELETE),
+        ["files", _id, "content"] => (Operation::Files, GET),
+        ["batches"] if method == Method::POST => (Operation::BatchCreate, POST),
+        ["batches"] => (Operation::Batches, GET),
+        ["batches", _id] => (Operation::Batches, GET),
+        ["batches", _id, "cancel"] => (Operation::Batches, POST),
+        _ => return None,
+    })
 }
 
 /// The prefix is matched case-insensitively: the Functions host matches routes that way.
@@ -414,7 +510,11 @@ mod tests {
             405
         );
         assert_eq!(
-            status(Method::POST, "/api/FwdProxy/openai/v1/files", None),
+            status(
+                Method::POST,
+                "/api/FwdProxy/openai/v1/fine_tuning/jobs",
+                None
+            ),
             404
         );
     }
@@ -429,8 +529,16 @@ mod tests {
             (Method::POST, "responses"),
             (Method::GET, "responses/r1"),
             (Method::GET, "models"),
+            (Method::POST, "images/generations"),
+            (Method::POST, "audio/speech"),
+            (Method::POST, "audio/transcriptions"),
+            (Method::POST, "audio/translations"),
         ] {
             resolved.push(up(method, &format!("/api/FwdProxy/openai/v1/{path}"), None).operation);
+        }
+        for (method, path, _, _) in NEW_ROUTES {
+            resolved.push(up(method.clone(), &format!("{PREFIX}{path}"), Q).operation);
+            resolved.push(up(method.clone(), &format!("{PREFIX}v1/{path}"), None).operation);
         }
         for op in resolved {
             assert!(
@@ -441,6 +549,164 @@ mod tests {
         // and nothing twice
         for (i, op) in Operation::ALL.iter().enumerate() {
             assert!(!Operation::ALL[i + 1..].contains(op));
+        }
+    }
+
+    /// Responses, files and batches: (method, path after the prefix, operation under the
+    /// `api-version` form, operation under the `v1/` form).
+    const NEW_ROUTES: &[(Method, &str, Operation, Operation)] = &[
+        (
+            Method::POST,
+            "responses",
+            Operation::Responses,
+            Operation::V1Responses,
+        ),
+        (
+            Method::GET,
+            "responses/resp_1",
+            Operation::ResponseItem,
+            Operation::V1ResponseItem,
+        ),
+        (
+            Method::DELETE,
+            "responses/resp_1",
+            Operation::ResponseItem,
+            Operation::V1ResponseItem,
+        ),
+        (
+            Method::GET,
+            "responses/resp_1/input_items",
+            Operation::ResponseItem,
+            Operation::V1ResponseItem,
+        ),
+        (
+            Method::POST,
+            "responses/resp_1/cancel",
+            Operation::ResponseItem,
+            Operation::V1ResponseItem,
+        ),
+        (
+            Method::POST,
+            "files",
+            Operation::FileUpload,
+            Operation::FileUpload,
+        ),
+        (Method::GET, "files", Operation::Files, Operation::Files),
+        (
+            Method::GET,
+            "files/file-abc",
+            Operation::Files,
+            Operation::Files,
+        ),
+        (
+            Method::DELETE,
+            "files/file-abc",
+            Operation::Files,
+            Operation::Files,
+        ),
+        (
+            Method::GET,
+            "files/file-abc/content",
+            Operation::Files,
+            Operation::Files,
+        ),
+        (
+            Method::POST,
+            "batches",
+            Operation::BatchCreate,
+            Operation::BatchCreate,
+        ),
+        (
+            Method::GET,
+            "batches",
+            Operation::Batches,
+            Operation::Batches,
+        ),
+        (
+            Method::GET,
+            "batches/batch_1",
+            Operation::Batches,
+            Operation::Batches,
+        ),
+        (
+            Method::POST,
+            "batches/batch_1/cancel",
+            Operation::Batches,
+            Operation::Batches,
+        ),
+    ];
+
+    #[test]
+    fn responses_files_and_batches_on_both_forms() {
+        for (method, path, op, v1_op) in NEW_ROUTES {
+            let t = up(method.clone(), &format!("{PREFIX}{path}"), Q);
+            assert_eq!(
+                (t.operation, t.path.as_str()),
+                (*op, &*format!("/openai/{path}"))
+            );
+            assert_eq!(t.query, "api-version=2024-10-21");
+            assert_eq!(t.deployment, None);
+            // the api-version form needs api-version, as AOAI does
+            assert_eq!(
+                status(method.clone(), &format!("{PREFIX}{path}"), None),
+                400,
+                "{path}"
+            );
+            let t = up(method.clone(), &format!("{PREFIX}v1/{path}"), None);
+            assert_eq!(
+                (t.operation, t.path.as_str()),
+                (*v1_op, &*format!("/openai/v1/{path}"))
+            );
+        }
+        for (method, path) in [
+            (Method::PUT, "files"),
+            (Method::POST, "files/file-abc"),
+            (Method::POST, "files/file-abc/content"),
+            (Method::DELETE, "batches/batch_1"),
+            (Method::GET, "batches/batch_1/cancel"),
+            (Method::PUT, "responses"),
+            (Method::GET, "responses"),
+        ] {
+            assert_eq!(
+                status(method.clone(), &format!("{PREFIX}{path}"), Q),
+                405,
+                "{path}"
+            );
+            assert_eq!(
+                status(method.clone(), &format!("{PREFIX}v1/{path}"), None),
+                405,
+                "{path}"
+            );
+        }
+        for path in [
+            "files/a/b",
+            "batches/a/b",
+            "responses/a/b",
+            "fine_tuning/jobs",
+            "files/a/content/x",
+        ] {
+            assert_eq!(
+                status(Method::GET, &format!("{PREFIX}{path}"), Q),
+                404,
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn v1_images_and_audio() {
+        for (path, op) in [
+            ("images/generations", Operation::V1ImageGenerations),
+            ("audio/speech", Operation::V1AudioSpeech),
+            ("audio/transcriptions", Operation::V1AudioTranscriptions),
+            ("audio/translations", Operation::V1AudioTranslations),
+        ] {
+            let t = up(Method::POST, &format!("{PREFIX}v1/{path}"), None);
+            assert_eq!((t.operation, t.path), (op, format!("/openai/v1/{path}")));
+            assert_eq!(
+                status(Method::GET, &format!("{PREFIX}v1/{path}"), None),
+                405
+            );
         }
     }
 

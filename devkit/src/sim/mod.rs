@@ -4,6 +4,7 @@
 //! simulator saw so tests can assert on the upstream side of an exchange.
 
 pub mod aoai;
+pub mod batch;
 pub mod content_safety;
 pub mod tokens;
 

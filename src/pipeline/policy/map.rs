@@ -64,6 +64,10 @@ pub enum Body {
     Json,
     /// `multipart/form-data` (audio): text fields are read, files cannot be screened.
     Multipart,
+    /// A file upload (`multipart/form-data`): a `purpose=batch` file is JSONL, one request per
+    /// line, and each line's `body` is read by the entry of the operation its `url` names
+    /// (`pipeline::batch`); the model reads nothing else of the upload.
+    BatchInput,
 }
 
 /// One operation's entry.
@@ -302,6 +306,14 @@ const AUDIO: Spec = Spec {
     shield: true,
 };
 
+/// The upload's own form fields; the lines of the file are read by their operations' entries.
+const FILE_UPLOAD: Spec = Spec {
+    body: Body::BatchInput,
+    fields: &[USER, ("file", Read::Ignore)],
+    ignore: &["purpose", "expires_after[anchor]", "expires_after[seconds]"],
+    shield: false,
+};
+
 const NO_BODY: Spec = Spec {
     body: Body::None,
     fields: &[],
@@ -317,11 +329,20 @@ pub fn spec(op: Operation) -> &'static Spec {
         | Operation::V1ChatCompletions => &CHAT,
         Operation::Completions | Operation::V1Completions => &COMPLETIONS,
         Operation::Embeddings | Operation::V1Embeddings => &EMBEDDINGS,
-        Operation::V1Responses => &RESPONSES,
-        Operation::ImageGenerations => &IMAGES,
-        Operation::AudioSpeech => &SPEECH,
-        Operation::AudioTranscriptions | Operation::AudioTranslations => &AUDIO,
-        Operation::V1ResponseItem | Operation::V1Models => &NO_BODY,
+        Operation::V1Responses | Operation::Responses => &RESPONSES,
+        Operation::ImageGenerations | Operation::V1ImageGenerations => &IMAGES,
+        Operation::AudioSpeech | Operation::V1AudioSpeech => &SPEECH,
+        Operation::AudioTranscriptions
+        | Operation::AudioTranslations
+        | Operation::V1AudioTranscriptions
+        | Operation::V1AudioTranslations => &AUDIO,
+        Operation::FileUpload => &FILE_UPLOAD,
+        Operation::V1ResponseItem
+        | Operation::V1Models
+        | Operation::ResponseItem
+        | Operation::Files
+        | Operation::BatchCreate
+        | Operation::Batches => &NO_BODY,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Stage 3, **policy**: runs after auth, for every operation whose body carries text the model
-//! reads (all but `v1/responses/{id}…` and `v1/models`), and only when the user check or content
+//! reads (all but the `responses/{id}…`, `models`, `files` and `batches` routes; a file upload
+//! is read by `pipeline::batch` instead), and only when the user check or content
 //! screening is on — otherwise the body streams to AOAI untouched and this stage costs nothing.
 //!
 //! The rule it enforces: **everything the model will read is screened, or the request is
@@ -38,6 +39,10 @@ use crate::settings::{SettingsError, Source};
 /// Longest `user` we accept (AOAI documents no limit; ids and e-mail addresses fit easily).
 pub const MAX_USER_LEN: usize = 256;
 
+/// Default `BATCH_MAX_LINES`: every line is screened before the upload is answered, within
+/// `AOAI_TIMEOUT_MS`; a thousand lines take a few seconds of Content Safety calls.
+pub const DEFAULT_BATCH_MAX_LINES: usize = 1000;
+
 /// `USER_CHECK`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UserCheck {
@@ -52,6 +57,11 @@ pub struct PolicySettings {
     pub user_check: UserCheck,
     /// `REGISTERED_USERS`.
     pub registered_users: HashSet<String>,
+    /// `BATCH_MAX_LINES`: most requests one batch input file may hold while the gate is on.
+    pub batch_max_lines: usize,
+    /// `UPLOAD_UNSCREENED_PURPOSES`: file purposes other than `batch` accepted unread while the
+    /// gate is on (the gate cannot vouch for fine-tuning data and the like).
+    pub unscreened_purposes: HashSet<String>,
 }
 
 impl PolicySettings {
@@ -91,9 +101,37 @@ impl PolicySettings {
                 ),
             ));
         }
+        let batch_max_lines = match src.get("BATCH_MAX_LINES")? {
+            None => DEFAULT_BATCH_MAX_LINES,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=100_000).contains(&n) => n,
+                _ => {
+                    return Err(SettingsError::new(
+                        "BATCH_MAX_LINES",
+                        format!("must be a whole number from 1 to 100000, got {v:?}"),
+                    ))
+                }
+            },
+        };
+        let unscreened_purposes: HashSet<String> = src
+            .get("UPLOAD_UNSCREENED_PURPOSES")?
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if unscreened_purposes.contains("batch") {
+            return Err(SettingsError::new(
+                "UPLOAD_UNSCREENED_PURPOSES",
+                "must not name batch: batch input is always screened while the gate is on",
+            ));
+        }
         Ok(PolicySettings {
             user_check,
             registered_users,
+            batch_max_lines,
+            unscreened_purposes,
         })
     }
 }
@@ -252,6 +290,14 @@ pub fn inspect(
             Err(why) => return Err(invalid(why.into(), Inspected::default())),
             Ok(()) => extract::json_body(body, spec, want_prompt),
         },
+        // read line by line by `pipeline::batch`, never as one body: refused here so that a
+        // caller that forgot that cannot let the upload through unread
+        map::Body::BatchInput => {
+            return Err(invalid(
+                "A file upload is read by the batch reader".into(),
+                Inspected::default(),
+            ))
+        }
         map::Body::Multipart => {
             let boundary = single_content_type(headers)
                 .ok_or("the Content-Type must be given once")
@@ -335,7 +381,7 @@ impl From<extract::Extracted> for Inspected {
 }
 
 /// The one Content-Type header, when there is exactly one.
-fn single_content_type(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn single_content_type(headers: &HeaderMap) -> Option<&str> {
     let mut all = headers.get_all(http::header::CONTENT_TYPE).iter();
     match (all.next(), all.next()) {
         (Some(v), None) => v.to_str().ok(),
@@ -367,7 +413,7 @@ fn json_content_type(headers: &HeaderMap) -> Result<(), &'static str> {
 
 /// The gate reads the bytes as sent: a compressed body (any `Content-Encoding` but `identity`)
 /// is refused rather than decoded (decoding would need its own bound on the decoded size).
-fn identity_encoding(headers: &HeaderMap) -> Result<(), &'static str> {
+pub(crate) fn identity_encoding(headers: &HeaderMap) -> Result<(), &'static str> {
     for v in headers.get_all(http::header::CONTENT_ENCODING) {
         let ok = v.to_str().is_ok_and(|v| {
             v.split(',')

@@ -172,6 +172,8 @@ pub struct AoaiSim {
     dice: Mutex<SplitMix>,
     /// Stored responses (`store`, the default), for `GET`/`DELETE /responses/{id}`.
     responses: responses::Store,
+    /// Files and batches (`sim::batch`).
+    pub batches: super::batch::Store,
 }
 
 impl AoaiSim {
@@ -182,6 +184,7 @@ impl AoaiSim {
             limits: Mutex::new(HashMap::new()),
             dice: Mutex::new(SplitMix(run_seed())),
             responses: responses::Store::default(),
+            batches: super::batch::Store::default(),
         })
     }
 
@@ -368,6 +371,19 @@ fn route(path: &str) -> Option<Target> {
                 v1: true,
             })
         }
+        // the AzureOpenAI client's Responses path (api-version required)
+        ["openai", "responses", rest @ ..] => {
+            let op = match rest {
+                [] => Op::Responses,
+                [_] | [_, "input_items" | "cancel"] => Op::ResponseItem,
+                _ => return None,
+            };
+            Some(Target {
+                op,
+                deployment: None,
+                v1: false,
+            })
+        }
         _ => None,
     }
 }
@@ -420,6 +436,10 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
 
     if !key_ok(&parts.headers, &sim.config.key) {
         return unauthorized();
+    }
+    let (m, p, q) = (&parts.method, parts.uri.path(), parts.uri.query());
+    if let Some(r) = super::batch::handle(&sim.batches, m, p, q, &parts.headers, &bytes) {
+        return r;
     }
     let Some(target) = route(parts.uri.path()) else {
         return not_found();
