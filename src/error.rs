@@ -57,6 +57,10 @@ pub enum AppError {
     #[error("Too many requests are being screened for content safety right now; retry after the number of seconds in retry-after")]
     ScreeningBusy { retry_after: u64 },
     /// The upstream could not be reached or broke the exchange before answering.
+    /// The caller's token budget (`CALLER_TOKEN_LIMITS`) cannot cover this request now;
+    /// `retry_after_ms` is when it can (`None`: the request alone is over the per-minute limit).
+    #[error("{}", token_budget_message(*retry_after_ms))]
+    TokenBudgetExceeded { retry_after_ms: Option<u64> },
     #[error("The upstream Azure OpenAI service could not be reached")]
     BadGateway,
     /// The upstream did not answer within the configured time.
@@ -65,6 +69,19 @@ pub enum AppError {
     /// A failure inside the handler; details go to the log, not to the client.
     #[error("The proxy failed to process the request")]
     Internal,
+}
+
+fn token_budget_message(retry_after_ms: Option<u64>) -> &'static str {
+    match retry_after_ms {
+        Some(_) => {
+            "This caller's token budget per minute is used up; retry after the number of seconds \
+             in retry-after (milliseconds in retry-after-ms)"
+        }
+        None => {
+            "This request alone needs more tokens than this caller's budget per minute allows; \
+             lower max_tokens or split the prompt"
+        }
+    }
 }
 
 impl AppError {
@@ -78,7 +95,9 @@ impl AppError {
             AppError::UnregisteredUser => StatusCode::FORBIDDEN,
             AppError::ScreeningUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::TooLongToScreen => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::ScreeningBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::ScreeningBusy { .. } | AppError::TokenBudgetExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -104,6 +123,7 @@ impl AppError {
             AppError::ScreeningUnavailable { .. } => "content_safety_unavailable",
             AppError::TooLongToScreen => "prompt_too_long",
             AppError::ScreeningBusy { .. } => "screening_busy",
+            AppError::TokenBudgetExceeded { .. } => "token_budget_exceeded",
             AppError::NotFound => "404",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Unauthorized => "401",
@@ -160,6 +180,14 @@ impl IntoResponse for AppError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let AppError::TokenBudgetExceeded {
+            retry_after_ms: Some(ms),
+        } = self
+        {
+            let h = response.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+            h.insert("retry-after-ms", HeaderValue::from(ms));
+        }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             response
                 .headers_mut()
@@ -190,6 +218,12 @@ mod tests {
             AppError::ScreeningUnavailable { retry_after: None },
             AppError::TooLongToScreen,
             AppError::ScreeningBusy { retry_after: 1 },
+            AppError::TokenBudgetExceeded {
+                retry_after_ms: Some(1),
+            },
+            AppError::TokenBudgetExceeded {
+                retry_after_ms: None,
+            },
             AppError::BadGateway,
             AppError::GatewayTimeout,
             AppError::Internal,

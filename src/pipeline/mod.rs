@@ -7,14 +7,18 @@
 //! | policy | [`policy`] | 400 bad body or missing user, 403 unregistered user, 413 |
 //! | content safety | [`content_safety`] | 400 content filtered, 503 screening failed (fail closed), 413 too long to screen, 429 too many screened at once |
 //! | audit | [`audit`] | never: records every refusal above, off the request path |
+//! | budget | [`budget`] | 429 over the caller's token budget (`CALLER_TOKEN_LIMITS`) |
 //! | forward | [`forward`] | 413, 502, 504 |
+//! | meter | [`meter`] | never: a tap on the answer reads `usage` and settles the budget |
 //!
 //! Each stage's `//!` doc says when it runs, what it may short-circuit, and what it adds to the
 //! per-request context ([`crate::app::RequestLog`]).
 
 pub mod audit;
 pub mod auth;
+pub mod budget;
 pub mod content_safety;
 pub mod forward;
+pub mod meter;
 pub mod policy;
 pub mod route;
