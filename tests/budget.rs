@@ -11,7 +11,7 @@ mod common;
 use common::support::app::aoai_error;
 use common::*;
 
-const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
+const CHAT: &str = "/api/FwdProxy/openai/deployments/gpt-4o/chat/completions";
 const SMALL: &str = r#"{"messages":[{"role":"user","content":"Hello world"}],"max_tokens":500}"#;
 const REMAINING: &str = "x-fwdproxy-remaining-tokens";
 const LIMITS: (&str, &str) = ("CALLER_TOKEN_LIMITS", "default:600");

@@ -10,9 +10,9 @@ use common::support::logs::{capture, Captured};
 use common::*;
 use serde_json::Value;
 
-const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
-const EMB: &str = "/openai/deployments/emb/embeddings";
-const RESPONSES: &str = "/openai/v1/responses";
+const CHAT: &str = "/api/FwdProxy/openai/deployments/gpt-4o/chat/completions";
+const EMB: &str = "/api/FwdProxy/openai/deployments/emb/embeddings";
+const RESPONSES: &str = "/api/FwdProxy/openai/v1/responses";
 const USAGE: &str = r#"{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":2}}"#;
 
 /// The request log line of `id`, once written.
@@ -23,7 +23,10 @@ async fn line(logs: &Captured, id: &str) -> Value {
             .text()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["target"] == "request" && v["request_id"] == id);
+            .filter(|v| v["target"] == "request")
+            // the capture's formatter nests the event's fields under `fields`
+            .map(|v| v["fields"].clone())
+            .find(|f| f["request_id"] == id);
         found.is_some()
     })
     .await;
