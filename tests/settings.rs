@@ -99,6 +99,12 @@ const NUMBERS: &[(&str, Extra, &[&str], &[&str])] = &[
         &["0", "3600001", "2m", "-1"],
     ),
     (
+        "BUDGET_DEFAULT_COMPLETION_TOKENS",
+        &[],
+        &["0", "1024", "128000"],
+        &["-1", "lots", "1.5"],
+    ),
+    (
         "KEYVAULT_REFRESH_SECS",
         &[],
         &["0", "3600"],
