@@ -631,7 +631,8 @@ async fn pipeline(
     let mut reservation: Option<Reservation> = None;
     let mut injected = false;
     if let (true, UpBody::Full(bytes)) = (metered, &body) {
-        log.user = user_of(bytes);
+        let facts = meter::body_facts(bytes);
+        log.user = facts.as_ref().and_then(|f| f.user.clone());
         if limited {
             let json: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
             let embeddings = matches!(
@@ -652,8 +653,8 @@ async fn pipeline(
                 }
             }
         }
-        if meter::asks_for_usage(target.operation) {
-            if let Some(with_usage) = meter::inject_include_usage(bytes) {
+        if let (true, Some(facts)) = (meter::asks_for_usage(target.operation), &facts) {
+            if let Some(with_usage) = meter::add_include_usage(bytes, facts) {
                 body = UpBody::Full(with_usage);
                 injected = true;
             }
@@ -718,20 +719,6 @@ async fn read_body(
         Err(_) => Err(AppError::InvalidBody(
             "The request body could not be read".into(),
         )),
-    }
-}
-
-/// The body's `user` for the log line: a string, at most 256 characters.
-fn user_of(bytes: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct U {
-        #[serde(default)]
-        user: Option<serde_json::Value>,
-    }
-    let u: U = serde_json::from_slice(bytes).ok()?;
-    match u.user? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s.chars().take(256).collect()),
-        _ => None,
     }
 }
 

@@ -135,15 +135,19 @@ impl BudgetSettings {
             .map(str::trim)
             .filter(|e| !e.is_empty())
         {
-            let (name, limit) = entry
-                .split_once(':')
-                .ok_or_else(|| err(NAME, format!("each entry must be name:tokens_per_minute, got {entry:?}")))?;
+            let (name, limit) = entry.split_once(':').ok_or_else(|| {
+                err(
+                    NAME,
+                    format!("each entry must be name:tokens_per_minute, got {entry:?}"),
+                )
+            })?;
             let (name, limit) = (name.trim(), limit.trim());
-            let limit: u64 = limit
-                .parse()
-                .ok()
-                .filter(|l| *l > 0)
-                .ok_or_else(|| err(NAME, format!("the limit of {name:?} must be a whole number above 0, got {limit:?}")))?;
+            let limit: u64 = limit.parse().ok().filter(|l| *l > 0).ok_or_else(|| {
+                err(
+                    NAME,
+                    format!("the limit of {name:?} must be a whole number above 0, got {limit:?}"),
+                )
+            })?;
             if name == "*" {
                 if out.every_other.replace(limit).is_some() {
                     return Err(err(NAME, "names * twice"));

@@ -223,3 +223,47 @@ fn bad_limits_are_refused() {
     );
     assert_eq!(ok.budget.every_other, Some(7));
 }
+
+/// A client that goes away mid-stream, before any usage arrived: its reservation stays charged
+/// (AOAI may still bill the tokens it generated), so once its request is over (its log line is
+/// written) the next one does not fit; refunding it would let it through.
+#[tokio::test]
+async fn client_gone_mid_stream_keeps_the_charge() {
+    let (logs, _guard) = common::support::logs::capture();
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+    aoai.reply(Reply::Gated(vec![
+        "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n".into(),
+        "data: [DONE]\n\n".into(),
+    ]));
+    let body = SMALL.replacen('{', r#"{"stream":true,"#, 1);
+    let mut first = app
+        .client
+        .post(app.url(&format!("{CHAT}?{API}")))
+        .header("api-key", IN_KEY)
+        .header("x-request-id", "gone-1")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(first.chunk().await.unwrap().is_some());
+    drop(first);
+    // the server learns that the client left when it next writes
+    aoai.release(1);
+
+    let ended = eventually(PATIENCE, async || {
+        logs.text().lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v["target"] == "request" && v["fields"]["request_id"] == "gone-1")
+        })
+    })
+    .await;
+    assert!(
+        ended,
+        "the first request's line should be written once the client left"
+    );
+    let second = send(&app, IN_KEY, &body).await;
+    assert_aoai_error(second, 429).await;
+    assert_eq!(aoai.seen().len(), 1);
+}

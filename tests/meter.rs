@@ -72,8 +72,18 @@ async fn json_usage_on_the_log_line() {
     let app = TestApp::start(&aoai.base(), &[]).await;
 
     let chat = format!(r#"{{"id":"c","object":"chat.completion","choices":[],"usage":{USAGE}}}"#);
-    aoai.reply(Reply::Owned(200, vec![("content-type", "application/json")], chat.clone()));
-    let resp = send(&app, CHAT, "m-chat", r#"{"messages":[{"role":"user","content":"hi"}],"user":"alice@contoso"}"#).await;
+    aoai.reply(Reply::Owned(
+        200,
+        vec![("content-type", "application/json")],
+        chat.clone(),
+    ));
+    let resp = send(
+        &app,
+        CHAT,
+        "m-chat",
+        r#"{"messages":[{"role":"user","content":"hi"}],"user":"alice@contoso"}"#,
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), chat);
     let l = line(&logs, "m-chat").await;
@@ -81,10 +91,17 @@ async fn json_usage_on_the_log_line() {
     assert_eq!(l["cached_tokens"], 3);
     assert_eq!(l["reasoning_tokens"], 2);
     assert_eq!(l["user"], "alice@contoso");
-    assert!(!logs.text().contains("\"hi\""), "no prompt text in a log line");
+    assert!(
+        !logs.text().contains("\"hi\""),
+        "no prompt text in a log line"
+    );
 
     let emb = r#"{"object":"list","data":[{"embedding":[0.5]}],"usage":{"prompt_tokens":5,"total_tokens":5}}"#;
-    aoai.reply(Reply::Fixed(200, vec![("content-type", "application/json")], emb));
+    aoai.reply(Reply::Fixed(
+        200,
+        vec![("content-type", "application/json")],
+        emb,
+    ));
     let resp = send(&app, EMB, "m-emb", r#"{"input":"x"}"#).await;
     assert_eq!(resp.text().await.unwrap(), emb);
     let l = line(&logs, "m-emb").await;
@@ -92,15 +109,29 @@ async fn json_usage_on_the_log_line() {
     assert!(l["user"].is_null() && l["cached_tokens"].is_null());
 
     let responses = r#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":1},"total_tokens":13}}"#;
-    aoai.reply(Reply::Fixed(200, vec![("content-type", "application/json")], responses));
-    let resp = send(&app, RESPONSES, "m-resp", r#"{"model":"gpt-4o","input":"x"}"#).await;
+    aoai.reply(Reply::Fixed(
+        200,
+        vec![("content-type", "application/json")],
+        responses,
+    ));
+    let resp = send(
+        &app,
+        RESPONSES,
+        "m-resp",
+        r#"{"model":"gpt-4o","input":"x"}"#,
+    )
+    .await;
     assert_eq!(resp.text().await.unwrap(), responses);
     let l = line(&logs, "m-resp").await;
     assert_usage(&l, 9, 4, 13);
     assert_eq!(l["reasoning_tokens"], 1);
 
     // an error answer has no usage and is logged without
-    aoai.reply(Reply::Fixed(400, vec![("content-type", "application/json")], r#"{"error":{"code":"x","message":"y"},"usage":{"prompt_tokens":1}}"#));
+    aoai.reply(Reply::Fixed(
+        400,
+        vec![("content-type", "application/json")],
+        r#"{"error":{"code":"x","message":"y"},"usage":{"prompt_tokens":1}}"#,
+    ));
     let resp = send(&app, CHAT, "m-err", r#"{"messages":[]}"#).await;
     assert_eq!(resp.status(), 400);
     resp.bytes().await.unwrap();
@@ -130,7 +161,11 @@ async fn stream_without_include_usage_is_metered_and_unchanged() {
         let expected_up = body.replacen('{', r#"{"stream_options":{"include_usage":true},"#, 1);
         assert_eq!(std::str::from_utf8(&seen.body).unwrap(), expected_up);
         assert_eq!(
-            seen.headers.get("content-length").unwrap().to_str().unwrap(),
+            seen.headers
+                .get("content-length")
+                .unwrap()
+                .to_str()
+                .unwrap(),
             expected_up.len().to_string()
         );
 
@@ -174,9 +209,10 @@ async fn streams_not_asked_are_untouched() {
     let aoai = MockAoai::start().await;
     let app = TestApp::start(&aoai.base(), &[]).await;
     aoai.reply(Reply::UsageStream(chunks(), USAGE.into()));
-    let chunked = reqwest::Body::wrap_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(
-        r#"{"stream":true,"messages":[]}"#.to_string(),
-    )]));
+    let chunked =
+        reqwest::Body::wrap_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(
+            r#"{"stream":true,"messages":[]}"#.to_string(),
+        )]));
     let resp = app
         .client
         .post(app.url(&format!("{CHAT}?{API}")))
@@ -207,9 +243,17 @@ async fn responses_stream_usage() {
     ];
     aoai.reply(Reply::Stream(events.clone(), Duration::ZERO));
     let body = r#"{"model":"gpt-4o","input":"x","stream":true}"#;
-    let got = send(&app, RESPONSES, "r-1", body).await.text().await.unwrap();
+    let got = send(&app, RESPONSES, "r-1", body)
+        .await
+        .text()
+        .await
+        .unwrap();
     assert_eq!(got, events.concat());
-    assert_eq!(aoai.only().body, body.as_bytes(), "a Responses body is never edited");
+    assert_eq!(
+        aoai.only().body,
+        body.as_bytes(),
+        "a Responses body is never edited"
+    );
     let l = line(&logs, "r-1").await;
     assert_usage(&l, 9, 4, 13);
     assert_eq!(l["reasoning_tokens"], 1);

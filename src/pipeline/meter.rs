@@ -212,15 +212,47 @@ fn has_usage_object(line: &[u8]) -> bool {
 /// `stream_options` present (its `include_usage: false` or other members are the client's to
 /// keep; such a stream is metered only if the client asked for usage).
 pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
+    add_include_usage(body, &body_facts(body)?)
+}
+
+/// What the meter needs from a request body, read in one pass.
+#[derive(Debug, Default)]
+pub struct BodyFacts {
+    /// `user`, when a non-empty string (at most 256 characters kept, for the log line).
+    pub user: Option<String>,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// `stream_options` is present.
+    pub stream_options: bool,
+}
+
+/// Read [`BodyFacts`] from a JSON object body (`None` when it is not one).
+pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
     #[derive(Deserialize)]
     struct Req {
         #[serde(default)]
         stream: Option<serde_json::Value>,
         #[serde(default)]
         stream_options: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        user: Option<serde_json::Value>,
     }
     let req: Req = serde_json::from_slice(body).ok()?;
-    if req.stream != Some(serde_json::Value::Bool(true)) || req.stream_options.is_some() {
+    Some(BodyFacts {
+        user: match req.user {
+            Some(serde_json::Value::String(u)) if !u.is_empty() => {
+                Some(u.chars().take(256).collect())
+            }
+            _ => None,
+        },
+        stream: req.stream == Some(serde_json::Value::Bool(true)),
+        stream_options: req.stream_options.is_some(),
+    })
+}
+
+/// [`inject_include_usage`] with the body's facts already read.
+pub fn add_include_usage(body: &[u8], facts: &BodyFacts) -> Option<Bytes> {
+    if !facts.stream || facts.stream_options {
         return None;
     }
     let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -273,9 +305,8 @@ impl Meter {
         slot: Arc<UsageSlot>,
         reservation: Option<Reservation>,
     ) -> Self {
-        let sse = content_type.is_some_and(|c| {
-            c.len() >= 17 && c[..17].eq_ignore_ascii_case(b"text/event-stream")
-        });
+        let sse = content_type
+            .is_some_and(|c| c.len() >= 17 && c[..17].eq_ignore_ascii_case(b"text/event-stream"));
         let mode = if !status.is_success() {
             Mode::Off
         } else if sse {
@@ -341,10 +372,7 @@ impl Meter {
     /// `"usage":null` members. A chunk of complete events with nothing to remove passes as it
     /// is (no copy).
     fn strip_sse(&mut self, data: Bytes) -> Option<Bytes> {
-        if self.partial.is_empty()
-            && ends_event(&data)
-            && find(&data, b"\"usage\"").is_none()
-        {
+        if self.partial.is_empty() && ends_event(&data) && find(&data, b"\"usage\"").is_none() {
             return Some(data);
         }
         self.partial.extend_from_slice(&data);
@@ -644,7 +672,9 @@ mod tests {
              data: {{\"id\":\"c\",\"choices\":[{{\"delta\":{{}},\"finish_reason\":\"stop\"}}]{null}}}\n\n"
         );
         if with_usage {
-            s.push_str(&format!("data: {{\"id\":\"c\",\"choices\":[],\"usage\":{USAGE}}}\n\n"));
+            s.push_str(&format!(
+                "data: {{\"id\":\"c\",\"choices\":[],\"usage\":{USAGE}}}\n\n"
+            ));
         }
         s.push_str("data: [DONE]\n\n");
         s
