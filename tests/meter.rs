@@ -258,3 +258,46 @@ async fn responses_stream_usage() {
     assert_usage(&l, 9, 4, 13);
     assert_eq!(l["reasoning_tokens"], 1);
 }
+
+/// Budget: a client that goes away mid-stream, before any usage arrived, keeps its reservation
+/// charged (AOAI may still bill the tokens it generated), so once its request is over (its log
+/// line is written) the next one does not fit; refunding it would let it through. Here and not
+/// in tests/budget.rs because it waits for a log line: every test of this binary captures logs.
+#[tokio::test]
+async fn client_gone_mid_stream_keeps_the_charge() {
+    let (logs, _guard) = capture();
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "default:600")]).await;
+    aoai.reply(Reply::Gated(vec![
+        "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n".into(),
+        "data: [DONE]\n\n".into(),
+    ]));
+    let body =
+        r#"{"stream":true,"messages":[{"role":"user","content":"Hello world"}],"max_tokens":500}"#;
+    let mut first = app
+        .client
+        .post(app.url(&format!("{CHAT}?{API}")))
+        .header("api-key", IN_KEY)
+        .header("x-request-id", "gone-1")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(first.chunk().await.unwrap().is_some());
+    drop(first);
+    // the server learns that the client left when it next writes
+    aoai.release(1);
+
+    // its line is written when its answer body is dropped, which settles its reservation
+    line(&logs, "gone-1").await;
+    let second = send(&app, CHAT, "gone-2", &body).await;
+    let left: u64 = second.headers()["x-fwdproxy-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left < 510, "{left}");
+    assert_aoai_error(second, 429).await;
+    assert_eq!(aoai.seen().len(), 1);
+}
