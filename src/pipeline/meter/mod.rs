@@ -28,6 +28,8 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use serde::Deserialize;
 
+pub mod summary;
+
 use super::budget::Reservation;
 use super::route::Operation;
 
