@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn one_record_per_caller_user_deployment_minute() {
         let s = Summaries::new("i1");
-        let t0 = 1_800_000_000 - 1_800_000_000 % 60;
+        let t0: i64 = 1_800_000_000 / 60 * 60;
         s.add("a", Some("alice"), Some("gpt-4o"), &u(10, 5, Some(4)), t0);
         s.add("a", Some("alice"), Some("gpt-4o"), &u(1, 1, None), t0 + 59);
         s.add("a", None, Some("gpt-4o"), &u(2, 0, None), t0 + 1);
