@@ -291,7 +291,7 @@ async fn client_gone_mid_stream_keeps_the_charge() {
 
     // its line is written when its answer body is dropped, which settles its reservation
     line(&logs, "gone-1").await;
-    let second = send(&app, CHAT, "gone-2", &body).await;
+    let second = send(&app, CHAT, "gone-2", body).await;
     let left: u64 = second.headers()["x-fwdproxy-remaining-tokens"]
         .to_str()
         .unwrap()
