@@ -615,6 +615,8 @@ async fn pipeline(
 
     let caller = state.auth.authenticate(&parts.headers)?;
     log.caller = Some(caller.to_string());
+    // every answer to a limited caller says what it has left (a reservation below updates it)
+    log.budget_remaining = state.budgets.remaining(caller);
 
     let metered = meter::metered(target.operation);
     let limited = metered && state.budgets.limits(caller);

@@ -90,11 +90,28 @@ async fn exhausted_budget_is_refused_and_not_forwarded() {
     let code = assert_aoai_error(refused, 429).await;
     assert_eq!(code, "token_budget_exceeded");
 
+    // an answer to a limited caller the budget did not decide (an operation without token usage)
+    // says what is left too, and costs nothing
+    let models = app
+        .client
+        .get(app.url(&format!("/api/FwdProxy/openai/v1/models?{API}")))
+        .header("api-key", IN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    assert!(
+        remaining(&models).is_some_and(|l| l < 510),
+        "{:?}",
+        remaining(&models)
+    );
+    assert_eq!(aoai.seen().len(), 2);
+
     // another caller (no limit) goes through and gets no budget header
     let other = send(&app, OTHER_KEY, SMALL).await;
     assert_eq!(other.status(), 200);
     assert_eq!(remaining(&other), None);
-    assert_eq!(aoai.seen().len(), 2);
+    assert_eq!(aoai.seen().len(), 3);
 }
 
 /// Settlement gives back what a short answer did not use: after an answer of 12 tokens, a

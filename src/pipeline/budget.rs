@@ -172,6 +172,12 @@ impl Budgets {
         self.buckets.contains_key(caller)
     }
 
+    /// The tokens `caller` has left now (`None`: no limit).
+    pub fn remaining(&self, caller: &str) -> Option<u64> {
+        let bucket = self.buckets.get(caller)?;
+        Some(bucket.with(|level, _| level.available.max(0.0).floor() as u64))
+    }
+
     /// Reserve `tokens` for `caller` (who must have a limit).
     pub fn reserve(&self, caller: &str, tokens: u64) -> Result<Admitted, Refused> {
         let Some(bucket) = self.buckets.get(caller) else {
