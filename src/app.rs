@@ -30,7 +30,8 @@
 //! [`METER_BUFFER_BYTES`]: then the `user` goes to the log line and a chat/completions stream
 //! that did not ask for usage is made to ([`meter::inject_include_usage`]). A chunked or larger
 //! body of an unlimited caller with the gate off streams up untouched, and its stream is
-//! metered only if the client asked for usage itself.
+//! metered only if the client asked for usage itself. `Accept-Encoding` of metered operations
+//! is not forwarded, so the tap reads uncompressed answers.
 //!
 //! Whatever happens — success, a stage's error, a panic, a client that disconnects mid-stream —
 //! exactly one log line is written per request, when its response body is finished or dropped
@@ -605,7 +606,7 @@ async fn pipeline(
     log: &mut RequestLog,
     deadline: tokio::time::Instant,
 ) -> Result<Response, AppError> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let target = match route::resolve(&parts.method, parts.uri.path(), parts.uri.query())? {
         Route::Health => return Ok(health()),
         Route::Upstream(target) => target,
@@ -619,6 +620,10 @@ async fn pipeline(
     log.budget_remaining = state.budgets.remaining(caller);
 
     let metered = meter::metered(target.operation);
+    if metered {
+        // the tap reads usage from the bytes AOAI sends: ask for them uncompressed
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
     let limited = metered && state.budgets.limits(caller);
     let mut body = if target.operation.carries_prompt() && state.inspects() {
         UpBody::Full(gate(state, &target, &parts, body, log).await?)
