@@ -641,14 +641,21 @@ async fn pipeline(
         let facts = meter::body_facts(bytes);
         log.user = facts.as_ref().and_then(|f| f.user.clone());
         if limited {
-            let json: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
             let embeddings = matches!(
                 target.operation,
                 route::Operation::Embeddings | route::Operation::V1Embeddings
             );
-            let tokens = state
-                .budgets
-                .estimate(&json, target.deployment.as_deref(), embeddings);
+            let default = state.budgets.default_completion();
+            let tokens = if bytes.len() > budget::INLINE_COUNT_BYTES {
+                let (bytes, deployment) = (bytes.clone(), target.deployment.clone());
+                tokio::task::spawn_blocking(move || {
+                    budget::estimate_bytes(&bytes, deployment.as_deref(), embeddings, default)
+                })
+                .await
+                .map_err(|_| AppError::Internal)?
+            } else {
+                budget::estimate_bytes(bytes, target.deployment.as_deref(), embeddings, default)
+            };
             match state.budgets.reserve(caller, tokens) {
                 Ok(admitted) => {
                     log.budget_remaining = Some(admitted.remaining);

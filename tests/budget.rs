@@ -240,3 +240,24 @@ fn bad_limits_are_refused() {
     );
     assert_eq!(ok.budget.every_other, Some(7));
 }
+
+/// A large prompt (counted off the async threads) reserves exactly what the tokenizer counts.
+#[tokio::test]
+async fn large_prompt_is_counted_whole() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "default:1000000")]).await;
+    aoai.reply(answer(20));
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(3000);
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 10
+    });
+    let raw = body.to_string();
+    assert!(raw.len() > aoai_fwdproxy::pipeline::budget::INLINE_COUNT_BYTES);
+    let expected = aoai_fwdproxy::pipeline::budget::estimate(&body, Some("gpt-4o"), false, 1024);
+    // 9 words a sentence, 3000 sentences: about 27,000 tokens, nowhere near bytes / 4 (33,000)
+    assert!((27_000..=27_100).contains(&expected), "{expected}");
+    let r = send(&app, IN_KEY, &raw).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(remaining(&r), Some(1_000_000 - expected));
+}

@@ -218,30 +218,61 @@ impl Budgets {
         })
     }
 
+    /// `BUDGET_DEFAULT_COMPLETION_TOKENS`.
+    pub fn default_completion(&self) -> u64 {
+        self.default_completion
+    }
+
     /// The tokens to reserve for a request body: its prompt counted with the real tokenizer,
     /// plus the most it may generate.
     pub fn estimate(&self, body: &Value, deployment: Option<&str>, embeddings: bool) -> u64 {
-        let model = body
-            .get("model")
-            .and_then(Value::as_str)
-            .or(deployment)
-            .unwrap_or("");
-        let prompt = count_prompt(body, Family::of(model));
-        if embeddings {
-            return prompt;
-        }
-        let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
-            .iter()
-            .find_map(|k| body.get(*k).and_then(Value::as_u64))
-            .unwrap_or(self.default_completion);
-        let n = ["n", "best_of"]
-            .iter()
-            .filter_map(|k| body.get(*k).and_then(Value::as_u64))
-            .max()
-            .unwrap_or(1)
-            .clamp(1, 128);
-        prompt.saturating_add(max.saturating_mul(n))
+        estimate(body, deployment, embeddings, self.default_completion)
     }
+}
+
+/// Bodies over this many bytes are counted on a blocking thread: tokenizing runs at roughly
+/// 10–50 MB/s, and a large prompt must not stall the other requests of the async thread.
+pub const INLINE_COUNT_BYTES: usize = 64 * 1024;
+
+/// [`estimate`] from the body's bytes (not a JSON object: only the default completion).
+pub fn estimate_bytes(
+    body: &[u8],
+    deployment: Option<&str>,
+    embeddings: bool,
+    default_completion: u64,
+) -> u64 {
+    let json: Value = serde_json::from_slice(body).unwrap_or_default();
+    estimate(&json, deployment, embeddings, default_completion)
+}
+
+/// The tokens to reserve: the prompt counted with the model family's tokenizer, plus
+/// `max_*tokens` (or `default_completion`) times `n`; embeddings the prompt only.
+pub fn estimate(
+    body: &Value,
+    deployment: Option<&str>,
+    embeddings: bool,
+    default_completion: u64,
+) -> u64 {
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .or(deployment)
+        .unwrap_or("");
+    let prompt = count_prompt(body, Family::of(model));
+    if embeddings {
+        return prompt;
+    }
+    let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64))
+        .unwrap_or(default_completion);
+    let n = ["n", "best_of"]
+        .iter()
+        .filter_map(|k| body.get(*k).and_then(Value::as_u64))
+        .max()
+        .unwrap_or(1)
+        .clamp(1, 128);
+    prompt.saturating_add(max.saturating_mul(n))
 }
 
 /// The tokenizer of a model family.
