@@ -21,7 +21,19 @@
 //! 5. [`content_safety`](crate::pipeline::content_safety): screens the prompt when configured;
 //! 6. [`audit`](crate::pipeline::audit): every refusal of 4–5 becomes an abuse record, made
 //!    durable (journal fsync'd, group commit) before the refusal is answered; 503 when it cannot be;
-//! 7. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways.
+//! 7. [`budget`](crate::pipeline::budget): for a caller with a token limit, reserves the
+//!    request's tokens (429 when the budget cannot cover them);
+//! 8. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways;
+//! 9. [`meter`](crate::pipeline::meter): a tap on the answer of token-metered operations reads
+//!    `usage` into the log line and settles the reservation when the body ends.
+//!
+//! Between 6 and 7, the body of a token-metered operation is buffered when a stage already
+//! did, when the caller is limited (its prompt is counted), or when it is declared and at most
+//! [`METER_BUFFER_BYTES`]: then the `user` goes to the log line and a chat/completions stream
+//! that did not ask for usage is made to ([`meter::inject_include_usage`]). A chunked or larger
+//! body of an unlimited caller with the gate off streams up untouched, and its stream is
+//! metered only if the client asked for usage itself. `Accept-Encoding` of metered operations
+//! is not forwarded, so the tap reads uncompressed answers.
 //!
 //! Whatever happens — success, a stage's error, a panic, a client that disconnects mid-stream —
 //! exactly one log line is written per request, when its response body is finished or dropped
@@ -52,8 +64,10 @@ use crate::error::AppError;
 use crate::pipeline::audit::{client_ip, AbuseRecord, Audit, Reason, NO_USER};
 use crate::pipeline::auth::Authenticator;
 use crate::pipeline::batch::{self, Refused, Upload};
+use crate::pipeline::budget::{self, Budgets, Reservation};
 use crate::pipeline::content_safety::{ContentSafety, Credential, Verdict};
 use crate::pipeline::forward::{content_length, sensitive, UpBody, Upstream, UpstreamAuth};
+use crate::pipeline::meter::{self, Meter, UsageSlot};
 use crate::pipeline::policy::{self, Inspected, UserCheck, UserRegistry};
 use crate::pipeline::route::{self, Operation, Route, UpstreamTarget};
 use crate::settings::{AoaiAuth, Settings, SettingsError};
@@ -66,6 +80,7 @@ pub struct AppState {
     pub registry: Arc<UserRegistry>,
     pub content_safety: Option<ContentSafety>,
     pub audit: Audit,
+    pub budgets: Budgets,
 }
 
 impl AppState {
@@ -196,8 +211,17 @@ impl AppState {
             spawn_user_refresh(account.clone(), move |users| registry.replace_remote(users));
         }
 
+        let budgets = Budgets::new(
+            &settings.budget,
+            settings.callers.iter().map(|c| c.name.as_str()),
+        );
+        if budgets.any() {
+            // the tokenizer tables load in the background, off the first limited request
+            tokio::task::spawn_blocking(budget::warm_up);
+        }
         Ok(Arc::new(AppState {
             auth: Authenticator::new(&settings.callers),
+            budgets,
             upstream,
             registry,
             content_safety,
@@ -348,6 +372,12 @@ pub struct RequestLog {
     pub status: u16,
     pub error: Option<&'static str>,
     pub upstream_latency: Option<Duration>,
+    /// The body's `user`, when the body was read.
+    pub user: Option<String>,
+    /// Where the meter leaves the answer's usage.
+    pub usage: Option<Arc<UsageSlot>>,
+    /// A limited caller's remaining tokens, sent in `x-fwdproxy-remaining-tokens`.
+    pub budget_remaining: Option<u64>,
     started: Instant,
     completed: bool,
 }
@@ -356,6 +386,7 @@ impl Drop for RequestLog {
     fn drop(&mut self) {
         let total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let upstream_ms = self.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
+        let usage = self.usage.as_ref().and_then(|slot| slot.get());
         tracing::info!(
             target: "request",
             request_id = self.request_id.to_str().unwrap_or(""),
@@ -365,6 +396,12 @@ impl Drop for RequestLog {
             operation = self.operation,
             status = self.status,
             error = self.error,
+            user = self.user.as_deref(),
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
+            total_tokens = usage.map(|u| u.total_tokens),
+            cached_tokens = usage.and_then(|u| u.cached_tokens),
+            reasoning_tokens = usage.and_then(|u| u.reasoning_tokens),
             upstream_ms,
             total_ms,
             completed = self.completed,
@@ -399,6 +436,9 @@ async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Res
         status: 0,
         error: None,
         upstream_latency: None,
+        user: None,
+        usage: None,
+        budget_remaining: None,
         started,
         completed: false,
     };
@@ -463,6 +503,11 @@ async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Res
         }
     };
     response.headers_mut().insert("x-request-id", request_id);
+    if let Some(left) = log.budget_remaining {
+        response
+            .headers_mut()
+            .insert(budget::REMAINING_HEADER, HeaderValue::from(left));
+    }
     if let Some(body) = oversized_body {
         discard(body, DRAIN_MAX_BYTES, DRAIN_MAX_TIME).await;
         close = true;
@@ -569,7 +614,7 @@ async fn pipeline(
     log: &mut RequestLog,
     deadline: tokio::time::Instant,
 ) -> Result<Response, AppError> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let target = match route::resolve(&parts.method, parts.uri.path(), parts.uri.query())? {
         Route::Health => return Ok(health()),
         Route::Upstream(target) => target,
@@ -579,14 +624,66 @@ async fn pipeline(
 
     let caller = state.auth.authenticate(&parts.headers)?;
     log.caller = Some(caller.to_string());
+    // every answer to a limited caller says what it has left (a reservation below updates it)
+    log.budget_remaining = state.budgets.remaining(caller);
 
-    let body = if target.operation.carries_prompt() && state.inspects() {
+    let metered = meter::metered(target.operation);
+    if metered {
+        // the tap reads usage from the bytes AOAI sends: ask for them uncompressed
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
+    let limited = metered && state.budgets.limits(caller);
+    let mut body = if target.operation.carries_prompt() && state.inspects() {
         UpBody::Full(gate(state, &target, &parts, body, log).await?)
+    } else if limited
+        || (metered && content_length(&parts.headers).is_some_and(|n| n <= METER_BUFFER_BYTES))
+    {
+        UpBody::Full(read_body(state, &parts, body).await?)
     } else {
         UpBody::Stream(body)
     };
 
-    state
+    let mut reservation: Option<Reservation> = None;
+    let mut injected = false;
+    if let (true, UpBody::Full(bytes)) = (metered, &body) {
+        let facts = meter::body_facts(bytes);
+        log.user = facts.as_ref().and_then(|f| f.user.clone());
+        if limited {
+            let embeddings = matches!(
+                target.operation,
+                route::Operation::Embeddings | route::Operation::V1Embeddings
+            );
+            let default = state.budgets.default_completion();
+            let tokens = if bytes.len() > budget::INLINE_COUNT_BYTES {
+                let (bytes, deployment) = (bytes.clone(), target.deployment.clone());
+                tokio::task::spawn_blocking(move || {
+                    budget::estimate_bytes(&bytes, deployment.as_deref(), embeddings, default)
+                })
+                .await
+                .map_err(|_| AppError::Internal)?
+            } else {
+                budget::estimate_bytes(bytes, target.deployment.as_deref(), embeddings, default)
+            };
+            match state.budgets.reserve(caller, tokens) {
+                Ok(admitted) => {
+                    log.budget_remaining = Some(admitted.remaining);
+                    reservation = Some(admitted.reservation);
+                }
+                Err(refused) => {
+                    log.budget_remaining = Some(refused.remaining);
+                    return Err(refused.error);
+                }
+            }
+        }
+        if let (true, Some(facts)) = (meter::asks_for_usage(target.operation), &facts) {
+            if let Some(with_usage) = meter::add_include_usage(bytes, facts) {
+                body = UpBody::Full(with_usage);
+                injected = true;
+            }
+        }
+    }
+
+    let response = state
         .upstream
         .forward(
             &target,
@@ -596,7 +693,55 @@ async fn pipeline(
             deadline,
             &mut log.upstream_latency,
         )
-        .await
+        .await?;
+    if !metered {
+        return Ok(response);
+    }
+    let slot = Arc::new(UsageSlot::default());
+    log.usage = Some(slot.clone());
+    let (mut head, inner) = response.into_parts();
+    let content_type = head.headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes());
+    let tap = Meter::new(
+        inner,
+        head.status,
+        content_type,
+        injected,
+        slot,
+        reservation,
+    );
+    if injected {
+        // events are removed: the length AOAI declared (never for SSE in practice) no longer holds
+        head.headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(Response::from_parts(head, Body::new(tap)))
+}
+
+/// A body of a token-metered operation of at most this many declared bytes is buffered even
+/// with the gate off (to read `user` and ask a stream for its usage). Chat bodies are small;
+/// the cost is one copy of a few kilobytes.
+pub const METER_BUFFER_BYTES: u64 = 256 * 1024;
+
+/// Read a whole body for the meter and the budget (the gate is off): over `MAX_BODY_BYTES` is
+/// 413, a broken body 400, as in the gate.
+async fn read_body(
+    state: &AppState,
+    parts: &http::request::Parts,
+    body: Body,
+) -> Result<Bytes, AppError> {
+    let limit = state.settings.max_body_bytes;
+    if content_length(&parts.headers).is_some_and(|n| n > limit) {
+        return Err(AppError::PayloadTooLarge { limit });
+    }
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize)).await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(AppError::PayloadTooLarge { limit })
+        }
+        Err(_) => Err(AppError::InvalidBody(
+            "The request body could not be read".into(),
+        )),
+    }
 }
 
 /// Policy and content safety on a buffered body; every refusal is audited, and so is a request

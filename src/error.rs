@@ -65,6 +65,10 @@ pub enum AppError {
     #[error("The request could not be recorded as required; retry later")]
     AuditUnavailable,
     /// The upstream could not be reached or broke the exchange before answering.
+    /// The caller's token budget (`CALLER_TOKEN_LIMITS`) cannot cover this request now;
+    /// `retry_after_ms` is when it can (`None`: the request alone is over the per-minute limit).
+    #[error("{}", token_budget_message(*retry_after_ms))]
+    TokenBudgetExceeded { retry_after_ms: Option<u64> },
     #[error("The upstream Azure OpenAI service could not be reached")]
     BadGateway,
     /// The upstream did not answer within the configured time.
@@ -73,6 +77,19 @@ pub enum AppError {
     /// A failure inside the handler; details go to the log, not to the client.
     #[error("The proxy failed to process the request")]
     Internal,
+}
+
+fn token_budget_message(retry_after_ms: Option<u64>) -> &'static str {
+    match retry_after_ms {
+        Some(_) => {
+            "This caller's token budget per minute is used up; retry after the number of seconds \
+             in retry-after (milliseconds in retry-after-ms)"
+        }
+        None => {
+            "This request alone needs more tokens than this caller's budget per minute allows; \
+             lower max_tokens or split the prompt"
+        }
+    }
 }
 
 impl AppError {
@@ -89,7 +106,9 @@ impl AppError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             AppError::TooLongToScreen => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::ScreeningBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::ScreeningBusy { .. } | AppError::TokenBudgetExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -117,6 +136,7 @@ impl AppError {
             AppError::TooLongToScreen => "prompt_too_long",
             AppError::ScreeningBusy { .. } => "screening_busy",
             AppError::AuditUnavailable => "audit_unavailable",
+            AppError::TokenBudgetExceeded { .. } => "token_budget_exceeded",
             AppError::NotFound => "404",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Unauthorized => "401",
@@ -173,6 +193,14 @@ impl IntoResponse for AppError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let AppError::TokenBudgetExceeded {
+            retry_after_ms: Some(ms),
+        } = self
+        {
+            let h = response.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+            h.insert("retry-after-ms", HeaderValue::from(ms));
+        }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             response
                 .headers_mut()
@@ -205,6 +233,12 @@ mod tests {
             AppError::TooLongToScreen,
             AppError::ScreeningBusy { retry_after: 1 },
             AppError::AuditUnavailable,
+            AppError::TokenBudgetExceeded {
+                retry_after_ms: Some(1),
+            },
+            AppError::TokenBudgetExceeded {
+                retry_after_ms: None,
+            },
             AppError::BadGateway,
             AppError::GatewayTimeout,
             AppError::Internal,

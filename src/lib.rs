@@ -8,7 +8,7 @@
 //! - [`clients`]: Azure service clients built once (managed identity, Key Vault, Cosmos DB).
 //! - [`app`]: shared state, the layer order of the request path, the server loop.
 //! - [`pipeline`]: one module per stage of the request path (route, auth, policy, batch uploads,
-//!   content safety, audit, forward).
+//!   content safety, audit, budget, forward, meter).
 //! - [`telemetry`]: JSON log lines on stdout.
 //!
 //! `src/main.rs` is the deployed `handler` binary; local tooling (simulators, the gateway

@@ -100,6 +100,73 @@ pub struct Settings {
     pub identity: IdentitySettings,
     /// `*_SECRET_URI`, `KEYVAULT_REFRESH_SECS`.
     pub keyvault: KeyVaultSettings,
+    /// `CALLER_TOKEN_LIMITS`, `BUDGET_DEFAULT_COMPLETION_TOKENS`.
+    pub budget: BudgetSettings,
+}
+
+/// Per-caller token budgets (see `pipeline::budget`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BudgetSettings {
+    /// `CALLER_TOKEN_LIMITS` entries `name:tokens_per_minute`, in order.
+    pub limits: Vec<(String, u64)>,
+    /// The `*` entry: the limit of every caller not named.
+    pub every_other: Option<u64>,
+    /// `BUDGET_DEFAULT_COMPLETION_TOKENS`: the completion tokens reserved for a request that sets
+    /// no `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
+    pub default_completion_tokens: u64,
+}
+
+impl BudgetSettings {
+    /// Parse `CALLER_TOKEN_LIMITS` (`name:tokens_per_minute` pairs separated by `,` `;` or
+    /// newlines; `*` for every caller not named). Every name must be a configured caller, so a
+    /// typo cannot leave a caller unlimited unnoticed.
+    pub fn from_source(src: &Source, callers: &[CallerKey]) -> Result<Self, SettingsError> {
+        const NAME: &str = "CALLER_TOKEN_LIMITS";
+        let default_completion_tokens = src.number("BUDGET_DEFAULT_COMPLETION_TOKENS", 1024u64)?;
+        let mut out = BudgetSettings {
+            default_completion_tokens,
+            ..Default::default()
+        };
+        let Some(list) = src.get(NAME)? else {
+            return Ok(out);
+        };
+        for entry in list
+            .split([',', ';', '\n'])
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            let (name, limit) = entry.split_once(':').ok_or_else(|| {
+                err(
+                    NAME,
+                    format!("each entry must be name:tokens_per_minute, got {entry:?}"),
+                )
+            })?;
+            let (name, limit) = (name.trim(), limit.trim());
+            let limit: u64 = limit.parse().ok().filter(|l| *l > 0).ok_or_else(|| {
+                err(
+                    NAME,
+                    format!("the limit of {name:?} must be a whole number above 0, got {limit:?}"),
+                )
+            })?;
+            if name == "*" {
+                if out.every_other.replace(limit).is_some() {
+                    return Err(err(NAME, "names * twice"));
+                }
+                continue;
+            }
+            if !callers.iter().any(|c| c.name == name) {
+                return Err(err(
+                    NAME,
+                    format!("names {name:?}, which is not a caller of AOAI_INAPIKEY (default) or AOAI_INAPIKEYS"),
+                ));
+            }
+            if out.limits.iter().any(|(n, _)| n == name) {
+                return Err(err(NAME, format!("names {name:?} twice")));
+            }
+            out.limits.push((name.to_string(), limit));
+        }
+        Ok(out)
+    }
 }
 
 /// `AOAI_AUTH`.
@@ -294,6 +361,7 @@ impl Settings {
             ));
         }
 
+        let budget = BudgetSettings::from_source(src, &callers)?;
         Ok(Settings {
             port,
             aoai_base,
@@ -309,6 +377,7 @@ impl Settings {
             content_safety: ContentSafetySettings::from_source(src)?,
             audit: AuditSettings::from_source(src)?,
             identity: IdentitySettings::from_source(src)?,
+            budget,
             keyvault,
         })
     }

@@ -117,6 +117,12 @@ const NUMBERS: &[(&str, Extra, &[&str], &[&str])] = &[
         &["batch", "fine-tune,BATCH"],
     ),
     (
+        "BUDGET_DEFAULT_COMPLETION_TOKENS",
+        &[],
+        &["0", "1024", "128000"],
+        &["-1", "lots", "1.5"],
+    ),
+    (
         "KEYVAULT_REFRESH_SECS",
         &[],
         &["0", "3600"],

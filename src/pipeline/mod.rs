@@ -8,7 +8,9 @@
 //! | batch (file upload) | [`batch`] | 400 a batch input line would be refused online |
 //! | content safety | [`content_safety`] | 400 content filtered, 503 screening failed (fail closed), 413 too long to screen, 429 too many screened at once |
 //! | audit | [`audit`] | 503 `audit_unavailable` when a refusal's record cannot be made durable; otherwise never: every refusal above is answered only once its record is durable |
+//! | budget | [`budget`] | 429 over the caller's token budget (`CALLER_TOKEN_LIMITS`) |
 //! | forward | [`forward`] | 413, 502, 504 |
+//! | meter | [`meter`] | never: a tap on the answer reads `usage` and settles the budget |
 //!
 //! Each stage's `//!` doc says when it runs, what it may short-circuit, and what it adds to the
 //! per-request context ([`crate::app::RequestLog`]).
@@ -16,7 +18,9 @@
 pub mod audit;
 pub mod auth;
 pub mod batch;
+pub mod budget;
 pub mod content_safety;
 pub mod forward;
+pub mod meter;
 pub mod policy;
 pub mod route;

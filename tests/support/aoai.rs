@@ -58,6 +58,40 @@ pub enum Reply {
     Gated(Vec<String>),
     /// wait, then 200 `{}`
     Slow(Duration),
+    /// A chat/completions SSE stream as AOAI sends it: each chunk (one JSON object) as a
+    /// `data:` event, then — only when the request asked with
+    /// `"stream_options":{"include_usage":true}` — `"usage":null` in every chunk and a last
+    /// usage-only chunk (`"choices":[]` plus this `usage` object), then `data: [DONE]`.
+    UsageStream(Vec<String>, String),
+}
+
+/// Whether a request body asked for the usage chunk of a stream.
+pub fn asked_for_usage(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v["stream_options"]["include_usage"] == serde_json::Value::Bool(true))
+}
+
+/// The SSE text [`Reply::UsageStream`] sends for `chunks`, asked for usage or not.
+pub fn usage_stream_text(chunks: &[String], usage: &str, asked: bool) -> String {
+    let mut out = String::new();
+    for c in chunks {
+        out.push_str("data: ");
+        if asked {
+            let open = c.trim_end().strip_suffix('}').expect("a JSON object");
+            out.push_str(open);
+            out.push_str(",\"usage\":null}");
+        } else {
+            out.push_str(c);
+        }
+        out.push_str("\n\n");
+    }
+    if asked {
+        out.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{usage}}}\n\n"
+        ));
+    }
+    out.push_str("data: [DONE]\n\n");
+    out
 }
 
 #[derive(Clone)]
@@ -169,6 +203,7 @@ async fn answer(
             }
         }
     }
+    let received_copy = received.clone();
     seen.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
@@ -183,6 +218,12 @@ async fn answer(
         Reply::Owned(status, headers, body) => fixed(status, headers, body),
         Reply::Stream(chunks, gap) => sse(paced(chunks, gap)),
         Reply::Gated(chunks) => sse(gated(chunks, gate)),
+        Reply::UsageStream(chunks, usage) => {
+            let text = usage_stream_text(&chunks, &usage, asked_for_usage(&received_copy));
+            // one write per event, as AOAI flushes them
+            let events: Vec<String> = text.split_inclusive("\n\n").map(str::to_string).collect();
+            sse(paced(events, Duration::ZERO))
+        }
         Reply::Slow(wait) => {
             tokio::time::sleep(wait).await;
             Response::new(Body::from("{}"))

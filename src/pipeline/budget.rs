@@ -1,0 +1,479 @@
+//! Stage 6, **budget**: per-caller token budgets (`CALLER_TOKEN_LIMITS`), after the gate and
+//! before [`forward`](super::forward), for callers with a limit and operations whose answers
+//! carry `usage` ([`super::meter::metered`]).
+//!
+//! Each limited caller has a bucket holding at most its tokens-per-minute limit, refilled
+//! continuously at limit/60 tokens a second. Admission **reserves** the request's worst case:
+//! the prompt counted with the model family's real tokenizer (`o200k_base`, or `cl100k_base`
+//! for GPT-3.5/GPT-4/`text-embedding-*`; the tables ship inside `tiktoken-rs`, nothing is
+//! downloaded) plus `max_tokens` / `max_completion_tokens` / `max_output_tokens` (times `n`), or
+//! `BUDGET_DEFAULT_COMPLETION_TOKENS` when the request sets none. When the answer ends the
+//! reservation is **settled** with AOAI's `usage.total_tokens` (the difference is refunded or
+//! charged): by the meter's tap, also when the client disconnects (no usage seen on a successful
+//! answer: the reservation stays charged) or the upstream fails (an error answer or no answer:
+//! refunded whole).
+//!
+//! Short-circuits with 429 (`token_budget_exceeded`, AOAI-shaped, never forwarded) with
+//! `retry-after` / `retry-after-ms` saying when enough budget will be back (absent when the one
+//! request is larger than the whole per-minute limit: it never fits). Adds the caller's
+//! remaining budget to the request context; every answer to a limited caller carries it in
+//! [`REMAINING_HEADER`].
+//!
+//! The budget is per handler instance: behind the gateway's round-robin over N instances a
+//! caller can use up to N × its limit per minute. Set the limit to the share of one instance
+//! (caller's total ÷ number of instances); see README "Token budgets".
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::error::AppError;
+use crate::settings::BudgetSettings;
+
+/// The header with the caller's remaining tokens (after this request's reservation).
+pub const REMAINING_HEADER: &str = "x-fwdproxy-remaining-tokens";
+
+/// Tokens added per message by the chat format (role and separators), as OpenAI counts them.
+const PER_MESSAGE: u64 = 4;
+/// Tokens that prime every chat answer.
+const PER_ANSWER: u64 = 3;
+
+/// The buckets of every limited caller, built once at startup.
+pub struct Budgets {
+    buckets: HashMap<String, Arc<Bucket>>,
+    default_completion: u64,
+}
+
+struct Bucket {
+    limit: u64,
+    state: Mutex<Level>,
+}
+
+struct Level {
+    available: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn per_sec(&self) -> f64 {
+        self.limit as f64 / 60.0
+    }
+
+    /// Refill for the time passed, then run `f` on the level.
+    fn with<T>(&self, f: impl FnOnce(&mut Level, f64) -> T) -> T {
+        let mut level = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(level.at).as_secs_f64() * self.per_sec();
+        level.available = (level.available + refill).min(self.limit as f64);
+        level.at = now;
+        f(&mut level, self.limit as f64)
+    }
+}
+
+/// Tokens held for one request until its answer ends. Dropped without [`Reservation::settle`]
+/// (no answer: the upstream failed, timed out, or a panic) it is refunded whole.
+pub struct Reservation {
+    bucket: Arc<Bucket>,
+    reserved: u64,
+    settled: bool,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("reserved", &self.reserved)
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// Settle with what the request really cost: `Some(tokens)` from AOAI's usage (0 for an
+    /// error answer), `None` when unknown (a successful answer cut before its usage arrived: the
+    /// reservation stays charged).
+    pub fn settle(mut self, used: Option<u64>) {
+        self.settled = true;
+        let used = used.unwrap_or(self.reserved);
+        let back = self.reserved as f64 - used as f64;
+        self.bucket.with(|level, limit| {
+            level.available = (level.available + back).min(limit);
+        });
+    }
+
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            let back = self.reserved as f64;
+            self.bucket.with(|level, limit| {
+                level.available = (level.available + back).min(limit);
+            });
+        }
+    }
+}
+
+/// Admission granted: the reservation and the tokens left after it.
+#[derive(Debug)]
+pub struct Admitted {
+    pub reservation: Reservation,
+    pub remaining: u64,
+}
+
+/// Admission refused: the 429 and the tokens left.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: AppError,
+    pub remaining: u64,
+}
+
+impl Budgets {
+    /// One bucket per caller that has a limit (named, or `*` for every other caller), full.
+    pub fn new<'a>(settings: &BudgetSettings, callers: impl IntoIterator<Item = &'a str>) -> Self {
+        let now = Instant::now();
+        let mut buckets = HashMap::new();
+        for caller in callers {
+            let limit = settings
+                .limits
+                .iter()
+                .find(|(n, _)| n == caller)
+                .map(|(_, l)| *l)
+                .or(settings.every_other);
+            if let Some(limit) = limit {
+                buckets.insert(
+                    caller.to_string(),
+                    Arc::new(Bucket {
+                        limit,
+                        state: Mutex::new(Level {
+                            available: limit as f64,
+                            at: now,
+                        }),
+                    }),
+                );
+            }
+        }
+        Budgets {
+            buckets,
+            default_completion: settings.default_completion_tokens,
+        }
+    }
+
+    /// Whether any caller is limited (the tokenizer tables are then loaded at start).
+    pub fn any(&self) -> bool {
+        !self.buckets.is_empty()
+    }
+
+    /// Whether `caller` has a limit.
+    pub fn limits(&self, caller: &str) -> bool {
+        self.buckets.contains_key(caller)
+    }
+
+    /// The tokens `caller` has left now (`None`: no limit).
+    pub fn remaining(&self, caller: &str) -> Option<u64> {
+        let bucket = self.buckets.get(caller)?;
+        Some(bucket.with(|level, _| level.available.max(0.0).floor() as u64))
+    }
+
+    /// Reserve `tokens` for `caller` (who must have a limit).
+    pub fn reserve(&self, caller: &str, tokens: u64) -> Result<Admitted, Refused> {
+        let Some(bucket) = self.buckets.get(caller) else {
+            return Err(Refused {
+                error: AppError::Internal,
+                remaining: 0,
+            });
+        };
+        bucket.with(|level, limit| {
+            let remaining = |l: &Level| l.available.max(0.0).floor() as u64;
+            if tokens as f64 > limit {
+                return Err(Refused {
+                    error: AppError::TokenBudgetExceeded {
+                        retry_after_ms: None,
+                    },
+                    remaining: remaining(level),
+                });
+            }
+            if level.available >= tokens as f64 {
+                level.available -= tokens as f64;
+                return Ok(Admitted {
+                    reservation: Reservation {
+                        bucket: bucket.clone(),
+                        reserved: tokens,
+                        settled: false,
+                    },
+                    remaining: remaining(level),
+                });
+            }
+            let missing = tokens as f64 - level.available;
+            let ms = (missing / bucket.per_sec() * 1000.0).ceil().max(1.0) as u64;
+            Err(Refused {
+                error: AppError::TokenBudgetExceeded {
+                    retry_after_ms: Some(ms),
+                },
+                remaining: remaining(level),
+            })
+        })
+    }
+
+    /// `BUDGET_DEFAULT_COMPLETION_TOKENS`.
+    pub fn default_completion(&self) -> u64 {
+        self.default_completion
+    }
+
+    /// The tokens to reserve for a request body: its prompt counted with the real tokenizer,
+    /// plus the most it may generate.
+    pub fn estimate(&self, body: &Value, deployment: Option<&str>, embeddings: bool) -> u64 {
+        estimate(body, deployment, embeddings, self.default_completion)
+    }
+}
+
+/// Bodies over this many bytes are counted on a blocking thread: tokenizing runs at roughly
+/// 10–50 MB/s, and a large prompt must not stall the other requests of the async thread.
+pub const INLINE_COUNT_BYTES: usize = 64 * 1024;
+
+/// [`estimate`] from the body's bytes (not a JSON object: only the default completion).
+pub fn estimate_bytes(
+    body: &[u8],
+    deployment: Option<&str>,
+    embeddings: bool,
+    default_completion: u64,
+) -> u64 {
+    let json: Value = serde_json::from_slice(body).unwrap_or_default();
+    estimate(&json, deployment, embeddings, default_completion)
+}
+
+/// The tokens to reserve: the prompt counted with the model family's tokenizer, plus
+/// `max_*tokens` (or `default_completion`) times `n`; embeddings the prompt only.
+pub fn estimate(
+    body: &Value,
+    deployment: Option<&str>,
+    embeddings: bool,
+    default_completion: u64,
+) -> u64 {
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .or(deployment)
+        .unwrap_or("");
+    let prompt = count_prompt(body, Family::of(model));
+    if embeddings {
+        return prompt;
+    }
+    let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64))
+        .unwrap_or(default_completion);
+    let n = ["n", "best_of"]
+        .iter()
+        .filter_map(|k| body.get(*k).and_then(Value::as_u64))
+        .max()
+        .unwrap_or(1)
+        .clamp(1, 128);
+    prompt.saturating_add(max.saturating_mul(n))
+}
+
+/// The tokenizer of a model family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `o200k_base`: GPT-4o, GPT-4.1, GPT-5, o-series, and anything not known to be older.
+    O200k,
+    /// `cl100k_base`: GPT-3.5, GPT-4 (not 4o/4.1/4.5), `text-embedding-*`.
+    Cl100k,
+}
+
+impl Family {
+    /// The family of a model or deployment name (deployments are often named after the model).
+    pub fn of(model: &str) -> Family {
+        let m = model.to_ascii_lowercase();
+        let newer_gpt4 = ["gpt-4o", "gpt-4.1", "gpt-4.5", "gpt4o"]
+            .iter()
+            .any(|p| m.contains(p));
+        let older = m.contains("gpt-35")
+            || m.contains("gpt-3.5")
+            || m.contains("text-embedding")
+            || m.contains("davinci")
+            || m.contains("babbage")
+            || ((m.contains("gpt-4") || m.contains("gpt4")) && !newer_gpt4);
+        if older {
+            Family::Cl100k
+        } else {
+            Family::O200k
+        }
+    }
+
+    fn count(self, text: &str) -> u64 {
+        let bpe = match self {
+            Family::O200k => tiktoken_rs::o200k_base_singleton(),
+            Family::Cl100k => tiktoken_rs::cl100k_base_singleton(),
+        };
+        bpe.encode_ordinary(text).len() as u64
+    }
+}
+
+/// Load both tokenizer tables (a few hundred milliseconds) so the first limited request does
+/// not pay for it. Blocking: run it off the async threads.
+pub fn warm_up() {
+    let _ = Family::O200k.count("warm up");
+    let _ = Family::Cl100k.count("warm up");
+}
+
+/// Prompt tokens of a request body: every string the model reads under `messages`, `prompt`,
+/// `input`, `instructions`, `tools` and `functions` (token-id arrays count one per id), plus the
+/// chat format's per-message overhead.
+pub fn count_prompt(body: &Value, family: Family) -> u64 {
+    let mut tokens = 0u64;
+    for key in [
+        "messages",
+        "prompt",
+        "input",
+        "instructions",
+        "tools",
+        "functions",
+    ] {
+        if let Some(v) = body.get(key) {
+            tokens = tokens.saturating_add(count_value(v, family));
+        }
+    }
+    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+        tokens = tokens
+            .saturating_add(PER_MESSAGE * messages.len() as u64)
+            .saturating_add(PER_ANSWER);
+    }
+    tokens
+}
+
+fn count_value(v: &Value, family: Family) -> u64 {
+    match v {
+        Value::String(s) => family.count(s),
+        Value::Number(_) => 1,
+        Value::Array(items) => items.iter().map(|i| count_value(i, family)).sum(),
+        Value::Object(map) => map.values().map(|i| count_value(i, family)).sum(),
+        Value::Bool(_) | Value::Null => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn budgets(limits: &[(&str, u64)], every_other: Option<u64>) -> Budgets {
+        let s = BudgetSettings {
+            limits: limits.iter().map(|(n, l)| (n.to_string(), *l)).collect(),
+            every_other,
+            default_completion_tokens: 100,
+        };
+        Budgets::new(&s, ["a", "b", "c"])
+    }
+
+    #[test]
+    fn reserve_refuse_settle() {
+        let b = budgets(&[("a", 600)], None);
+        assert!(b.limits("a") && !b.limits("b"));
+        let first = b.reserve("a", 500).unwrap();
+        assert_eq!(first.remaining, 100);
+        let refused = b.reserve("a", 200).unwrap_err();
+        match refused.error {
+            AppError::TokenBudgetExceeded {
+                retry_after_ms: Some(ms),
+            } => {
+                // 100 missing at 10 tokens/s: about 10 s (less the time since the reservation)
+                assert!((9_000..=10_000).contains(&ms), "{ms}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // the answer used 50 of the 500: 450 come back
+        first.reservation.settle(Some(50));
+        let second = b.reserve("a", 540).unwrap();
+        assert!(second.remaining <= 10);
+        // dropped without settling (no answer): refunded whole
+        drop(second);
+        assert!(b.reserve("a", 540).is_ok());
+    }
+
+    #[test]
+    fn a_request_larger_than_the_limit_never_fits() {
+        let b = budgets(&[], Some(1000));
+        assert!(b.limits("c"));
+        let refused = b.reserve("c", 1001).unwrap_err();
+        assert!(matches!(
+            refused.error,
+            AppError::TokenBudgetExceeded {
+                retry_after_ms: None
+            }
+        ));
+        assert_eq!(refused.remaining, 1000);
+    }
+
+    #[test]
+    fn unknown_usage_keeps_the_charge_and_overuse_is_charged() {
+        let b = budgets(&[("a", 600)], None);
+        b.reserve("a", 100).unwrap().reservation.settle(None);
+        b.reserve("a", 100).unwrap().reservation.settle(Some(300));
+        // 600 - 100 - 300 = 200 left (plus a trickle of refill)
+        let r = b.reserve("a", 0).unwrap();
+        assert!((200..=201).contains(&r.remaining), "{}", r.remaining);
+    }
+
+    #[test]
+    fn concurrent_reservations_never_overshoot() {
+        let b = Arc::new(budgets(&[("a", 6000)], None));
+        let granted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        if let Ok(a) = b.reserve("a", 70) {
+                            granted.fetch_add(70, std::sync::atomic::Ordering::Relaxed);
+                            std::mem::forget(a.reservation);
+                        }
+                    }
+                });
+            }
+        });
+        let g = granted.load(std::sync::atomic::Ordering::Relaxed);
+        // the refill during the test is a few tokens at most (100 tokens/s)
+        assert!(g <= 6000 + 70, "{g}");
+        assert!(g >= 5900, "{g}");
+    }
+
+    #[test]
+    fn estimate_counts_with_the_real_tokenizer() {
+        let b = budgets(&[("a", 1)], None);
+        let chat = json!({
+            "messages": [{"role": "user", "content": "Hello world"}],
+            "max_tokens": 10
+        });
+        // "user" 1 + "Hello world" 2 + 4 per message + 3 per answer, + 10
+        assert_eq!(b.estimate(&chat, Some("gpt-4o"), false), 1 + 2 + 4 + 3 + 10);
+        assert_eq!(b.estimate(&chat, Some("gpt-35-turbo"), false), 20);
+        let no_max = json!({"prompt": "Hello world", "n": 2});
+        assert_eq!(b.estimate(&no_max, None, false), 2 + 200);
+        let emb = json!({"input": ["Hello world", [1, 2, 3]], "max_tokens": 9});
+        assert_eq!(b.estimate(&emb, Some("text-embedding-3-small"), true), 5);
+        // a long text counts many tokens, not a byte or word guess
+        let long = "tokenizer ".repeat(1000);
+        let n = count_prompt(&json!({ "input": long }), Family::O200k);
+        assert!((1000..=2100).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn families() {
+        for (m, f) in [
+            ("gpt-4o-mini", Family::O200k),
+            ("gpt-4.1", Family::O200k),
+            ("o3-mini", Family::O200k),
+            ("gpt-5", Family::O200k),
+            ("my-deployment", Family::O200k),
+            ("gpt-4", Family::Cl100k),
+            ("gpt-4-32k", Family::Cl100k),
+            ("gpt-35-turbo", Family::Cl100k),
+            ("text-embedding-ada-002", Family::Cl100k),
+        ] {
+            assert_eq!(Family::of(m), f, "{m}");
+        }
+    }
+}

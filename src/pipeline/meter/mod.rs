@@ -1,0 +1,774 @@
+//! Stage 7, **meter**: a tap on the answer body, after [`forward`](super::forward) answered.
+//!
+//! Reads `usage` from the bytes as they pass, never holding the answer back:
+//! - JSON answers (chat, completions, embeddings, responses): the chunks are kept by reference
+//!   (`Bytes` clones, no copy) up to [`JSON_KEEP_BYTES`] and parsed once when the body ends;
+//! - SSE answers: each complete `data:` line is looked at only when it carries `"usage":{` (a
+//!   byte search, no parse), so the one event that matters — the chat/completions usage chunk or
+//!   the Responses `response.completed` event — is the only one parsed. Lines split across
+//!   chunks are joined in one reused buffer.
+//!
+//! When the handler itself asked AOAI for usage (`stream_options.include_usage`, see
+//! [`inject_include_usage`]), the usage-only chunk (`"choices":[]` plus `usage`) is removed from
+//! what the client receives, and so is the `"usage":null` AOAI adds to the other chunks: the
+//! client gets exactly the events it would have got. Only then is any byte of the answer
+//! touched; an event is held back only while it is incomplete (no SSE client can act on half an
+//! event).
+//!
+//! Never fails the request. When the body ends or is dropped, the usage goes to the request's
+//! log line (through [`UsageSlot`]) and settles the caller's token reservation, if any
+//! ([`super::budget`]).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http_body::{Frame, SizeHint};
+use serde::Deserialize;
+
+pub mod summary;
+
+use super::budget::Reservation;
+use super::route::Operation;
+
+/// A JSON answer larger than this is passed on without reading its usage (no AOAI answer with
+/// usage comes near it but a huge embeddings batch; its usage is then missing from the log).
+pub const JSON_KEEP_BYTES: usize = 16 * 1024 * 1024;
+
+/// A complete `data:` line longer than this is not looked at (an SSE usage event is small).
+const SSE_LINE_MAX: usize = 1024 * 1024;
+
+/// Token usage of one answer, as AOAI reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
+}
+
+/// Operations whose answers carry `usage` (and so are metered and budgeted).
+pub fn metered(op: Operation) -> bool {
+    matches!(
+        op,
+        Operation::ChatCompletions
+            | Operation::ExtensionsChatCompletions
+            | Operation::Completions
+            | Operation::Embeddings
+            | Operation::V1ChatCompletions
+            | Operation::V1Completions
+            | Operation::V1Embeddings
+            | Operation::V1Responses
+    )
+}
+
+/// Chat and completions: the operations whose streams report usage only when asked.
+pub fn asks_for_usage(op: Operation) -> bool {
+    matches!(
+        op,
+        Operation::ChatCompletions
+            | Operation::ExtensionsChatCompletions
+            | Operation::Completions
+            | Operation::V1ChatCompletions
+            | Operation::V1Completions
+    )
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+    #[serde(default, alias = "input_tokens_details")]
+    prompt_tokens_details: Option<Details>,
+    #[serde(default, alias = "output_tokens_details")]
+    completion_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Inner {
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+
+impl From<RawUsage> for Usage {
+    fn from(r: RawUsage) -> Self {
+        let prompt = r.prompt_tokens.unwrap_or(0);
+        let completion = r.completion_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: r.total_tokens.unwrap_or(prompt + completion),
+            cached_tokens: r.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            reasoning_tokens: r.completion_tokens_details.and_then(|d| d.reasoning_tokens),
+        }
+    }
+}
+
+/// Usage of a JSON answer or of one SSE event's data, if it reports any.
+pub fn usage_of(json: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct C {
+        #[serde(default)]
+        usage: Option<RawUsage>,
+        #[serde(default)]
+        response: Option<Inner>,
+    }
+    let c: C = serde_json::from_slice(json).ok()?;
+    c.usage
+        .or_else(|| c.response.and_then(|r| r.usage))
+        .map(Usage::from)
+}
+
+/// Whether `json` (one SSE event's data) is a usage-only chat chunk: `"choices": []` and usage.
+fn usage_only_chunk(json: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct C {
+        #[serde(default)]
+        usage: Option<RawUsage>,
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+    }
+    let c: C = serde_json::from_slice(json).ok()?;
+    match (c.choices, c.usage) {
+        (Some(choices), Some(u)) if choices.is_empty() => Some(u.into()),
+        _ => None,
+    }
+}
+
+/// Where the tap leaves the usage for the request's log line (written when the log drops, which
+/// is after the tap: the logged body drops its inner body first).
+#[derive(Debug, Default)]
+pub struct UsageSlot(Mutex<Option<Usage>>);
+
+impl UsageSlot {
+    pub fn get(&self) -> Option<Usage> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn set(&self, u: Usage) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+    }
+}
+
+/// Byte position of the first occurrence of `needle` in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let first = needle[0];
+    let mut i = 0;
+    while i + needle.len() <= hay.len() {
+        match hay[i..=hay.len() - needle.len()]
+            .iter()
+            .position(|&b| b == first)
+        {
+            None => return None,
+            Some(p) => {
+                let at = i + p;
+                if &hay[at..at + needle.len()] == needle {
+                    return Some(at);
+                }
+                i = at + 1;
+            }
+        }
+    }
+    None
+}
+
+/// Whether `line` has a `"usage"` key followed by an object (not `null`).
+fn has_usage_object(line: &[u8]) -> bool {
+    let mut rest = line;
+    while let Some(at) = find(rest, b"\"usage\"") {
+        rest = &rest[at + 7..];
+        let mut i = 0;
+        while i < rest.len() && matches!(rest[i], b' ' | b'\t' | b':') {
+            i += 1;
+        }
+        if rest.get(i) == Some(&b'{') {
+            return true;
+        }
+    }
+    false
+}
+
+/// Add `"stream_options":{"include_usage":true}` to a chat/completions body that asks for a
+/// stream and has no `stream_options`, as the first member of its top-level object. Every other
+/// byte stays as the client sent it (and as the gate screened it): this one added member, which
+/// the model does not read, is the only edit the handler ever makes to a request body.
+///
+/// Returns `None` when nothing is to change: not a stream, usage already asked for, or a
+/// `stream_options` present (its `include_usage: false` or other members are the client's to
+/// keep; such a stream is metered only if the client asked for usage).
+pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
+    add_include_usage(body, &body_facts(body)?)
+}
+
+/// What the meter needs from a request body, read in one pass.
+#[derive(Debug, Default)]
+pub struct BodyFacts {
+    /// `user`, when a non-empty string (at most 256 characters kept, for the log line).
+    pub user: Option<String>,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// `stream_options` is present.
+    pub stream_options: bool,
+}
+
+/// Read [`BodyFacts`] from a JSON object body (`None` when it is not one).
+pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
+    #[derive(Deserialize)]
+    struct Req {
+        #[serde(default)]
+        stream: Option<serde_json::Value>,
+        #[serde(default)]
+        stream_options: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        user: Option<serde_json::Value>,
+    }
+    let req: Req = serde_json::from_slice(body).ok()?;
+    Some(BodyFacts {
+        user: match req.user {
+            Some(serde_json::Value::String(u)) if !u.is_empty() => {
+                Some(u.chars().take(256).collect())
+            }
+            _ => None,
+        },
+        stream: req.stream == Some(serde_json::Value::Bool(true)),
+        stream_options: req.stream_options.is_some(),
+    })
+}
+
+/// [`inject_include_usage`] with the body's facts already read.
+pub fn add_include_usage(body: &[u8], facts: &BodyFacts) -> Option<Bytes> {
+    if !facts.stream || facts.stream_options {
+        return None;
+    }
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    const ADD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    let mut out = BytesMut::with_capacity(body.len() + ADD.len());
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(ADD);
+    out.extend_from_slice(&body[open + 1..]);
+    Some(out.freeze())
+}
+
+enum Mode {
+    /// Keep the chunks (by reference) to parse once at the end.
+    Json { kept: Vec<Bytes>, size: usize },
+    /// Look at complete `data:` lines as they pass.
+    Sse,
+    /// Not an answer with usage (an error status, or over the JSON limit).
+    Off,
+}
+
+/// The tap: wraps the answer body on its way to the client.
+pub struct Meter {
+    inner: Body,
+    mode: Mode,
+    /// The handler asked for usage: drop the usage-only chunk and `"usage":null` members.
+    strip: bool,
+    /// SSE: the start of a line (or, stripping, of an event) not yet complete.
+    partial: Vec<u8>,
+    usage: Option<Usage>,
+    slot: Arc<UsageSlot>,
+    reservation: Option<Reservation>,
+    /// A 2xx answer: AOAI charges it (an error answer is refunded whole).
+    success: bool,
+    ended: bool,
+    /// The inner body returned its end (it is not polled again).
+    inner_done: bool,
+}
+
+impl Meter {
+    /// Tap `inner`, an answer with `status` and `content_type`. `strip` when the handler added
+    /// `include_usage` to the request.
+    pub fn new(
+        inner: Body,
+        status: http::StatusCode,
+        content_type: Option<&[u8]>,
+        strip: bool,
+        slot: Arc<UsageSlot>,
+        reservation: Option<Reservation>,
+    ) -> Self {
+        let sse = content_type
+            .is_some_and(|c| c.len() >= 17 && c[..17].eq_ignore_ascii_case(b"text/event-stream"));
+        let mode = if !status.is_success() {
+            Mode::Off
+        } else if sse {
+            Mode::Sse
+        } else {
+            Mode::Json {
+                kept: Vec::new(),
+                size: 0,
+            }
+        };
+        Meter {
+            inner,
+            strip: strip && sse && status.is_success(),
+            mode,
+            partial: Vec::new(),
+            usage: None,
+            slot,
+            reservation,
+            success: status.is_success(),
+            ended: false,
+            inner_done: false,
+        }
+    }
+
+    /// Look at one complete SSE line (without its line end).
+    fn sse_line(&mut self, line: &[u8]) {
+        if line.len() > SSE_LINE_MAX || !line.starts_with(b"data:") {
+            return;
+        }
+        if has_usage_object(line) {
+            if let Some(u) = usage_of(trim_data(line)) {
+                self.usage = Some(u);
+            }
+        }
+    }
+
+    /// SSE, not stripping: scan `data` for complete lines, joining one split across chunks.
+    fn observe_sse(&mut self, data: &[u8]) {
+        let mut rest = data;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            let (head, tail) = (&rest[..nl], &rest[nl + 1..]);
+            if self.partial.is_empty() {
+                self.sse_line(strip_cr(head));
+            } else if self.partial.len() + head.len() <= SSE_LINE_MAX {
+                let mut line = std::mem::take(&mut self.partial);
+                line.extend_from_slice(head);
+                self.sse_line(strip_cr(&line));
+                line.clear();
+                self.partial = line; // keep the capacity
+            } else {
+                self.partial.clear();
+            }
+            rest = tail;
+        }
+        if self.partial.len() + rest.len() <= SSE_LINE_MAX {
+            self.partial.extend_from_slice(rest);
+        } else {
+            self.partial.clear();
+        }
+    }
+
+    /// SSE, stripping: pass on complete events only, without the usage-only one and without
+    /// `"usage":null` members. A chunk of complete events with nothing to remove passes as it
+    /// is (no copy).
+    fn strip_sse(&mut self, data: Bytes) -> Option<Bytes> {
+        if self.partial.is_empty() && ends_event(&data) && find(&data, b"\"usage\"").is_none() {
+            return Some(data);
+        }
+        self.partial.extend_from_slice(&data);
+        let mut out = BytesMut::new();
+        let mut start = 0;
+        let buf = std::mem::take(&mut self.partial);
+        while let Some((end, next)) = event_end(&buf[start..]) {
+            let event = &buf[start..start + end];
+            let whole = &buf[start..start + next];
+            start += next;
+            if let Some(data_line) = event
+                .split(|&b| b == b'\n')
+                .map(strip_cr)
+                .find(|l| l.starts_with(b"data:"))
+            {
+                let json = trim_data(data_line);
+                if has_usage_object(data_line) {
+                    if let Some(u) = usage_only_chunk(json) {
+                        self.usage = Some(u);
+                        continue;
+                    }
+                    if let Some(u) = usage_of(json) {
+                        self.usage = Some(u);
+                    }
+                }
+                if find(whole, b"\"usage\":null").is_some() {
+                    out.extend_from_slice(&remove_usage_null(whole));
+                    continue;
+                }
+            }
+            out.extend_from_slice(whole);
+        }
+        let mut rest = buf;
+        rest.drain(..start);
+        self.partial = rest;
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    fn finish(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        match std::mem::replace(&mut self.mode, Mode::Off) {
+            Mode::Json { kept, .. } => {
+                let usage = if kept.len() == 1 {
+                    usage_of(&kept[0])
+                } else {
+                    usage_of(&kept.concat())
+                };
+                if usage.is_some() {
+                    self.usage = usage;
+                }
+            }
+            Mode::Sse => {
+                if !self.partial.is_empty() && !self.strip {
+                    let line = std::mem::take(&mut self.partial);
+                    self.sse_line(strip_cr(&line));
+                }
+            }
+            Mode::Off => {}
+        }
+    }
+}
+
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn trim_data(line: &[u8]) -> &[u8] {
+    let d = &line[5..];
+    d.strip_prefix(b" ").unwrap_or(d)
+}
+
+/// Whether `data` ends at an event boundary (a blank line).
+fn ends_event(data: &[u8]) -> bool {
+    data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n")
+}
+
+/// The first event in `buf`: (end of its text, start of what follows its blank line).
+fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while let Some(p) = buf[i..].iter().position(|&b| b == b'\n') {
+        let at = i + p;
+        let rest = &buf[at + 1..];
+        if rest.first() == Some(&b'\n') {
+            return Some((at, at + 2));
+        }
+        if rest.starts_with(b"\r\n") {
+            return Some((at, at + 3));
+        }
+        i = at + 1;
+    }
+    None
+}
+
+/// `event` without its `"usage":null` member (and the comma that joined it).
+fn remove_usage_null(event: &[u8]) -> Vec<u8> {
+    const KEY: &[u8] = b"\"usage\":null";
+    let mut out = Vec::with_capacity(event.len());
+    let mut rest = event;
+    while let Some(at) = find(rest, KEY) {
+        let before = &rest[..at];
+        let after = &rest[at + KEY.len()..];
+        if let Some(stripped) = before.strip_suffix(b",") {
+            out.extend_from_slice(stripped);
+            rest = after;
+        } else if let Some(stripped) = after.strip_prefix(b",") {
+            out.extend_from_slice(before);
+            rest = stripped;
+        } else {
+            out.extend_from_slice(before);
+            rest = after;
+        }
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+impl http_body::Body for Meter {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        loop {
+            if self.inner_done {
+                return Poll::Ready(None);
+            }
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            let frame = match polled {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    self.inner_done = true;
+                    self.finish();
+                    if self.strip && !self.partial.is_empty() {
+                        // an unterminated last event: pass it on as it came
+                        let rest = Bytes::from(std::mem::take(&mut self.partial));
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                    return Poll::Ready(None);
+                }
+                other => return other,
+            };
+            let data = match frame.into_data() {
+                Ok(d) => d,
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            };
+            let this = &mut *self;
+            match &mut this.mode {
+                Mode::Json { kept, size } => {
+                    *size += data.len();
+                    if *size > JSON_KEEP_BYTES {
+                        this.mode = Mode::Off;
+                    } else {
+                        kept.push(data.clone());
+                    }
+                }
+                Mode::Sse if this.strip => match this.strip_sse(data) {
+                    Some(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                    None => continue,
+                },
+                Mode::Sse => this.observe_sse(&data),
+                Mode::Off => {}
+            }
+            if this.inner.is_end_stream() {
+                this.finish();
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream() && (!self.strip || self.partial.is_empty())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.strip {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        // A body dropped before its end (the client went away) still reports what it saw.
+        if !self.ended && http_body::Body::is_end_stream(&self.inner) {
+            self.finish();
+        }
+        if let Some(u) = self.usage {
+            self.slot.set(u);
+        }
+        if let Some(r) = self.reservation.take() {
+            let used = if self.success {
+                self.usage.map(|u| u.total_tokens)
+            } else {
+                Some(0)
+            };
+            r.settle(used);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    const USAGE: &str = r#"{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":2}}"#;
+
+    fn want() -> Usage {
+        Usage {
+            prompt_tokens: 11,
+            completion_tokens: 7,
+            total_tokens: 18,
+            cached_tokens: Some(3),
+            reasoning_tokens: Some(2),
+        }
+    }
+
+    async fn run(chunks: Vec<String>, ct: &str, strip: bool) -> (String, Option<Usage>) {
+        let stream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::io::Error>(Bytes::from(c))),
+        );
+        let slot = Arc::new(UsageSlot::default());
+        let meter = Meter::new(
+            Body::from_stream(stream),
+            http::StatusCode::OK,
+            Some(ct.as_bytes()),
+            strip,
+            slot.clone(),
+            None,
+        );
+        let bytes = Body::new(meter).collect().await.unwrap().to_bytes();
+        (String::from_utf8(bytes.to_vec()).unwrap(), slot.get())
+    }
+
+    /// Every way of cutting `text` into two or three chunks.
+    fn splits(text: &str) -> Vec<Vec<String>> {
+        let b = text.as_bytes();
+        let mut out = vec![vec![text.to_string()]];
+        for i in 1..b.len() {
+            out.push(vec![
+                String::from_utf8(b[..i].to_vec()).unwrap(),
+                String::from_utf8(b[i..].to_vec()).unwrap(),
+            ]);
+        }
+        for i in (1..b.len()).step_by(7) {
+            for j in (i + 1..b.len()).step_by(11) {
+                out.push(vec![
+                    String::from_utf8(b[..i].to_vec()).unwrap(),
+                    String::from_utf8(b[i..j].to_vec()).unwrap(),
+                    String::from_utf8(b[j..].to_vec()).unwrap(),
+                ]);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn json_answers_of_every_operation() {
+        let responses = r#"{"id":"r","object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"usage"}]}],"usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":3},"output_tokens":7,"output_tokens_details":{"reasoning_tokens":2},"total_tokens":18},"user":null}"#;
+        let chat = format!(
+            r#"{{"id":"c","choices":[{{"message":{{"content":"\"usage\":{{}}"}}}}],"usage":{USAGE}}}"#
+        );
+        for body in [chat.as_str(), responses] {
+            for chunks in splits(body) {
+                let (out, usage) = run(chunks, "application/json", false).await;
+                assert_eq!(out, body);
+                assert_eq!(usage, Some(want()), "{body}");
+            }
+        }
+        let emb = r#"{"object":"list","data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":5,"total_tokens":5}}"#;
+        let (_, usage) = run(vec![emb.into()], "application/json", false).await;
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 0,
+                total_tokens: 5,
+                cached_tokens: None,
+                reasoning_tokens: None
+            })
+        );
+    }
+
+    fn chat_stream(with_usage: bool, usage_null: bool) -> String {
+        let null = if usage_null { r#","usage":null"# } else { "" };
+        let mut s = format!(
+            "data: {{\"id\":\"c\",\"choices\":[{{\"delta\":{{\"content\":\"hi \\\"usage\\\":{{\"}}}}]{null}}}\n\n\
+             data: {{\"id\":\"c\",\"choices\":[{{\"delta\":{{}},\"finish_reason\":\"stop\"}}]{null}}}\n\n"
+        );
+        if with_usage {
+            s.push_str(&format!(
+                "data: {{\"id\":\"c\",\"choices\":[],\"usage\":{USAGE}}}\n\n"
+            ));
+        }
+        s.push_str("data: [DONE]\n\n");
+        s
+    }
+
+    #[tokio::test]
+    async fn streams_passed_through_report_usage() {
+        let text = chat_stream(true, true);
+        for chunks in splits(&text) {
+            let (out, usage) = run(chunks, "text/event-stream", false).await;
+            assert_eq!(out, text);
+            assert_eq!(usage, Some(want()));
+        }
+        let responses = format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"usage\":null}}}}\n\n\
+             event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"r\",\"usage\":{}}}}}\n\n",
+            r#"{"input_tokens":11,"input_tokens_details":{"cached_tokens":3},"output_tokens":7,"output_tokens_details":{"reasoning_tokens":2},"total_tokens":18}"#
+        );
+        for chunks in splits(&responses) {
+            let (out, usage) = run(chunks, "text/event-stream; charset=utf-8", false).await;
+            assert_eq!(out, responses);
+            assert_eq!(usage, Some(want()));
+        }
+    }
+
+    #[tokio::test]
+    async fn stripping_gives_the_client_the_stream_it_asked_for() {
+        let asked = chat_stream(true, true);
+        let expected = chat_stream(false, false);
+        for chunks in splits(&asked) {
+            let (out, usage) = run(chunks.clone(), "text/event-stream", true).await;
+            assert_eq!(out, expected, "{chunks:?}");
+            assert_eq!(usage, Some(want()));
+        }
+        // CRLF framing too
+        let crlf = asked.replace('\n', "\r\n");
+        let (out, usage) = run(vec![crlf], "text/event-stream", true).await;
+        assert_eq!(out, expected.replace('\n', "\r\n"));
+        assert_eq!(usage, Some(want()));
+    }
+
+    #[tokio::test]
+    async fn error_answers_are_not_metered() {
+        let slot = Arc::new(UsageSlot::default());
+        let body = format!(r#"{{"usage":{USAGE}}}"#);
+        let meter = Meter::new(
+            Body::from(body.clone()),
+            http::StatusCode::BAD_REQUEST,
+            Some(b"application/json"),
+            false,
+            slot.clone(),
+            None,
+        );
+        let out = Body::new(meter).collect().await.unwrap().to_bytes();
+        assert_eq!(out, body.as_bytes());
+        assert_eq!(slot.get(), None);
+    }
+
+    #[test]
+    fn include_usage_is_added_once_and_only_to_streams() {
+        let body = br#"  {"stream":true,"messages":[{"role":"user","content":"x"}]}"#;
+        let out = inject_include_usage(body).unwrap();
+        assert_eq!(
+            &out[..],
+            br#"  {"stream_options":{"include_usage":true},"stream":true,"messages":[{"role":"user","content":"x"}]}"#
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        for unchanged in [
+            &br#"{"stream":false}"#[..],
+            br#"{"messages":[]}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+            br#"{"stream":"true"}"#,
+            br#"[{"stream":true}]"#,
+            br#"{"stream":true"#,
+        ] {
+            assert!(inject_include_usage(unchanged).is_none());
+        }
+    }
+
+    #[test]
+    fn usage_null_is_removed_wherever_it_sits() {
+        assert_eq!(
+            remove_usage_null(br#"{"a":1,"usage":null}"#),
+            br#"{"a":1}"#.to_vec()
+        );
+        assert_eq!(
+            remove_usage_null(br#"{"usage":null,"a":1}"#),
+            br#"{"a":1}"#.to_vec()
+        );
+        assert!(!has_usage_object(br#"data: {"usage":null}"#));
+        assert!(has_usage_object(br#"data: {"usage": {"a":1}}"#));
+    }
+}

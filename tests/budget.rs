@@ -1,0 +1,263 @@
+//! Per-caller token budgets, black-box: the app in-process against the fake AOAI.
+//!
+//! Numbers: `default` has 600 tokens a minute (10 a second of refill). A request of
+//! [`SMALL`] reserves its prompt counted with `o200k_base` (`"user"` 1 + `"Hello world"` 2 + 4
+//! per message + 3 per answer = 10) plus `max_tokens` 500 = 510, leaving 90. A second such
+//! request fits only if the first gave budget back (refill alone needs 42 s), so no assertion
+//! here depends on how fast the machine is.
+
+mod common;
+
+use common::support::app::aoai_error;
+use common::*;
+
+const CHAT: &str = "/api/FwdProxy/openai/deployments/gpt-4o/chat/completions";
+const SMALL: &str = r#"{"messages":[{"role":"user","content":"Hello world"}],"max_tokens":500}"#;
+const REMAINING: &str = "x-fwdproxy-remaining-tokens";
+const LIMITS: (&str, &str) = ("CALLER_TOKEN_LIMITS", "default:600");
+
+fn answer(total: u64) -> Reply {
+    Reply::Owned(
+        200,
+        vec![("content-type", "application/json")],
+        format!(
+            r#"{{"id":"c","choices":[],"usage":{{"prompt_tokens":10,"completion_tokens":{},"total_tokens":{total}}}}}"#,
+            total - 10
+        ),
+    )
+}
+
+async fn send(app: &TestApp, key: &str, body: &str) -> reqwest::Response {
+    app.client
+        .post(app.url(&format!("{CHAT}?{API}")))
+        .header("api-key", key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn remaining(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers()
+        .get(REMAINING)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+/// Budget used up → 429 AOAI-shaped with retry-after and retry-after-ms, the request never
+/// forwarded; another caller is unaffected and gets no budget header.
+#[tokio::test]
+async fn exhausted_budget_is_refused_and_not_forwarded() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+    aoai.reply(answer(510));
+
+    let first = send(&app, IN_KEY, SMALL).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(remaining(&first), Some(90));
+    first.bytes().await.unwrap();
+
+    // the body ended, the reservation is settled (510 used): the next one does not fit
+    let mut refused = None;
+    let settled = eventually(PATIENCE, async || {
+        let r = send(&app, IN_KEY, SMALL).await;
+        if r.status() == 429 {
+            refused = Some(r);
+            true
+        } else {
+            false
+        }
+    })
+    .await;
+    assert!(settled, "the second request should be refused");
+    let refused = refused.unwrap();
+    assert_eq!(aoai.seen().len(), 1, "a refused request is never forwarded");
+    let ms: u64 = refused.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let secs: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 420 tokens missing at 10 a second, less the refill since
+    assert!((1..=42_000).contains(&ms), "{ms}");
+    assert_eq!(secs, ms.div_ceil(1000));
+    let left = remaining(&refused).expect("a 429 to a limited caller says what is left");
+    assert!(left < 510, "{left}");
+    let code = assert_aoai_error(refused, 429).await;
+    assert_eq!(code, "token_budget_exceeded");
+
+    // an answer to a limited caller the budget did not decide (an operation without token usage)
+    // says what is left too, and costs nothing
+    let models = app
+        .client
+        .get(app.url(&format!("/api/FwdProxy/openai/v1/models?{API}")))
+        .header("api-key", IN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    assert!(
+        remaining(&models).is_some_and(|l| l < 510),
+        "{:?}",
+        remaining(&models)
+    );
+    assert_eq!(aoai.seen().len(), 2);
+
+    // another caller (no limit) goes through and gets no budget header
+    let other = send(&app, OTHER_KEY, SMALL).await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(remaining(&other), None);
+    assert_eq!(aoai.seen().len(), 3);
+}
+
+/// Settlement gives back what a short answer did not use: after an answer of 12 tokens, a
+/// second reservation of 510 fits (without the refund only 90 would be left).
+#[tokio::test]
+async fn short_answer_gives_budget_back() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+    aoai.reply(answer(12));
+    let first = send(&app, IN_KEY, SMALL).await;
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+    let mut second_left = None;
+    let ok = eventually(PATIENCE, async || {
+        let r = send(&app, IN_KEY, SMALL).await;
+        let ok = r.status() == 200;
+        second_left = remaining(&r);
+        r.bytes().await.unwrap();
+        ok
+    })
+    .await;
+    assert!(ok, "the refund should make room for a second request");
+    // 600 - 12 - 510 = 78, plus what refilled meanwhile
+    assert!(second_left.unwrap() >= 78, "{second_left:?}");
+    assert_eq!(aoai.seen().len(), 2);
+}
+
+/// A stream that did not ask for usage settles with the usage the handler asked for.
+#[tokio::test]
+async fn stream_settles_with_its_usage() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+    let chunk = r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}"#.to_string();
+    aoai.reply(Reply::UsageStream(
+        vec![chunk],
+        r#"{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}"#.into(),
+    ));
+    let body = SMALL.replacen('{', r#"{"stream":true,"#, 1);
+    let first = send(&app, IN_KEY, &body).await;
+    assert_eq!(first.status(), 200);
+    assert!(!first.text().await.unwrap().contains("usage"));
+    let ok = eventually(PATIENCE, async || {
+        let r = send(&app, IN_KEY, &body).await;
+        let ok = r.status() == 200;
+        r.bytes().await.unwrap();
+        ok
+    })
+    .await;
+    assert!(ok, "the stream's usage should have settled the reservation");
+}
+
+/// An error answer (no usage: AOAI charges nothing) refunds the whole reservation, and so does
+/// an upstream that cannot be reached.
+#[tokio::test]
+async fn failed_upstream_refunds() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+    aoai.reply(Reply::Fixed(
+        500,
+        vec![("content-type", "application/json")],
+        r#"{"error":{"code":"InternalServerError","message":"x"}}"#,
+    ));
+    for _ in 0..3 {
+        let mut last = 0;
+        let ok = eventually(PATIENCE, async || {
+            let r = send(&app, IN_KEY, SMALL).await;
+            last = r.status().as_u16();
+            r.bytes().await.unwrap();
+            last == 500
+        })
+        .await;
+        assert!(ok, "each error answer should refund (last status {last})");
+    }
+
+    let closed = closed_port().await;
+    let app = TestApp::start(&closed, &[LIMITS]).await;
+    for _ in 0..3 {
+        let r = send(&app, IN_KEY, SMALL).await;
+        assert_eq!(remaining(&r), Some(90), "refunded before the next one");
+        assert_aoai_error(r, 502).await;
+    }
+}
+
+/// One request larger than the whole per-minute limit never fits: 429 without retry-after.
+#[tokio::test]
+async fn request_over_the_whole_limit() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "*:100")]).await;
+    let r = send(&app, OTHER_KEY, SMALL).await;
+    assert!(r.headers().get("retry-after").is_none());
+    assert!(r.headers().get("retry-after-ms").is_none());
+    assert_eq!(remaining(&r), Some(100));
+    let (code, message) = aoai_error(r, 429).await;
+    assert_eq!(code, "token_budget_exceeded");
+    assert!(message.contains("max_tokens"), "{message}");
+    aoai.assert_untouched("a request over the limit");
+}
+
+/// Bad `CALLER_TOKEN_LIMITS` stops the start with a message naming it.
+#[test]
+fn bad_limits_are_refused() {
+    for bad in [
+        "default",
+        "default:0",
+        "default:-5",
+        "default:ten",
+        "nobody:100",
+        "default:1,default:2",
+        "*:1;*:2",
+    ] {
+        let e = common::support::app::try_settings(
+            "http://127.0.0.1:1",
+            &[("CALLER_TOKEN_LIMITS", bad)],
+        )
+        .expect_err(bad);
+        assert_eq!(e.name, "CALLER_TOKEN_LIMITS", "{bad}");
+    }
+    let ok = common::support::app::try_settings(
+        "http://127.0.0.1:1",
+        &[("CALLER_TOKEN_LIMITS", "default:100;\nother-app:5, *:7")],
+    )
+    .unwrap();
+    assert_eq!(
+        ok.budget.limits,
+        vec![("default".to_string(), 100), ("other-app".to_string(), 5)]
+    );
+    assert_eq!(ok.budget.every_other, Some(7));
+}
+
+/// A large prompt (counted off the async threads) reserves exactly what the tokenizer counts.
+#[tokio::test]
+async fn large_prompt_is_counted_whole() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "default:1000000")]).await;
+    aoai.reply(answer(20));
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(3000);
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 10
+    });
+    let raw = body.to_string();
+    assert!(raw.len() > aoai_fwdproxy::pipeline::budget::INLINE_COUNT_BYTES);
+    let expected = aoai_fwdproxy::pipeline::budget::estimate(&body, Some("gpt-4o"), false, 1024);
+    // 9 words a sentence, 3000 sentences: about 27,000 tokens, nowhere near bytes / 4 (33,000)
+    assert!((27_000..=27_100).contains(&expected), "{expected}");
+    let r = send(&app, IN_KEY, &raw).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(remaining(&r), Some(1_000_000 - expected));
+}
