@@ -378,6 +378,9 @@ pub struct RequestLog {
     pub usage: Option<Arc<UsageSlot>>,
     /// A limited caller's remaining tokens, sent in `x-fwdproxy-remaining-tokens`.
     pub budget_remaining: Option<u64>,
+    /// Set while a stage waits for the client's body: a timeout then is the client's (408),
+    /// not AOAI's (504).
+    reading_body: std::sync::atomic::AtomicBool,
     started: Instant,
     completed: bool,
 }
@@ -439,6 +442,7 @@ async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Res
         user: None,
         usage: None,
         budget_remaining: None,
+        reading_body: std::sync::atomic::AtomicBool::new(false),
         started,
         completed: false,
     };
@@ -478,6 +482,13 @@ async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Res
         let run = AssertUnwindSafe(pipeline(&state, request, &mut log, deadline)).catch_unwind();
         match tokio::time::timeout_at(deadline, run).await {
             Ok(outcome) => outcome,
+            Err(_) if log.reading_body.load(std::sync::atomic::Ordering::Relaxed) => {
+                tracing::warn!(
+                    request_id = log.request_id.to_str().unwrap_or(""),
+                    "timed out waiting for the client's body (AOAI_TIMEOUT_MS since the request arrived)"
+                );
+                Ok(Err(AppError::RequestTimeout))
+            }
             Err(_) => {
                 tracing::warn!(
                     request_id = log.request_id.to_str().unwrap_or(""),
@@ -638,7 +649,7 @@ async fn pipeline(
     } else if limited
         || (metered && content_length(&parts.headers).is_some_and(|n| n <= METER_BUFFER_BYTES))
     {
-        UpBody::Full(read_body(state, &parts, body).await?)
+        UpBody::Full(read_body(state, &parts, body, log).await?)
     } else {
         UpBody::Stream(body)
     };
@@ -723,17 +734,32 @@ pub const METER_BUFFER_BYTES: u64 = 256 * 1024;
 
 /// Read a whole body for the meter and the budget (the gate is off): over `MAX_BODY_BYTES` is
 /// 413, a broken body 400, as in the gate.
+/// The whole body, at most `limit` bytes, marking the wait as the client's (see
+/// [`RequestLog::reading_body`]).
+async fn collect_body(
+    log: &RequestLog,
+    body: Body,
+    limit: u64,
+) -> Result<http_body_util::Collected<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
+    use std::sync::atomic::Ordering;
+    log.reading_body.store(true, Ordering::Relaxed);
+    let collected =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize)).await;
+    log.reading_body.store(false, Ordering::Relaxed);
+    collected
+}
+
 async fn read_body(
     state: &AppState,
     parts: &http::request::Parts,
     body: Body,
+    log: &RequestLog,
 ) -> Result<Bytes, AppError> {
     let limit = state.settings.max_body_bytes;
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
         return Err(AppError::PayloadTooLarge { limit });
     }
-    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize)).await
-    {
+    match collect_body(log, body, limit).await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(AppError::PayloadTooLarge { limit })
@@ -774,29 +800,26 @@ async fn gate(
     if content_length(&parts.headers).is_some_and(|n| n > limit) {
         return Err(too_large().await);
     }
-    let bytes =
-        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit as usize))
-            .await
-        {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().await),
-            // the client went away or broke the framing: refused, and recorded like the rest
-            Err(_) => {
-                let error = AppError::InvalidBody("The request body could not be read".into());
-                let details = refusal_details(&error);
-                record_with_fields(
-                    state,
-                    target,
-                    parts,
-                    log,
-                    Reason::InvalidBody,
-                    &Inspected::default(),
-                    details,
-                )
-                .await?;
-                return Err(error);
-            }
-        };
+    let bytes = match collect_body(log, body, limit).await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().await),
+        // the client went away or broke the framing: refused, and recorded like the rest
+        Err(_) => {
+            let error = AppError::InvalidBody("The request body could not be read".into());
+            let details = refusal_details(&error);
+            record_with_fields(
+                state,
+                target,
+                parts,
+                log,
+                Reason::InvalidBody,
+                &Inspected::default(),
+                details,
+            )
+            .await?;
+            return Err(error);
+        }
+    };
 
     if target.operation == Operation::FileUpload {
         return gate_upload(state, target, parts, bytes, log).await;

@@ -74,6 +74,10 @@ pub enum AppError {
     /// The upstream did not answer within the configured time.
     #[error("The upstream Azure OpenAI service did not answer in time")]
     GatewayTimeout,
+    /// The client did not finish sending a body the gate had to read within `AOAI_TIMEOUT_MS`
+    /// (a client's fault: never reported as an upstream timeout).
+    #[error("The request body did not arrive in time")]
+    RequestTimeout,
     /// A failure inside the handler; details go to the log, not to the client.
     #[error("The proxy failed to process the request")]
     Internal,
@@ -116,6 +120,7 @@ impl AppError {
             AppError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             AppError::BadGateway => StatusCode::BAD_GATEWAY,
             AppError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            AppError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -144,6 +149,7 @@ impl AppError {
             AppError::HeadersTooLarge { .. } => "request_headers_too_large",
             AppError::BadGateway => "upstream_unreachable",
             AppError::GatewayTimeout => "upstream_timeout",
+            AppError::RequestTimeout => "request_timeout",
             AppError::Internal => "internal_error",
         }
     }
@@ -241,6 +247,7 @@ mod tests {
             },
             AppError::BadGateway,
             AppError::GatewayTimeout,
+            AppError::RequestTimeout,
             AppError::Internal,
         ];
         for e in all {

@@ -510,6 +510,33 @@ async fn screening_slower_than_aoai_timeout_is_504_and_nothing_is_forwarded() {
     assert!(aoai.seen().is_empty());
 }
 
+/// A client that stalls the body the gate must read is at fault: 408 `request_timeout`, never
+/// 504 `upstream_timeout` (which would blame AOAI, never called), and nothing is forwarded.
+#[tokio::test]
+async fn a_stalled_gated_body_is_408_not_an_upstream_timeout() {
+    let aoai = MockAoai::start().await;
+    let settings = [
+        ("AOAI_TIMEOUT_MS", "1000"),
+        ("AOAI_CONNECT_TIMEOUT_MS", "500"),
+        ("USER_CHECK", "present"),
+    ];
+    let app = start(&aoai.base(), &settings).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let head = post_head(
+        CHAT_PATH,
+        &format!("content-length: {}\r\n", CHAT.len() + 10),
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // all but the last ten bytes the length promises, then nothing
+    stream.write_all(CHAT.as_bytes()).await.unwrap();
+    let raw = tokio::time::timeout(BOUND, read_response(&mut stream))
+        .await
+        .expect("answered within the bound");
+    assert_eq!(raw.status, 408, "{raw:?}");
+    assert_eq!(raw.aoai_code(), "request_timeout");
+    assert!(aoai.seen().is_empty(), "AOAI must not be called");
+}
+
 // ------------------------------------------------------------------------------------------
 // Header read timeout: silent, half-open and idle connections are closed
 // ------------------------------------------------------------------------------------------
