@@ -395,7 +395,9 @@ fn rebuild_query(raw: Option<&str>, api_version_required: bool) -> Result<String
         if key.eq_ignore_ascii_case("code") {
             continue;
         }
-        if key == "api-version" {
+        // AOAI's front end reads query keys regardless of case: `API-VERSION` is another
+        // `api-version`, so two spellings are two values (a red-team finding).
+        if key.eq_ignore_ascii_case("api-version") {
             api_versions += 1;
             let ok = !value.is_empty()
                 && value.len() <= 32
@@ -755,6 +757,21 @@ mod tests {
             "/api/FwdProxy/openai/models",
         ] {
             assert_eq!(status(Method::POST, p, Q), 404, "{p}");
+        }
+    }
+
+    #[test]
+    fn api_version_is_one_key_in_any_case() {
+        for q in [
+            "API-VERSION=1&api-version=2",
+            "Api-Version=2024-10-21&api-version=2024-10-21",
+        ] {
+            let e = resolve(
+                &Method::POST,
+                "/api/FwdProxy/openai/deployments/d/chatcompletions",
+                Some(q),
+            );
+            assert!(matches!(e, Err(AppError::BadQuery(_))), "{q}");
         }
     }
 
