@@ -10,38 +10,6 @@ use serde_json::json;
 const P: &str = "/api/FwdProxy/openai";
 const V: &str = "api-version=2025-04-01-preview";
 
-struct Gate {
-    aoai: MockAoai,
-    cs: MockContentSafety,
-    app: TestApp,
-    audit: std::path::PathBuf,
-}
-
-async fn gate(extra: &[(&str, &str)]) -> Gate {
-    let aoai = MockAoai::start().await;
-    let cs = MockContentSafety::start().await;
-    let audit = temp_path("audit");
-    let mut settings: Vec<(&str, String)> = vec![
-        ("USER_CHECK", "registered".into()),
-        ("REGISTERED_USERS", "alice, bob".into()),
-        ("CONTENT_SAFETY_ENDPOINT", cs.base()),
-        ("CONTENT_SAFETY_KEY", CS_KEY.into()),
-        ("AUDIT_LOG_PATH", audit.display().to_string()),
-    ];
-    for (k, v) in extra {
-        settings.retain(|(n, _)| n != k);
-        settings.push((k, v.to_string()));
-    }
-    let pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let app = TestApp::start(&aoai.base(), &pairs).await;
-    Gate {
-        aoai,
-        cs,
-        app,
-        audit,
-    }
-}
-
 impl Gate {
     async fn send(
         &self,

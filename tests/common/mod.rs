@@ -57,3 +57,37 @@ pub type MockContentSafety = ContentSafetyFake;
 pub fn temp_path(name: &str) -> std::path::PathBuf {
     support::scratch::leaked_file("test", &format!("{name}.jsonl"))
 }
+
+/// The gate on: the user check (`alice` and `bob` registered) and screening, against a fake AOAI
+/// and the Content Safety fake, abuse records in `audit`. `extra` settings replace these.
+pub struct Gate {
+    pub aoai: MockAoai,
+    pub cs: MockContentSafety,
+    pub app: TestApp,
+    pub audit: std::path::PathBuf,
+}
+
+pub async fn gate(extra: &[(&str, &str)]) -> Gate {
+    let aoai = MockAoai::start().await;
+    let cs = MockContentSafety::start().await;
+    let audit = temp_path("audit");
+    let mut settings: Vec<(&str, String)> = vec![
+        ("USER_CHECK", "registered".into()),
+        ("REGISTERED_USERS", "alice, bob".into()),
+        ("CONTENT_SAFETY_ENDPOINT", cs.base()),
+        ("CONTENT_SAFETY_KEY", CS_KEY.into()),
+        ("AUDIT_LOG_PATH", audit.display().to_string()),
+    ];
+    for (k, v) in extra {
+        settings.retain(|(n, _)| n != k);
+        settings.push((k, v.to_string()));
+    }
+    let pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = TestApp::start(&aoai.base(), &pairs).await;
+    Gate {
+        aoai,
+        cs,
+        app,
+        audit,
+    }
+}
