@@ -502,11 +502,56 @@ fn join<'a>(mut texts: impl Iterator<Item = &'a Text>) -> Cow<'a, str> {
     };
     let mut all = String::with_capacity(first.text.len() + second.text.len() + 1);
     all.push_str(&first.text);
+    let mut previous = first;
     for t in std::iter::once(second).chain(texts) {
         all.push('\n');
+        if siblings(&previous.field, &t.field) {
+            // Parts of one content array reach the model back to back: a word cut across two
+            // parts ("blood" + "bath") is screened whole in a seam line (a red-team finding).
+            all.push_str(tail(&previous.text, SEAM));
+            all.push_str(head(&t.text, SEAM));
+            all.push('\n');
+        }
         all.push_str(&t.text);
+        previous = t;
     }
     Cow::Owned(all)
+}
+
+/// Characters of each side kept in a seam: a phrase up to twice this long, cut anywhere between
+/// two parts, lies whole in the seam (and the seam within one split piece: 2 × 250 ≤ OVERLAP).
+const SEAM: usize = 250;
+
+/// `a` and `b` are neighbouring elements of one array (`messages[0].content[1].text` and
+/// `messages[0].content[2].text`): the model reads them as one text.
+fn siblings(a: &str, b: &str) -> bool {
+    fn parent(field: &str) -> Option<(&str, usize)> {
+        let f = field.strip_suffix(".text").unwrap_or(field);
+        let f = f.strip_suffix(']')?;
+        let open = f.rfind('[')?;
+        Some((&f[..open], f[open + 1..].parse().ok()?))
+    }
+    match (parent(a), parent(b)) {
+        (Some((pa, ia)), Some((pb, ib))) => pa == pb && ib == ia + 1,
+        _ => false,
+    }
+}
+
+fn tail(text: &str, chars: usize) -> &str {
+    let start = text
+        .char_indices()
+        .rev()
+        .nth(chars.saturating_sub(1))
+        .map_or(0, |(i, _)| i);
+    &text[start..]
+}
+
+fn head(text: &str, chars: usize) -> &str {
+    let end = text
+        .char_indices()
+        .nth(chars)
+        .map_or(text.len(), |(i, _)| i);
+    &text[..end]
 }
 
 /// `text` split for the service, without pieces that are only whitespace.
@@ -519,6 +564,42 @@ fn pieces(text: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn part(field: &str, text: &str) -> Text {
+        Text {
+            text: text.into(),
+            field: field.into(),
+            role: None,
+        }
+    }
+
+    #[test]
+    fn parts_of_one_array_are_also_screened_joined_at_their_seam() {
+        let texts = [
+            part("messages[0].content[0].text", "please blood"),
+            part("messages[0].content[1].text", "bath now"),
+            part("messages[1].content", "other"),
+            part("messages[2].content[0].text", "é".repeat(300).as_str()),
+            part("messages[2].content[1].text", "x"),
+        ];
+        let all = join(texts.iter());
+        assert!(all.contains("please bloodbath now"), "{all}");
+        // not across messages
+        assert!(!all.contains("nowother") && !all.contains("now\nother\nother"));
+        // seams keep at most SEAM characters a side, cut on character boundaries
+        assert!(all.contains(&format!("{}x\n", "é".repeat(SEAM))));
+        assert!(siblings(
+            "input[0].content[3].text",
+            "input[0].content[4].text"
+        ));
+        assert!(!siblings(
+            "messages[0].content[1].text",
+            "messages[0].content[3].text"
+        ));
+        assert!(!siblings("messages[0].content", "messages[1].content"));
+        assert_eq!(tail("abc", 5), "abc");
+        assert_eq!(head("abc", 2), "ab");
+    }
 
     fn text(t: &str) -> Text {
         Text {
