@@ -531,8 +531,12 @@ fn siblings(a: &str, b: &str) -> bool {
         let open = f.rfind('[')?;
         Some((&f[..open], f[open + 1..].parse().ok()?))
     }
+    // Only content parts: separate prompts or embeddings inputs (`input[0]`, `input[1]`) are
+    // read apart.
     match (parent(a), parent(b)) {
-        (Some((pa, ia)), Some((pb, ib))) => pa == pb && ib == ia + 1,
+        (Some((pa, ia)), Some((pb, ib))) => {
+            pa == pb && ib == ia + 1 && (pa.ends_with(".content") || pa.ends_with(".output"))
+        }
         _ => false,
     }
 }
@@ -597,6 +601,8 @@ mod tests {
             "messages[0].content[3].text"
         ));
         assert!(!siblings("messages[0].content", "messages[1].content"));
+        assert!(!siblings("input[0]", "input[1]"));
+        assert!(!siblings("prompt[0]", "prompt[1]"));
         assert_eq!(tail("abc", 5), "abc");
         assert_eq!(head("abc", 2), "ab");
     }
