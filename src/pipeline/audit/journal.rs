@@ -267,7 +267,12 @@ fn lock_own(path: &Path) -> Result<File, OpenError> {
 
 /// Take the advisory lock `<journal>.lock`, writing our pid into it.
 fn lock(path: &Path) -> Result<File, OpenError> {
-    let lock_path = with_suffix(path, ".lock");
+    // Named after the file the journal really is: two paths to one file (a symlink, `..`) must
+    // meet at one lock (a red-team finding: a symlinked journal let two processes share it).
+    // (created first, so a symlink to a journal not yet written resolves too)
+    let _ = open_append(path);
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let lock_path = with_suffix(&real, ".lock");
     let io = |error: std::io::Error| OpenError::Io {
         path: lock_path.display().to_string(),
         error,
@@ -686,5 +691,24 @@ mod tests {
             Journal::open(&path, 8).is_ok(),
             "free once the holder is gone"
         );
+    }
+
+    #[test]
+    fn a_symlink_to_a_held_journal_meets_the_same_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(dir.path()).unwrap();
+        let real = dir.join("abuse.jsonl");
+        let alias = dir.join("alias.jsonl");
+        std::os::unix::fs::symlink(&real, &alias).unwrap();
+        let held = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(with_suffix(&real, ".lock"))
+            .unwrap();
+        held.try_lock().unwrap();
+        let e = Journal::open(&alias, 8).unwrap_err();
+        assert!(matches!(e, OpenError::Held { .. }), "{e}");
+        drop(held);
     }
 }

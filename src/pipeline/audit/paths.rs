@@ -69,7 +69,9 @@ pub fn instance_dir(settings: &AuditSettings) -> Result<PathBuf, SettingsError> 
     match &settings.dir {
         Some(d) => bases.push((d.clone(), "AUDIT_DIR")),
         None => {
-            if let Some(home) = &settings.home {
+            // a relative HOME would put records under the working directory (read-only on
+            // the platform): only an absolute one counts
+            if let Some(home) = settings.home.as_ref().filter(|h| h.is_absolute()) {
                 bases.push((home.join("data").join("aoai-fwdproxy"), "HOME"));
             }
             bases.push((std::env::temp_dir().join("aoai-fwdproxy"), "temp directory"));
@@ -158,6 +160,18 @@ mod tests {
 
     fn settings(pairs: &[(&str, &str)]) -> AuditSettings {
         AuditSettings::from_source(&Source::from_map(pairs.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn a_relative_home_is_never_used() {
+        let s = settings(&[("HOME", "relhome"), ("WEBSITE_INSTANCE_ID", "rel1")]);
+        let j = resolve(&s).unwrap();
+        assert!(j.path.is_absolute(), "{}", j.path.display());
+        assert!(
+            j.path.starts_with(std::env::temp_dir()),
+            "{}",
+            j.path.display()
+        );
     }
 
     #[test]
