@@ -253,8 +253,7 @@ pub fn estimate(
     embeddings: bool,
     default_completion: u64,
 ) -> u64 {
-    let model = body
-        .get("model")
+    let model = field(body, "model")
         .and_then(Value::as_str)
         .or(deployment)
         .unwrap_or("");
@@ -264,15 +263,42 @@ pub fn estimate(
     }
     let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
         .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64))
+        .find_map(|k| field(body, k).and_then(whole_number))
         .unwrap_or(default_completion);
     let n = ["n", "best_of"]
         .iter()
-        .filter_map(|k| body.get(*k).and_then(Value::as_u64))
+        .filter_map(|k| field(body, k).and_then(whole_number))
         .max()
         .unwrap_or(1)
         .clamp(1, 128);
     prompt.saturating_add(max.saturating_mul(n))
+}
+
+/// A top-level member regardless of ASCII case: AOAI's front end binds `MAX_TOKENS` as
+/// `max_tokens` (a red-team finding: case variants were reserved as absent).
+fn field<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
+    body.as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+/// A count as a client may write it: an integer, a float (`1e30`, saturated) or a numeric string.
+fn whole_number(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| *f >= 0.0)
+                .map(|f| f.min(u64::MAX as f64) as u64)
+        }),
+        Value::String(s) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|f| *f >= 0.0)
+            .map(|f| f.min(u64::MAX as f64) as u64),
+        _ => None,
+    }
 }
 
 /// The tokenizer of a model family.
@@ -452,6 +478,20 @@ mod tests {
         assert_eq!(b.estimate(&chat, Some("gpt-35-turbo"), false), 20);
         let no_max = json!({"prompt": "Hello world", "n": 2});
         assert_eq!(b.estimate(&no_max, None, false), 2 + 200);
+        // case variants and other spellings of a count are read as AOAI reads them
+        let lower = estimate(
+            &json!({"max_tokens": 5000, "n": 3}),
+            Some("gpt-4o"),
+            false,
+            7,
+        );
+        for upper in [
+            json!({"MAX_TOKENS": 5000, "N": 3}),
+            json!({"Max_Tokens": "5000", "n": 3.0}),
+        ] {
+            assert_eq!(estimate(&upper, Some("gpt-4o"), false, 7), lower, "{upper}");
+        }
+        assert!(estimate(&json!({"max_tokens": 1e30}), Some("gpt-4o"), false, 7) > 1_000_000);
         let emb = json!({"input": ["Hello world", [1, 2, 3]], "max_tokens": 9});
         assert_eq!(b.estimate(&emb, Some("text-embedding-3-small"), true), 5);
         // a long text counts many tokens, not a byte or word guess

@@ -230,26 +230,31 @@ pub struct BodyFacts {
 
 /// Read [`BodyFacts`] from a JSON object body (`None` when it is not one).
 pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
-    #[derive(Deserialize)]
-    struct Req {
-        #[serde(default)]
-        stream: Option<serde_json::Value>,
-        #[serde(default)]
-        stream_options: Option<serde::de::IgnoredAny>,
-        #[serde(default)]
-        user: Option<serde_json::Value>,
-    }
-    let req: Req = serde_json::from_slice(body).ok()?;
-    Some(BodyFacts {
-        user: match req.user {
-            Some(serde_json::Value::String(u)) if !u.is_empty() => {
-                Some(u.chars().take(256).collect())
+    // Top-level members only, borrowed (no tree), matched regardless of ASCII case as AOAI's
+    // front end binds them: `STREAM` is `stream`, and any spelling of `stream_options` (even
+    // `null`) means the body is not ours to edit (a red-team finding: `"stream_options":null`
+    // got a second `stream_options` added).
+    let map: std::collections::HashMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue> =
+        serde_json::from_slice(body).ok()?;
+    let mut facts = BodyFacts {
+        user: None,
+        stream: false,
+        stream_options: false,
+    };
+    for (key, raw) in &map {
+        if key.eq_ignore_ascii_case("stream") {
+            facts.stream |= raw.get().trim() == "true";
+        } else if key.eq_ignore_ascii_case("stream_options") {
+            facts.stream_options = true;
+        } else if key.eq_ignore_ascii_case("user") {
+            if let Ok(u) = serde_json::from_str::<String>(raw.get()) {
+                if !u.is_empty() {
+                    facts.user = Some(u.chars().take(256).collect());
+                }
             }
-            _ => None,
-        },
-        stream: req.stream == Some(serde_json::Value::Bool(true)),
-        stream_options: req.stream_options.is_some(),
-    })
+        }
+    }
+    Some(facts)
 }
 
 /// [`inject_include_usage`] with the body's facts already read.
@@ -745,12 +750,16 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
+        // AOAI binds top-level names regardless of case: `STREAM` asks for a stream too
+        assert!(inject_include_usage(br#"{"STREAM":true}"#).is_some());
         for unchanged in [
             &br#"{"stream":false}"#[..],
             br#"{"messages":[]}"#,
             br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
             br#"{"stream":true,"stream_options":{"include_usage":false}}"#,
             br#"{"stream":"true"}"#,
+            br#"{"stream":true,"stream_options":null}"#,
+            br#"{"stream":true,"Stream_Options":{}}"#,
             br#"[{"stream":true}]"#,
             br#"{"stream":true"#,
         ] {
