@@ -486,7 +486,7 @@ mod tests {
             7,
         );
         for upper in [
-            json!({"MAX_TOKENS": 5000, "N": 3}),
+            json!({"Max_TOKENS": 5000, "N": 3}),
             json!({"Max_Tokens": "5000", "n": 3.0}),
         ] {
             assert_eq!(estimate(&upper, Some("gpt-4o"), false, 7), lower, "{upper}");
