@@ -499,6 +499,21 @@ impl Writer {
     }
 
     fn commit(&mut self, buf: &[u8]) -> Result<(), JournalError> {
+        // A journal deleted under the running process (an operator, a cleanup job) would take
+        // every later record with it when the process exits: one fstat per batch notices, and
+        // the journal is made again at its path (a red-team finding).
+        if let Some(f) = &self.file {
+            use std::os::unix::fs::MetadataExt;
+            if f.metadata().is_ok_and(|m| m.nlink() == 0) {
+                tracing::warn!(
+                    target: "audit",
+                    path = %self.path.display(),
+                    "the abuse journal was deleted while in use: made again at its path"
+                );
+                self.file = None;
+                self.shared.len.store(0, Ordering::SeqCst);
+            }
+        }
         if self.file.is_none() {
             self.file = Some(open_append(&self.path)?);
             let _ = sync_dir(&self.path);
@@ -628,6 +643,18 @@ mod tests {
             }
         }
         assert_eq!(got, ["a", "c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn a_journal_deleted_while_in_use_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone.jsonl");
+        let j = Journal::open(&path, 8).unwrap();
+        j.append(line("before")).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        j.append(line("after")).await.unwrap();
+        assert_eq!(ids(&read_chunk(&path, 0, 10).unwrap()), ["after"]);
+        assert_eq!(j.pending_bytes(), std::fs::metadata(&path).unwrap().len());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
