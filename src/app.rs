@@ -835,20 +835,7 @@ async fn gate(
         screening.is_some(),
     ) {
         Ok(i) => i,
-        Err(refusal) => {
-            let details = refusal_details(&refusal.error);
-            record_with_fields(
-                state,
-                target,
-                parts,
-                log,
-                refusal.reason,
-                &refusal.inspected,
-                details,
-            )
-            .await?;
-            return Err(refusal.error);
-        }
+        Err(refusal) => return Err(refuse(state, target, parts, log, *refusal).await),
     };
 
     let Some(cs) = screening else {
@@ -874,10 +861,7 @@ async fn gate(
             let rid = log.request_id.to_str().unwrap_or("");
             // a limit refusal is never forwarded, and is recorded like every refusal
             let error = cs.on_limit(&limit, rid).unwrap_or(AppError::Internal);
-            let reason = match limit {
-                Verdict::Busy => Reason::ScreeningBusy,
-                _ => Reason::TooLongToScreen,
-            };
+            let reason = limit_reason(&limit);
             let details = refusal_details(&error);
             record_with_fields(state, target, parts, log, reason, &inspected, details).await?;
             Err(error)
@@ -938,18 +922,7 @@ async fn gate_upload(
         }
         Ok(Upload::Batch { lines, refused }) => (lines, refused),
         Err(Refused::Whole(refusal)) => {
-            let details = refusal_details(&refusal.error);
-            record_with_fields(
-                state,
-                target,
-                parts,
-                log,
-                refusal.reason,
-                &refusal.inspected,
-                details,
-            )
-            .await?;
-            return Err(refusal.error);
+            return Err(refuse(state, target, parts, log, *refusal).await)
         }
     };
     let (lines, refused) = lines;
@@ -1029,10 +1002,7 @@ async fn gate_upload(
             }
             Ok(limit @ (Verdict::TooLong | Verdict::Busy)) => {
                 let error = cs.on_limit(&limit, rid).unwrap_or(AppError::Internal);
-                let reason = match limit {
-                    Verdict::Busy => Reason::ScreeningBusy,
-                    _ => Reason::TooLongToScreen,
-                };
+                let reason = limit_reason(&limit);
                 let details = tag(refusal_details(&error));
                 record_with_fields(state, target, parts, log, reason, &line.inspected, details)
                     .await?;
@@ -1089,6 +1059,40 @@ async fn record_with_fields(
         details["prompt_fields"] = inspected.prompt.fields();
     }
     record_abuse(state, target, parts, log, reason, inspected, details).await
+}
+
+/// Record a policy refusal and return the error to answer with (the audit's own error when the
+/// record could not be made durable).
+async fn refuse(
+    state: &AppState,
+    target: &UpstreamTarget,
+    parts: &http::request::Parts,
+    log: &RequestLog,
+    refusal: policy::Refusal,
+) -> AppError {
+    let details = refusal_details(&refusal.error);
+    match record_with_fields(
+        state,
+        target,
+        parts,
+        log,
+        refusal.reason,
+        &refusal.inspected,
+        details,
+    )
+    .await
+    {
+        Ok(()) => refusal.error,
+        Err(audit) => audit,
+    }
+}
+
+/// The record reason of a screening-limit verdict.
+fn limit_reason(limit: &Verdict) -> Reason {
+    match limit {
+        Verdict::Busy => Reason::ScreeningBusy,
+        _ => Reason::TooLongToScreen,
+    }
 }
 
 /// The record's `details` for a refusal the handler itself decided.
