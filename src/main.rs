@@ -10,17 +10,25 @@ fn main() -> ExitCode {
     // scheduler, which skips the work-stealing bookkeeping and cross-thread wake-ups of the
     // multi-thread one. More cores: one worker per core, as before.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = if cores == 1 {
+    let mut builder = if cores == 1 {
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
     };
+    // Log lines of a worker wait until it goes idle and go out in one write (telemetry).
+    let runtime = builder
+        .enable_all()
+        .on_thread_park(telemetry::on_worker_park)
+        .build();
     match runtime {
-        Ok(rt) => rt.block_on(run()),
+        Ok(rt) => {
+            let code = rt.block_on(run());
+            // the server has drained: every line still waiting goes out (SIGTERM loses none)
+            telemetry::flush();
+            drop(rt);
+            telemetry::flush();
+            code
+        }
         Err(e) => {
             eprintln!("aoai-fwdproxy cannot start its runtime: {e}");
             ExitCode::FAILURE

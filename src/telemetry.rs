@@ -9,9 +9,29 @@
 //! tracing-subscriber's flattened JSON format (`timestamp`, `level`, the event's fields,
 //! `target`): it formats straight into the line buffer instead of going through serde and a
 //! calendar library, which halves the cost of the one line every request writes.
+//!
+//! # Batched writes, and what a kill can lose
+//! [`init`] writes through [`BatchedStdout`]: a line logged on a runtime worker thread waits in
+//! one process-wide buffer and goes out with the lines after it in one `write(2)`, instead of
+//! one `write` per line. The buffer is written out
+//! - when a worker thread is about to go idle ([`on_worker_park`], a runtime hook set in
+//!   `main`): an idle handler holds no line;
+//! - when it holds [`BATCH_MAX_BYTES`], or a line arrives [`BATCH_MAX_AGE`] or more after the
+//!   oldest waiting one (a busy thread that never idles still writes every few milliseconds);
+//! - before a line from any other thread (the audit journal's, a blocking task's, start-up's),
+//!   which is written at once, after the waiting ones, so lines keep their order;
+//! - by [`flush`], which `main` calls once the server has drained (SIGTERM loses nothing).
+//!
+//! SIGKILL loses what the buffer holds at that instant: the lines of requests that ended since
+//! the worker last went idle, at most [`BATCH_MAX_BYTES`] and in practice a few milliseconds of
+//! requests (one write per line lost only the lines of requests still in flight, which a kill
+//! loses either way, as it loses their answers).
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::io::Write as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -23,9 +43,92 @@ use tracing_subscriber::EnvFilter;
 /// The filter used when `RUST_LOG` is unset.
 pub const DEFAULT_FILTER: &str = "info,hyper=warn,hyper_util=warn,h2=warn,reqwest=warn,rustls=warn";
 
-/// Install the global JSON subscriber writing to stdout.
+/// Install the global JSON subscriber writing to stdout through [`BatchedStdout`].
 pub fn init() {
-    init_with_writer(std::io::stdout);
+    init_with_writer(BatchedStdout);
+}
+
+/// Lines waiting to be written out: at most this many bytes (about 40 request lines).
+pub const BATCH_MAX_BYTES: usize = 16 * 1024;
+/// A line logged this long after the oldest waiting one writes the batch out.
+pub const BATCH_MAX_AGE: Duration = Duration::from_millis(5);
+
+struct Batch {
+    buf: Vec<u8>,
+    /// When the oldest waiting line arrived.
+    oldest: Option<Instant>,
+}
+
+static BATCH: Mutex<Batch> = Mutex::new(Batch {
+    buf: Vec::new(),
+    oldest: None,
+});
+
+thread_local! {
+    /// Set on runtime worker threads (by their first [`on_worker_park`]): only their lines
+    /// wait, since only they are sure to pass through the hook that writes them out.
+    static WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The stdout writer of [`init`]: see the module doc for when a line goes out.
+pub struct BatchedStdout;
+
+/// One line's writer (tracing-subscriber hands it the whole line in one `write_all`).
+pub struct BatchedLine;
+
+impl<'a> MakeWriter<'a> for BatchedStdout {
+    type Writer = BatchedLine;
+
+    fn make_writer(&'a self) -> BatchedLine {
+        BatchedLine
+    }
+}
+
+impl std::io::Write for BatchedLine {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut batch = BATCH.lock().unwrap_or_else(|e| e.into_inner());
+        if !WORKER.get() {
+            write_out(&mut batch);
+            let _ = std::io::stdout().lock().write_all(line);
+            return Ok(line.len());
+        }
+        let now = Instant::now();
+        let oldest = *batch.oldest.get_or_insert(now);
+        batch.buf.extend_from_slice(line);
+        if batch.buf.len() >= BATCH_MAX_BYTES || now.duration_since(oldest) >= BATCH_MAX_AGE {
+            write_out(&mut batch);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn write_out(batch: &mut Batch) {
+    if !batch.buf.is_empty() {
+        // Errors are dropped as `println!`-style logging would: there is nowhere to report them.
+        let _ = std::io::stdout().lock().write_all(&batch.buf);
+        batch.buf.clear();
+        if batch.buf.capacity() > 4 * BATCH_MAX_BYTES {
+            batch.buf.shrink_to(BATCH_MAX_BYTES);
+        }
+    }
+    batch.oldest = None;
+}
+
+/// The runtime's `on_thread_park` hook: marks the thread as a worker (its lines may wait) and
+/// writes out every waiting line before the thread goes idle.
+pub fn on_worker_park() {
+    WORKER.set(true);
+    flush();
+}
+
+/// Write out every waiting line now.
+pub fn flush() {
+    let mut batch = BATCH.lock().unwrap_or_else(|e| e.into_inner());
+    write_out(&mut batch);
 }
 
 /// Install the global JSON subscriber writing to `writer` (tests capture logs with this).

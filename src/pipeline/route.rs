@@ -384,6 +384,14 @@ fn check_deployment(name: &str) -> Result<(), AppError> {
 /// pairs we parsed (an encoded `&` or `=` stays inside its value). Drops `code` (a Functions
 /// key must never reach AOAI). `api-version` must appear once and be sane where AOAI requires it.
 fn rebuild_query(raw: Option<&str>, api_version_required: bool) -> Result<String, AppError> {
+    if let Some(plain) = plain_query(raw.unwrap_or(""), api_version_required) {
+        return Ok(plain);
+    }
+    rebuild_parsed(raw, api_version_required)
+}
+
+/// [`rebuild_query`] the long way: every pair decoded, checked and encoded again.
+fn rebuild_parsed(raw: Option<&str>, api_version_required: bool) -> Result<String, AppError> {
     let mut out = form_urlencoded::Serializer::new(String::new());
     let mut api_versions = 0;
     for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
@@ -423,6 +431,41 @@ fn rebuild_query(raw: Option<&str>, api_version_required: bool) -> Result<String
         ));
     }
     Ok(out.finish())
+}
+
+/// The common query (`api-version=2024-10-21`, maybe a `code`) without a parse and a re-encode:
+/// when every pair is `key=value` made only of characters `form_urlencoded` neither decodes nor
+/// encodes (letters, digits, `*-._`), the rebuilt query is the raw one without its `code`
+/// pairs. `None` sends anything else, and every refusal, down the full path.
+fn plain_query(raw: &str, api_version_required: bool) -> Option<String> {
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'*' | b'-' | b'.' | b'_'))
+    };
+    let mut out = String::with_capacity(raw.len());
+    let mut api_versions = 0;
+    if !raw.is_empty() {
+        for pair in raw.split('&') {
+            let (key, value) = pair.split_once('=')?;
+            if key.is_empty() || !plain(key) || !plain(value) {
+                return None;
+            }
+            if key.eq_ignore_ascii_case("code") {
+                continue;
+            }
+            if key.eq_ignore_ascii_case("api-version") {
+                api_versions += 1;
+                if value.is_empty() || value.len() > 32 || value.contains(['*', '_']) {
+                    return None;
+                }
+            }
+            if !out.is_empty() {
+                out.push('&');
+            }
+            out.push_str(pair);
+        }
+    }
+    (api_versions == 1 || (api_versions == 0 && !api_version_required)).then_some(out)
 }
 
 #[cfg(test)]
@@ -885,8 +928,65 @@ mod tests {
             }))
         }
 
+        /// Queries near the fast path's edges: plain pairs, `code` and `api-version` in any
+        /// case, and every character that decodes or encodes differently.
+        fn plain_edges() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                "[a-zA-Z0-9*._-]{0,6}",
+                Just("api-version".to_string()),
+                Just("API-Version".to_string()),
+                Just("code".to_string()),
+                Just("CoDe".to_string()),
+                Just("2024-10-21".to_string()),
+                "[%+~=&;/ a-z0-9_*]{1,4}",
+            ];
+            prop::collection::vec((piece.clone(), prop::option::of(piece)), 0..5).prop_map(
+                |pairs| {
+                    pairs
+                        .into_iter()
+                        .map(|(k, v)| match v {
+                            Some(v) => format!("{k}={v}"),
+                            None => k,
+                        })
+                        .collect::<Vec<_>>()
+                        .join("&")
+                },
+            )
+        }
+
+        #[test]
+        fn the_fast_path_takes_the_common_queries() {
+            for (raw, want) in [
+                ("api-version=2024-10-21", "api-version=2024-10-21"),
+                ("code=k&api-version=2024-10-21", "api-version=2024-10-21"),
+                ("api-version=2024-10-21&CODE=k", "api-version=2024-10-21"),
+                ("api-version=preview&x=1", "api-version=preview&x=1"),
+            ] {
+                assert_eq!(plain_query(raw, true).as_deref(), Some(want), "{raw}");
+            }
+            assert_eq!(plain_query("", false).as_deref(), Some(""));
+            for long_way in [
+                "",
+                "api-version=a%2Db",
+                "api-version=1&api-version=2",
+                "a&api-version=1",
+                "api-version=x_y",
+            ] {
+                assert_eq!(plain_query(long_way, true), None, "{long_way}");
+            }
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            /// Whatever the fast path answers is exactly what the full parse answers.
+            #[test]
+            fn the_fast_path_agrees_with_the_full_parse(raw in plain_edges(), required in any::<bool>()) {
+                if let Some(fast) = plain_query(&raw, required) {
+                    let slow = rebuild_parsed(Some(&raw), required);
+                    prop_assert_eq!(Some(fast), slow.ok(), "{}", raw);
+                }
+            }
 
             /// Whatever comes in, what goes to AOAI is a clean path under `/openai/`: no
             /// percent-encoding, no dot or empty segments; the query has no `code` and at most

@@ -233,15 +233,16 @@ pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
     // Top-level members only, borrowed (no tree), matched regardless of ASCII case as AOAI's
     // front end binds them: `STREAM` is `stream`, and any spelling of `stream_options` (even
     // `null`) means the body is not ours to edit (a red-team finding: `"stream_options":null`
-    // got a second `stream_options` added).
-    let map: std::collections::HashMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue> =
-        serde_json::from_slice(body).ok()?;
-    let mut facts = BodyFacts {
-        user: None,
-        stream: false,
-        stream_options: false,
-    };
-    for (key, raw) in &map {
+    // got a second `stream_options` added). Of a member given twice under the same exact name
+    // the last counts, as AOAI's JSON reader keeps it; names spelt differently all count.
+    // One pass over the object: only the three names are kept (borrowed), the other values
+    // are skipped unread (no map of every member, no owned copy of every name).
+    let TopLevel(members) = serde_json::from_slice(body).ok()?;
+    let mut facts = BodyFacts::default();
+    for (i, (key, raw)) in members.iter().enumerate() {
+        if members[i + 1..].iter().any(|(later, _)| later == key) {
+            continue;
+        }
         if key.eq_ignore_ascii_case("stream") {
             facts.stream |= raw.get().trim() == "true";
         } else if key.eq_ignore_ascii_case("stream_options") {
@@ -255,6 +256,61 @@ pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
         }
     }
     Some(facts)
+}
+
+/// The top-level members [`body_facts`] reads, in order, from a JSON object.
+struct TopLevel<'a>(Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)>);
+
+impl<'de> Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<TopLevel<'de>, A::Error> {
+                let mut kept = Vec::new();
+                while let Some(Name(key)) = map.next_key()? {
+                    if ["stream", "stream_options", "user"]
+                        .iter()
+                        .any(|n| key.eq_ignore_ascii_case(n))
+                    {
+                        kept.push((key, map.next_value()?));
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(TopLevel(kept))
+            }
+        }
+        d.deserialize_map(Members)
+    }
+}
+
+/// A member name, borrowed from the body unless it has escapes.
+struct Name<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
+                Ok(Name(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// [`inject_include_usage`] with the body's facts already read.
@@ -765,6 +821,43 @@ mod tests {
         ] {
             assert!(inject_include_usage(unchanged).is_none());
         }
+    }
+
+    #[test]
+    fn body_facts_read_top_level_members_once() {
+        let facts = |b: &str| body_facts(b.as_bytes()).unwrap();
+        // the last of a name given twice counts; an escaped name is the same name
+        assert!(!facts(r#"{"stream":true,"stream":false}"#).stream);
+        assert!(facts(r#"{"stream":false,"stream":true}"#).stream);
+        assert!(facts(r#"{"str\u0065am":true}"#).stream);
+        assert!(facts(r#"{"Stream_Options":null,"stream":true}"#).stream_options);
+        assert_eq!(
+            facts(r#"{"user":"a","user":"b"}"#).user.as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            facts(r#"{"USER":"a","user":""}"#).user.as_deref(),
+            Some("a")
+        );
+        assert_eq!(facts(r#"{"user":"a","user":7}"#).user, None);
+        // nested members are not top-level ones
+        let nested = facts(r#"{"messages":[{"stream":true,"user":"x"}],"n":{"user":"y"}}"#);
+        assert!(!nested.stream && nested.user.is_none());
+        for not_an_object in [
+            "",
+            "[]",
+            "null",
+            r#"{"user":"a"} x"#,
+            r#"{"user":"a""#,
+            "{\"a\":}",
+        ] {
+            assert!(
+                body_facts(not_an_object.as_bytes()).is_none(),
+                "{not_an_object}"
+            );
+        }
+        let long = format!(r#"{{"user":"{}"}}"#, "é".repeat(300));
+        assert_eq!(facts(&long).user.unwrap().chars().count(), 256);
     }
 
     #[test]
