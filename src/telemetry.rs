@@ -238,6 +238,10 @@ struct Escape<'a, 'w>(&'a mut Writer<'w>);
 
 impl fmt::Write for Escape<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Nearly every value (ids, names, paths) has nothing to escape: one scan, one write.
+        if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+            return self.0.write_str(s);
+        }
         let mut start = 0;
         for (i, b) in s.bytes().enumerate() {
             let esc: &str = match b {

@@ -301,3 +301,89 @@ async fn one_json_log_line_per_request_and_no_secrets() {
         "only the authenticated request went upstream"
     );
 }
+
+/// Log lines are batched (telemetry): a burst of concurrent requests still gets exactly one
+/// line each, the lines are out while the handler sits idle (no stop needed: a SIGKILL then
+/// loses none of them), and the lines of a burst answered just before SIGTERM are all out by
+/// the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_log_lines_are_out_when_idle_and_all_out_by_sigterm() {
+    let aoai = MockAoai::start().await;
+    let mut handler = Handler::spawn(&base_pairs(&aoai.base()));
+    let url = handler.url(&format!("{CHAT_PATH}?{API}"));
+    let client = client();
+    let burst = |tag: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        futures_util::stream::iter(0..200).for_each_concurrent(16, move |i| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let status = client
+                    .post(&url)
+                    .header("api-key", IN_KEY)
+                    .header("x-request-id", format!("{tag}-{i:03}"))
+                    .body(r#"{"messages":[{"role":"user","content":"hi"}]}"#)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert_eq!(status, 200);
+            }
+        })
+    };
+    let lines_of = |handler: &Handler, tag: &str| {
+        let mut ids: Vec<String> = handler
+            .log()
+            .iter()
+            .filter(|v| v["target"] == "request")
+            .filter_map(|v| v["request_id"].as_str().map(str::to_string))
+            .filter(|id| id.starts_with(tag))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let want = |tag: &str| -> Vec<String> { (0..200).map(|i| format!("{tag}-{i:03}")).collect() };
+
+    // First one request alone, on a fresh handler: no later line can push its line out (the
+    // age rule), only the worker going idle can.
+    let lone = client
+        .post(&url)
+        .header("api-key", IN_KEY)
+        .header("x-request-id", "lone-000")
+        .body(r#"{"messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!(lone.send().await.unwrap().status(), 200);
+    let out = tokio::task::block_in_place(|| {
+        common::support::wait::eventually_blocking(PATIENCE, || {
+            lines_of(&handler, "lone").len() == 1
+        })
+    });
+    assert!(
+        out,
+        "the lone request's line is not out while the handler idles"
+    );
+    within(PATIENCE, "a burst of 200 requests", burst("idle")).await;
+    // nothing stops the handler here: the lines must come out on their own
+    let out = tokio::task::block_in_place(|| {
+        common::support::wait::eventually_blocking(PATIENCE, || {
+            lines_of(&handler, "idle").len() >= 200 && lines_of(&handler, "lone").len() == 1
+        })
+    });
+    assert!(
+        out,
+        "{} of 200 burst lines and {} lone line out while idle",
+        lines_of(&handler, "idle").len(),
+        lines_of(&handler, "lone").len()
+    );
+    assert_eq!(
+        lines_of(&handler, "idle"),
+        want("idle"),
+        "exactly one line each"
+    );
+
+    within(PATIENCE, "a burst of 200 requests", burst("term")).await;
+    handler.sigterm();
+    let status = tokio::task::block_in_place(|| handler.wait_exit(PATIENCE));
+    assert!(status.success());
+    assert_eq!(lines_of(&handler, "term"), want("term"));
+    assert_eq!(lines_of(&handler, "idle"), want("idle"));
+    assert_eq!(aoai.seen().len(), 401);
+}

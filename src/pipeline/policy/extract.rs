@@ -136,16 +136,16 @@ impl<'a> Walker<'a> {
             };
         }
         // top-level names that differ only in case are one field to a case-insensitive binder
-        let mut seen: Vec<String> = Vec::new();
+        // (compared in place: no lowercased copy of every name)
+        let mut seen: Vec<Cow<'a, str>> = Vec::new();
         loop {
             match self.next()? {
                 Token::ObjEnd => break,
                 Token::Key(k) => {
-                    let lower = k.to_ascii_lowercase();
-                    if seen.contains(&lower) {
+                    if seen.iter().any(|s| s.eq_ignore_ascii_case(&k)) {
                         return Err(Problem::DuplicateField(k.into_owned()));
                     }
-                    seen.push(lower);
+                    seen.push(k.clone());
                     self.field(&k, spec.read(&k))?
                 }
                 _ => unreachable!("the reader yields keys or a closer inside an object"),
