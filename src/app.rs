@@ -1206,37 +1206,8 @@ pub fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         }
     }
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = fresh_uuid().hyphenated().encode_lower(&mut buf);
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
     HeaderValue::from_str(id).expect("a UUID is a valid header value")
-}
-
-/// A version-4 UUID from a per-thread generator seeded once from the OS, instead of
-/// `Uuid::new_v4`, which asks the kernel (`getrandom(2)`) for 16 bytes on every call: a request
-/// id names a request in logs, it guards nothing, so it needs to be unique, not unpredictable.
-/// The generator is wyrand (64-bit state, period 2^64) on each of two seeded states; two
-/// threads or processes collide only if their seeds do.
-fn fresh_uuid() -> uuid::Uuid {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<[u64; 2]> = Cell::new({
-            let seed = uuid::Uuid::new_v4().as_u64_pair();
-            [seed.0, seed.1]
-        });
-    }
-    fn wyrand(s: &mut u64) -> u64 {
-        *s = s.wrapping_add(0xa076_1d64_78bd_642f);
-        let t = u128::from(*s) * u128::from(*s ^ 0xe703_7ed1_a0b4_28db);
-        ((t >> 64) as u64) ^ (t as u64)
-    }
-    STATE.with(|cell| {
-        let mut s = cell.get();
-        let (hi, lo) = (wyrand(&mut s[0]), wyrand(&mut s[1]));
-        cell.set(s);
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&hi.to_be_bytes());
-        bytes[8..].copy_from_slice(&lo.to_be_bytes());
-        uuid::Builder::from_random_bytes(bytes).into_uuid()
-    })
 }
 
 /// A response body that writes the request's log line when it ends or is dropped.

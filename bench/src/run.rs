@@ -268,8 +268,15 @@ fn start(cfg: &Cfg, t: &Target, upstream: u16) -> (Proc, SocketAddr, f64) {
                 .env("AOAI_INAPIKEY", IN_KEY)
                 .env("AOAI_OUTAPIKEY", OUT_KEY)
                 .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-                .env("AUDIT_LOG_PATH", cfg.work.join("abuse-log.jsonl"))
-                .env("AUDIT_SPOOL_PATH", cfg.work.join("abuse-spool.jsonl"));
+                // each variant its own journal: the handler locks it against a second process
+                .env(
+                    "AUDIT_LOG_PATH",
+                    cfg.work.join(format!("abuse-log-{}.jsonl", slug(&t.name))),
+                )
+                .env(
+                    "AUDIT_SPOOL_PATH",
+                    cfg.work.join(format!("abuse-spool-{}.jsonl", slug(&t.name))),
+                );
             for (k, v) in &t.env {
                 c.env(k, v);
             }
