@@ -213,11 +213,20 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.raw(field, format_args!("{value}"));
+        if self.result.is_ok() {
+            self.result = self.key(field).and_then(|_| write_u64(self.w, value));
+        }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.raw(field, format_args!("{value}"));
+        if self.result.is_ok() {
+            self.result = self.key(field).and_then(|_| {
+                if value < 0 {
+                    self.w.write_char('-')?;
+                }
+                write_u64(self.w, value.unsigned_abs())
+            });
+        }
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -264,6 +273,23 @@ impl fmt::Write for Escape<'_, '_> {
         }
         self.0.write_str(&s[start..])
     }
+}
+
+/// `value` in decimal, as `{}` writes it, without the formatting machinery (status codes and
+/// token counts are on every request line).
+fn write_u64(w: &mut Writer<'_>, mut value: u64) -> fmt::Result {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    // only ASCII digits were written
+    w.write_str(std::str::from_utf8(&buf[at..]).map_err(|_| fmt::Error)?)
 }
 
 fn json_str(w: &mut Writer<'_>, s: &str) -> fmt::Result {
@@ -353,6 +379,45 @@ mod tests {
         let ts = v["timestamp"].as_str().unwrap();
         assert_eq!(ts.len(), "2026-01-01T00:00:00.000000Z".len());
         time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).unwrap();
+    }
+
+    #[test]
+    fn integers_are_written_as_display_writes_them() {
+        for v in [
+            0u64,
+            1,
+            9,
+            10,
+            99,
+            200,
+            429,
+            65_535,
+            1 << 32,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut s = String::new();
+            write_u64(&mut Writer::new(&mut s), v).unwrap();
+            assert_eq!(s, v.to_string());
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(neg = i64::MIN, zero = 0i64, pos = 7i64, big = u64::MAX);
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains(&format!(
+                r#""neg":{},"zero":0,"pos":7,"big":{}"#,
+                i64::MIN,
+                u64::MAX
+            )),
+            "{text}"
+        );
     }
 
     #[test]
