@@ -15,7 +15,7 @@ use std::borrow::Cow;
 
 use super::json::{self, Parser, Token};
 use super::map::{not_text_value, Bucket, Read, Spec, NAMED_KEYS, NOT_TEXT, OPAQUE};
-use super::multipart::Part;
+use super::multipart::{is_utf8_label, Part};
 use super::{PromptText, Text};
 
 /// Most text pieces one body may yield. Real requests have a few hundred at most; past this
@@ -602,15 +602,7 @@ pub fn form(parts: &[Part<'_>], spec: &Spec, want_text: bool) -> Result<Extracte
         if matches!(read, Read::Ignore) {
             continue;
         }
-        let charset = part.content_type.as_deref().and_then(|ct| {
-            ct.split(';').skip(1).find_map(|p| {
-                let (k, v) = p.split_once('=')?;
-                k.trim()
-                    .eq_ignore_ascii_case("charset")
-                    .then(|| v.trim().trim_matches('"'))
-            })
-        });
-        if charset.is_some_and(|c| !is_utf8_label(c)) {
+        if part.foreign_charset() {
             return fail(Problem::NotUtf8Field(name.to_string()), out);
         }
         let text = match std::str::from_utf8(part.body) {
@@ -636,11 +628,6 @@ pub fn form(parts: &[Part<'_>], spec: &Spec, want_text: bool) -> Result<Extracte
         }
     }
     Ok(out)
-}
-
-fn is_utf8_label(label: &str) -> bool {
-    let l = label.trim();
-    l.eq_ignore_ascii_case("utf-8") || l.eq_ignore_ascii_case("utf8")
 }
 
 #[cfg(test)]
