@@ -45,8 +45,11 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Named options (`--name value` / `--name=value`) in order, and the positional arguments.
+type Parsed = (Vec<(String, String)>, Vec<String>);
+
 /// `--name value` / `--name=value` pairs and the rest (positional).
-fn flags(args: &[String]) -> Result<(Vec<(String, String)>, Vec<String>), String> {
+fn flags(args: &[String]) -> Result<Parsed, String> {
     let mut named = Vec::new();
     let mut rest = Vec::new();
     let mut it = args.iter();
