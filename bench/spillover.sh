@@ -24,7 +24,8 @@
 # spillover with > 1 % 429 or < 99 % 200, or a handler that logs no `attempts` (it does not do
 # spillover yet).
 #
-# Knobs: SPILL_SECS (60), SPILL_RATE (9), SPILL_TPM (1000,40000,40000), SPILL_RPM (600).
+# Knobs: SPILL_SECS (60), SPILL_RATE (9), SPILL_TPM (1000,40000,40000), SPILL_RPM (600),
+# SPILL_PROFILE (release; `debug` for a quick look: the 429 shares hold, latencies do not).
 # Bounded: two halves of SPILL_SECS of load, each set up within 60 s and stopped within 15 s.
 # Not a test.
 set -euo pipefail
@@ -46,8 +47,13 @@ case "$mode" in
 esac
 
 echo "== spillover benchmark: running half(s): ${halves[*]} (${secs} s at ${rate} req/s, TPM $tpm) =="
-(cd "$root" && cargo build --release --bin handler --bin fwdproxy-dev --bin fwdproxy-load)
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
+profile="${SPILL_PROFILE:-release}"
+case "$profile" in
+    release) (cd "$root" && cargo build --release --bin handler --bin fwdproxy-dev --bin fwdproxy-load) ;;
+    debug) (cd "$root" && cargo build --bin handler --bin fwdproxy-dev --bin fwdproxy-load) ;;
+    *) echo "SPILL_PROFILE must be release or debug" >&2; exit 2 ;;
+esac
+bin="${CARGO_TARGET_DIR:-$root/target}/$profile"
 commit="$(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 dirty="$(cd "$root" && git status --porcelain 2>/dev/null | grep -qv '^??' && echo "+changes" || true)"
 
@@ -86,7 +92,7 @@ for half in "${halves[@]}"; do
         tail -30 "$work/$half.launcher.log" >&2
         exit 1
     fi
-    note="$(date -u +%Y-%m-%dT%H:%MZ), commit $commit$dirty"
+    note="$(date -u +%Y-%m-%dT%H:%MZ), commit $commit$dirty, $profile build"
     if "$bin/fwdproxy-load" run --ready "$ready" --label "$half" --rate "$rate" --secs "$secs" \
         --note "$note" --out "$results/$half.json" --requests-out "$work/$half.requests.jsonl"; then
         :

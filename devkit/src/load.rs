@@ -45,6 +45,9 @@ pub struct Outcome {
     pub id: String,
     /// When it was sent, ms after the start of the load.
     pub sent_ms: f64,
+    /// How late it left against its schedule (`k / rate`): a starved machine shows here.
+    #[serde(default)]
+    pub late_ms: f64,
     /// 0: no HTTP answer (connection failure or timeout; see `error`).
     pub status: u16,
     /// Until the whole body was read.
@@ -117,6 +120,7 @@ pub async fn run(cfg: &LoadConfig) -> Result<Vec<Outcome>, String> {
             .header("content-type", "application/json")
             .body(body(k, &cfg.user, cfg.max_tokens).to_string());
         let sent_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let late_ms = (sent_ms - k as f64 * 1000.0 / cfg.rate).max(0.0);
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
             let (status, resource, error) = match request.send().await {
@@ -137,6 +141,7 @@ pub async fn run(cfg: &LoadConfig) -> Result<Vec<Outcome>, String> {
             Outcome {
                 id,
                 sent_ms,
+                late_ms,
                 status,
                 latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
                 resource,
@@ -269,6 +274,9 @@ pub struct Summary {
     pub by_upstream: BTreeMap<String, u64>,
     /// The first few transport errors, for the report's reader.
     pub errors: Vec<String>,
+    /// The latest any request left against its schedule.
+    #[serde(default)]
+    pub max_late_ms: f64,
 }
 
 impl Summary {
@@ -318,6 +326,7 @@ pub fn summarize(
         by_resource: BTreeMap::new(),
         by_upstream: BTreeMap::new(),
         errors: Vec::new(),
+        max_late_ms: outcomes.iter().map(|o| o.late_ms).fold(0.0, f64::max),
     };
     let mut ok_latencies = Vec::new();
     let mut first_latencies = Vec::new();
@@ -406,6 +415,15 @@ pub fn problems(s: &Summary) -> Vec<String> {
             "{:.1} % answered neither 200 nor 429: {:?}",
             s.pct(s.other),
             s.other_statuses
+        ));
+    }
+    // The load is open loop on a timer; a request leaving a second late means this process got
+    // no CPU for that long, and the handlers on the same machine likely neither.
+    if s.max_late_ms > 1000.0 {
+        p.push(format!(
+            "the load generator fell {:.1} s behind its schedule: the machine was starved, \
+             latencies are not trustworthy (run again on a quieter machine)",
+            s.max_late_ms / 1000.0
         ));
     }
     if s.requests > 0 && s.logged * 100 < s.requests * 95 {
@@ -503,6 +521,9 @@ pub fn markdown(runs: &[Summary]) -> String {
         },
     );
     row("requests", &|r| r.requests.to_string());
+    row("latest send behind schedule", &|r| {
+        format!("{:.0} ms", r.max_late_ms)
+    });
     row("200", &|r| format!("{} ({:.2} %)", r.ok, r.pct(r.ok)));
     row("429 to the client", &|r| {
         format!("{} ({:.2} %)", r.throttled, r.pct(r.throttled))
@@ -577,6 +598,7 @@ mod tests {
         Outcome {
             id: format!("t-{k:06}"),
             sent_ms: k as f64 * 100.0,
+            late_ms: 0.0,
             status,
             latency_ms,
             resource: (!resource.is_empty()).then(|| resource.to_string()),
@@ -745,6 +767,9 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("planned 120")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("neither 200 nor 429")), "{p:?}");
         let mut s = run_with(false, 90, 10, 0);
+        s.max_late_ms = 1500.0;
+        assert!(problems(&s).iter().any(|m| m.contains("1.5 s behind")));
+        s.max_late_ms = 0.0;
         s.logged = 50;
         assert!(problems(&s)
             .iter()
