@@ -30,6 +30,8 @@ use serde::Deserialize;
 
 pub mod summary;
 
+pub use summary::Measured;
+
 use super::budget::Reservation;
 use super::route::Operation;
 
@@ -150,17 +152,39 @@ fn usage_only_chunk(json: &[u8]) -> Option<Usage> {
     }
 }
 
-/// Where the tap leaves the usage for the request's log line (written when the log drops, which
-/// is after the tap: the logged body drops its inner body first).
+/// Where the tap leaves what it measured for the request's log line and usage summary
+/// (written when the log drops, which is after the tap: the logged body drops its inner body
+/// first). Empty for an error answer (nothing is billed).
 #[derive(Debug, Default)]
-pub struct UsageSlot(Mutex<Option<Usage>>);
+pub struct UsageSlot(Mutex<Option<Measured>>);
 
 impl UsageSlot {
+    /// AOAI's usage, when the answer reported it.
     pub fn get(&self) -> Option<Usage> {
+        match self.measured() {
+            Some(Measured::Usage(u)) => Some(u),
+            _ => None,
+        }
+    }
+    /// What a successful answer is counted as.
+    pub fn measured(&self) -> Option<Measured> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn set(&self, u: Usage) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+    fn set(&self, m: Measured) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+    }
+}
+
+impl Measured {
+    /// The log line's `usage_source`: `answer` (AOAI's usage, exact), `reservation` (none
+    /// reported; the budget kept the reservation, an estimate), `none` (none reported, no
+    /// estimate: an unlimited caller).
+    pub fn source(&self) -> &'static str {
+        match self {
+            Measured::Usage(_) => "answer",
+            Measured::Estimate(_) => "reservation",
+            Measured::Unknown => "none",
+        }
     }
 }
 
@@ -222,6 +246,9 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
 pub struct BodyFacts {
     /// `user`, when a non-empty string (at most 256 characters kept, for the log line).
     pub user: Option<String>,
+    /// `model`, when a non-empty string (at most 64 characters kept): the deployment of the
+    /// `v1` routes.
+    pub model: Option<String>,
     /// `"stream": true`.
     pub stream: bool,
     /// `stream_options` is present.
@@ -236,11 +263,7 @@ pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
     // got a second `stream_options` added).
     let map: std::collections::HashMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue> =
         serde_json::from_slice(body).ok()?;
-    let mut facts = BodyFacts {
-        user: None,
-        stream: false,
-        stream_options: false,
-    };
+    let mut facts = BodyFacts::default();
     for (key, raw) in &map {
         if key.eq_ignore_ascii_case("stream") {
             facts.stream |= raw.get().trim() == "true";
@@ -250,6 +273,12 @@ pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
             if let Ok(u) = serde_json::from_str::<String>(raw.get()) {
                 if !u.is_empty() {
                     facts.user = Some(u.chars().take(256).collect());
+                }
+            }
+        } else if key.eq_ignore_ascii_case("model") {
+            if let Ok(m) = serde_json::from_str::<String>(raw.get()) {
+                if !m.is_empty() {
+                    facts.model = Some(m.chars().take(64).collect());
                 }
             }
         }
@@ -573,8 +602,12 @@ impl Drop for Meter {
         if !self.ended && http_body::Body::is_end_stream(&self.inner) {
             self.finish();
         }
-        if let Some(u) = self.usage {
-            self.slot.set(u);
+        if self.success {
+            self.slot.set(match (self.usage, &self.reservation) {
+                (Some(u), _) => Measured::Usage(u),
+                (None, Some(r)) => Measured::Estimate(r.reserved()),
+                (None, None) => Measured::Unknown,
+            });
         }
         if let Some(r) = self.reservation.take() {
             let used = if self.success {
