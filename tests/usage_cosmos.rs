@@ -190,6 +190,25 @@ async fn usage_summaries_land_with_the_exact_sums_of_the_answers() {
     .await;
     assert_eq!(status, 200);
     assert!(!text.contains("usage"), "the client's stream is unchanged");
+    // one that opted out: asked all the same, and its stream unchanged too
+    let (status, text) = post(
+        &app,
+        IN_KEY,
+        CHAT,
+        r#"{"stream":true,"stream_options":{"include_usage":false},"messages":[],"user":"alice"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!text.contains("usage"), "the client's stream is unchanged");
+    // one the handler cannot ask (AOAI would refuse or ignore the value): counted, usage unknown
+    let (status, _) = post(
+        &app,
+        IN_KEY,
+        CHAT,
+        r#"{"stream":true,"stream_options":{"include_usage":"no"},"messages":[],"user":"alice"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
     // bob, another caller: a stream that asked for usage itself
     let (status, text) = post(
         &app,
@@ -223,7 +242,7 @@ async fn usage_summaries_land_with_the_exact_sums_of_the_answers() {
     let (status, _) = post(&app, IN_KEY, CHAT, r#"{"messages":[],"user":"alice"}"#).await;
     assert_eq!(status, 400);
 
-    counted(&app, 5).await;
+    counted(&app, 7).await;
     let usage = app.state.usage.as_ref().unwrap();
     let report = usage.flush(Duration::from_secs(30)).await;
     assert!(report.completed, "{report:?} {:?}", usage.log().stats());
@@ -235,13 +254,13 @@ async fn usage_summaries_land_with_the_exact_sums_of_the_answers() {
         (
             key("default", "alice", "gpt-4o"),
             Sums {
-                requests: 3,
-                prompt: 42,
+                requests: 5,
+                prompt: 62,
                 cached: 6,
-                completion: 19,
+                completion: 24,
                 reasoning: 4,
-                total: 61,
-                without_usage: 0,
+                total: 86,
+                without_usage: 1,
             },
         ),
         (
