@@ -30,9 +30,11 @@
 //! Between 6 and 7, the body of a token-metered operation is buffered when a stage already
 //! did, when the caller is limited (its prompt is counted), or when it is declared and at most
 //! [`METER_BUFFER_BYTES`]: then the `user` goes to the log line and a chat/completions stream
-//! that did not ask for usage is made to ([`meter::inject_include_usage`]). A chunked or larger
-//! body of an unlimited caller with the gate off streams up untouched, and its stream is
-//! metered only if the client asked for usage itself. `Accept-Encoding` of metered operations
+//! that did not ask for usage is made to, also one that opted out ([`meter::inject_include_usage`]
+//! has the table of spellings). A chunked or larger body of an unlimited caller with the gate off
+//! streams up untouched, and its stream is metered only if the client asked for usage itself.
+//! When the request ends its answer's usage is added to the usage summaries (Cosmos DB only,
+//! [`meter::summary`]). `Accept-Encoding` of metered operations
 //! is not forwarded, so the tap reads uncompressed answers.
 //!
 //! Whatever happens — success, a stage's error, a panic, a client that disconnects mid-stream —

@@ -431,3 +431,86 @@ async fn client_gone_mid_stream_keeps_the_charge() {
     assert_aoai_error(second, 429).await;
     assert_eq!(aoai.seen().len(), 1);
 }
+
+/// The names a query block of docs/chargeback.md reads as `<prefix><name>`.
+pub fn doc_fields(lang: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/chargeback.md"),
+    )
+    .unwrap();
+    let block = doc
+        .split(&format!("```{lang}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("docs/chargeback.md has a {lang} block"))
+        .split("```")
+        .next()
+        .unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, _) in block.match_indices(prefix) {
+        if i > 0 && block.as_bytes()[i - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        let name: String = block[i + prefix.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            names.insert(name);
+        }
+    }
+    names
+}
+
+/// The chargeback KQL reads only fields the request log line really has: every `r.<field>` of
+/// the query is on the lines of a JSON answer, a `v1` answer and a stream without usage.
+#[tokio::test]
+async fn the_chargeback_query_reads_the_log_lines_fields() {
+    let (logs, _guard) = capture();
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "default:100000")]).await;
+    aoai.reply(Reply::Owned(
+        200,
+        vec![("content-type", "application/json")],
+        format!(r#"{{"id":"c","choices":[],"usage":{USAGE}}}"#),
+    ));
+    send(&app, CHAT, "kql-1", r#"{"messages":[],"user":"alice"}"#)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    send(
+        &app,
+        RESPONSES,
+        "kql-2",
+        r#"{"model":"gpt-4o","input":"x"}"#,
+    )
+    .await
+    .bytes()
+    .await
+    .unwrap();
+    aoai.reply(Reply::UsageStream(chunks(), USAGE.into()));
+    send(
+        &app,
+        CHAT,
+        "kql-3",
+        r#"{"stream":true,"stream_options":1,"messages":[]}"#,
+    )
+    .await
+    .bytes()
+    .await
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for id in ["kql-1", "kql-2", "kql-3"] {
+        let l = line(&logs, id).await;
+        seen.extend(l.as_object().unwrap().keys().cloned());
+    }
+    // the production lines are flat; the capture nests the fields and keeps these outside
+    seen.extend(["target".to_string(), "timestamp".to_string()]);
+    let read = doc_fields("kusto", "r.");
+    assert!(read.len() >= 10, "{read:?}");
+    let missing: Vec<_> = read.difference(&seen).collect();
+    assert!(
+        missing.is_empty(),
+        "the KQL reads {missing:?}, not on any line: {seen:?}"
+    );
+}

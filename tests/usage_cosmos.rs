@@ -157,6 +157,32 @@ fn sums(items: &[UsageSummary]) -> BTreeMap<(String, String, String), Sums> {
     out
 }
 
+/// Every `c.<field>` the `sql` block of docs/chargeback.md reads.
+fn sql_fields() -> HashSet<String> {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/chargeback.md"),
+    )
+    .unwrap();
+    let block = doc
+        .split("```sql\n")
+        .nth(1)
+        .expect("docs/chargeback.md has a sql block")
+        .split("```")
+        .next()
+        .unwrap();
+    block
+        .match_indices("c.")
+        .filter(|(i, _)| *i == 0 || !block.as_bytes()[i - 1].is_ascii_alphanumeric())
+        .map(|(i, _)| {
+            block[i + 2..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 fn key(caller: &str, user: &str, deployment: &str) -> (String, String, String) {
     (caller.into(), user.into(), deployment.into())
 }
@@ -305,6 +331,18 @@ async fn usage_summaries_land_with_the_exact_sums_of_the_answers() {
     assert!(items
         .iter()
         .all(|i| i.instance == "inst-1" && i.minute.ends_with(":00Z")));
+    // the Cosmos SQL query of docs/chargeback.md reads fields the records have
+    let stored_fields: HashSet<String> = serde_json::to_value(one)
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let read = sql_fields();
+    assert!(read.len() >= 10, "{read:?}");
+    let missing: Vec<_> = read.difference(&stored_fields).collect();
+    assert!(missing.is_empty(), "the query reads {missing:?}");
     // shipped, then the journal is emptied
     assert!(!dir.path().join("usage-journal.jsonl.shipping").exists());
     assert_eq!(

@@ -8,16 +8,17 @@
 //!   the Responses `response.completed` event — is the only one parsed. Lines split across
 //!   chunks are joined in one reused buffer.
 //!
-//! When the handler itself asked AOAI for usage (`stream_options.include_usage`, see
-//! [`inject_include_usage`]), the usage-only chunk (`"choices":[]` plus `usage`) is removed from
+//! When the handler itself asked AOAI for usage (`stream_options.include_usage`, added or set
+//! for a stream that did not ask or opted out, see [`inject_include_usage`]), the usage-only chunk (`"choices":[]` plus `usage`) is removed from
 //! what the client receives, and so is the `"usage":null` AOAI adds to the other chunks: the
 //! client gets exactly the events it would have got. Only then is any byte of the answer
 //! touched; an event is held back only while it is incomplete (no SSE client can act on half an
 //! event).
 //!
-//! Never fails the request. When the body ends or is dropped, the usage goes to the request's
-//! log line (through [`UsageSlot`]) and settles the caller's token reservation, if any
-//! ([`super::budget`]).
+//! Never fails the request. When the body ends or is dropped, what it measured goes to the
+//! request's log line and usage summary (through [`UsageSlot`]: AOAI's usage, or for a
+//! successful answer without one the reservation the budget kept, see [`Measured`]) and settles
+//! the caller's token reservation, if any ([`super::budget`]).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

@@ -37,8 +37,12 @@ pub struct UsageSummary {
     pub id: String,
     /// The minute's start, RFC 3339 UTC.
     pub minute: String,
+    /// The minute's day, `YYYY-MM-DD` UTC (a property to group by: SDKs that plan queries
+    /// themselves cannot group by an expression such as `SUBSTRING(c.minute, 0, 10)`).
+    #[serde(default)]
+    pub day: String,
     pub caller: String,
-    /// The body's `user` (`-` when the request named none or its body was not read).
+    /// The body's `user` (`(none)` when the request named none or its body was not read).
     pub user: String,
     /// The deployment from the path; on the `v1` routes, the body's `model`.
     pub deployment: String,
@@ -117,7 +121,7 @@ pub struct Summaries {
 }
 
 /// The user of a request without one.
-pub const NO_USER: &str = "-";
+pub const NO_USER: &str = "(none)";
 
 /// Open records at most: past it, further new keys go to one overflow key per caller,
 /// deployment and minute (user `*`), so a client that invents a new `user` per request cannot
@@ -256,9 +260,11 @@ impl Summaries {
                             .ok()
                     })
                     .unwrap_or_default();
+                let day = minute.get(..10).unwrap_or_default().to_string();
                 UsageSummary {
                     id: format!("{}.{}.{}.{n}", self.instance, self.run, key.minute),
                     minute,
+                    day,
                     caller: key.caller,
                     user: key.user,
                     deployment: key.deployment,
@@ -457,6 +463,7 @@ mod tests {
         assert_eq!(alice.instance, "i1");
         assert_eq!(alice.run, s.run());
         assert!(alice.minute.ends_with(":00Z"), "{}", alice.minute);
+        assert!(alice.minute.starts_with(&alice.day) && alice.day.len() == 10);
         assert!(closed
             .iter()
             .any(|r| r.user == NO_USER && r.total_tokens == 2));
