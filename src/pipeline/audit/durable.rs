@@ -204,7 +204,7 @@ impl<R: Item> Durable<R> {
             }
             let group = &records[start..end];
             start = end;
-            let n = group.len() as u64;
+            let n = buf.iter().filter(|&&b| b == b'\n').count() as u64;
             self.counters.submitted.fetch_add(n, Ordering::Relaxed);
             let error = match self.journal.append(buf).await {
                 Ok(()) => {
