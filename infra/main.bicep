@@ -376,6 +376,7 @@ module cosmos 'modules/cosmos.bicep' = if (deployCosmos) {
     databaseName: cosmosDatabaseName
     abuseContainerName: 'abuse'
     usersContainerName: 'users'
+    usageContainerName: 'usage'
     allowLocalAuth: cosmosAllowLocalAuth
     serverless: cosmosServerless
   }
@@ -603,6 +604,10 @@ module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: if (!is
         name: 'COSMOS_USERS_CONTAINER'
         value: 'users'
       }
+      {
+        name: 'COSMOS_USAGE_CONTAINER'
+        value: 'usage'
+      }
     ] : [], empty(auditLogPath) ? [] : [
       {
         name: 'AUDIT_LOG_PATH'
@@ -726,6 +731,10 @@ module flexApps 'modules/function-app-flex.bicep' = [for (a, i) in aoaiResources
       {
         name: 'COSMOS_USERS_CONTAINER'
         value: 'users'
+      }
+      {
+        name: 'COSMOS_USAGE_CONTAINER'
+        value: 'usage'
       }
     ] : [], empty(auditLogPath) ? [] : [
       {
