@@ -71,6 +71,12 @@ param aoaiTimeoutMs int = 220000
 @description('AUDIT_LOG_PATH: JSON Lines file for abuse records when Cosmos DB is not deployed; empty leaves it unset.')
 param auditLogPath string = ''
 
+@description('Spillover (issue 14): give each Function App the other AOAI resources as backups (AOAI_BACKUPS), in order from the next one after its own, wrapping, so a throttled or failing resource\'s share of the traffic goes to its siblings before the first byte of an answer. Every resource must serve the same deployment names. Keyless (aoaiAuth managed_identity): each app\'s identity also gets Cognitive Services OpenAI User on every sibling. Key mode: each app reads the siblings\' keys from their Key Vault secrets (AOAI_BACKUP_OUTAPIKEY_SECRET_URIS). Needs two or more aoaiResources; off by default.')
+param aoaiSpillover bool = false
+
+@description('HEALTH_REFLECTS_CAPACITY: the health route answers 503 while every upstream of the app (its own AOAI resource and its backups) is cooling down, so the gateway probe drains the app. When every app is drained, Application Gateway answers 502 itself (no AOAI-shaped 429, no retry-after): leave off unless the apps have different capacity to offer. See infra/README.md.')
+param healthReflectsCapacity bool = false
+
 @description('Extra app settings for every Function App: [{ name, value }].')
 param additionalAppSettings array = []
 
@@ -254,6 +260,17 @@ var zoneNames = [
   'privatelink.table.${environment().suffixes.storage}'
 ]
 var healthPath = probeFile.path
+// Spillover: app i's backups are the other AOAI resources from the next one on, wrapping (the
+// resources after i, then those before it), so each resource is the first backup of exactly one
+// sibling and spilled load spreads out. Off with a single resource: it has no sibling.
+// (Written with skip/take/concat, not map/range: checkov's Bicep parser knows neither.)
+var appCount = length(aoaiResources)
+var spillover = aoaiSpillover && appCount > 1
+var backupIndexes = [for (a, i) in aoaiResources: concat(skip(appIndexes, i + 1), take(appIndexes, i))]
+var backupAccounts = [for (a, i) in aoaiResources: concat(skip(aoaiResources, i + 1), take(aoaiResources, i))]
+// Keyless: one role assignment per (app, sibling): entry x of this list is sibling
+// backupIndexes[x / (n - 1)][x % (n - 1)] of app x / (n - 1) (every app has n - 1 backups).
+var backupAccessTargets = flatten(backupIndexes)
 
 // ---------------------------------------------------------------------------------------------
 // Observability and network
@@ -359,6 +376,7 @@ module cosmos 'modules/cosmos.bicep' = if (deployCosmos) {
     databaseName: cosmosDatabaseName
     abuseContainerName: 'abuse'
     usersContainerName: 'users'
+    usageContainerName: 'usage'
     allowLocalAuth: cosmosAllowLocalAuth
     serverless: cosmosServerless
   }
@@ -455,6 +473,16 @@ module plans 'modules/function-plan.bicep' = [for r in regions: if (!isFlex) {
 var flexRefusedAppSettings = loadJsonContent('flex-refused-settings.json').appSettings
 var flexAdditionalAppSettings = filter(additionalAppSettings, s => !contains(flexRefusedAppSettings, toUpper(s.name)))
 
+// Spillover: the endpoint hosts of each app's backups, in order (read where the accounts live).
+module aoaiBackups 'modules/aoai-backups.bicep' = [for (a, i) in aoaiResources: if (spillover) {
+  name: 'aoai-backups-${i}'
+  params: {
+    backups: backupAccounts[i]
+    backupIndexes: backupIndexes[i]
+    keySecretUriPrefix: '${keyVaultSecretsBase}aoai-outapikey-'
+  }
+}]
+
 module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: if (!isFlex) {
   name: 'app-${i}'
   params: {
@@ -537,6 +565,21 @@ module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: if (!is
         name: 'AOAI_OUTAPIKEY'
         value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-outapikey-${i})'
       }
+    ] : [], spillover ? [
+      {
+        name: 'AOAI_BACKUPS'
+        value: join(aoaiBackups[i].outputs.hostNames, ',')
+      }
+    ] : [], spillover && aoaiAuth == 'key' ? [
+      {
+        name: 'AOAI_BACKUP_OUTAPIKEY_SECRET_URIS'
+        value: join(aoaiBackups[i].outputs.keySecretUris, ',')
+      }
+    ] : [], healthReflectsCapacity ? [
+      {
+        name: 'HEALTH_REFLECTS_CAPACITY'
+        value: 'true'
+      }
     ] : [], deployContentSafety ? [
       {
         // No CONTENT_SAFETY_KEY: keys are disabled, the handler uses its managed identity.
@@ -560,6 +603,10 @@ module apps 'modules/function-app.bicep' = [for (a, i) in aoaiResources: if (!is
       {
         name: 'COSMOS_USERS_CONTAINER'
         value: 'users'
+      }
+      {
+        name: 'COSMOS_USAGE_CONTAINER'
+        value: 'usage'
       }
     ] : [], empty(auditLogPath) ? [] : [
       {
@@ -646,6 +693,21 @@ module flexApps 'modules/function-app-flex.bicep' = [for (a, i) in aoaiResources
         name: 'AOAI_OUTAPIKEY'
         value: '@Microsoft.KeyVault(SecretUri=${keyVaultSecretsBase}aoai-outapikey-${i})'
       }
+    ] : [], spillover ? [
+      {
+        name: 'AOAI_BACKUPS'
+        value: join(aoaiBackups[i].outputs.hostNames, ',')
+      }
+    ] : [], spillover && aoaiAuth == 'key' ? [
+      {
+        name: 'AOAI_BACKUP_OUTAPIKEY_SECRET_URIS'
+        value: join(aoaiBackups[i].outputs.keySecretUris, ',')
+      }
+    ] : [], healthReflectsCapacity ? [
+      {
+        name: 'HEALTH_REFLECTS_CAPACITY'
+        value: 'true'
+      }
     ] : [], deployContentSafety ? [
       {
         // No CONTENT_SAFETY_KEY: keys are disabled, the handler uses its managed identity.
@@ -669,6 +731,10 @@ module flexApps 'modules/function-app-flex.bicep' = [for (a, i) in aoaiResources
       {
         name: 'COSMOS_USERS_CONTAINER'
         value: 'users'
+      }
+      {
+        name: 'COSMOS_USAGE_CONTAINER'
+        value: 'usage'
       }
     ] : [], empty(auditLogPath) ? [] : [
       {
@@ -703,6 +769,18 @@ module aoaiAccess 'modules/aoai-access.bicep' = [for (a, i) in aoaiResources: {
     aoaiName: a.name
     principalId: isFlex ? flexApps[i].outputs.principalId : apps[i].outputs.principalId
     appId: appNames[i]
+  }
+}]
+
+// Spillover, keyless: the same role for each app on every sibling it may spill to (the handler
+// sends the one Entra token to its own resource and to its backups).
+module aoaiBackupAccess 'modules/aoai-access.bicep' = [for (j, x) in backupAccessTargets: if (spillover && aoaiAuth == 'managed_identity') {
+  name: 'aoai-backup-access-${x / (appCount - 1)}-${j}'
+  scope: resourceGroup(aoaiResources[j].?subscriptionId ?? subscription().subscriptionId, aoaiResources[j].resourceGroup)
+  params: {
+    aoaiName: aoaiResources[j].name
+    principalId: isFlex ? flexApps[x / (appCount - 1)].outputs.principalId : apps[x / (appCount - 1)].outputs.principalId
+    appId: appNames[x / (appCount - 1)]
   }
 }]
 

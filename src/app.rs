@@ -30,9 +30,11 @@
 //! Between 6 and 7, the body of a token-metered operation is buffered when a stage already
 //! did, when the caller is limited (its prompt is counted), or when it is declared and at most
 //! [`METER_BUFFER_BYTES`]: then the `user` goes to the log line and a chat/completions stream
-//! that did not ask for usage is made to ([`meter::inject_include_usage`]). A chunked or larger
-//! body of an unlimited caller with the gate off streams up untouched, and its stream is
-//! metered only if the client asked for usage itself. `Accept-Encoding` of metered operations
+//! that did not ask for usage is made to, also one that opted out ([`meter::inject_include_usage`]
+//! has the table of spellings). A chunked or larger body of an unlimited caller with the gate off
+//! streams up untouched, and its stream is metered only if the client asked for usage itself.
+//! When the request ends its answer's usage is added to the usage summaries (Cosmos DB only,
+//! [`meter::summary`]). `Accept-Encoding` of metered operations
 //! is not forwarded, so the tap reads uncompressed answers.
 //!
 //! Whatever happens — success, a stage's error, a panic, a client that disconnects mid-stream —
@@ -68,6 +70,7 @@ use crate::pipeline::batch::{self, Refused, Upload};
 use crate::pipeline::budget::{self, Budgets, Reservation};
 use crate::pipeline::content_safety::{ContentSafety, Credential, Verdict};
 use crate::pipeline::forward::{content_length, sensitive, UpBody, Upstream, UpstreamAuth};
+use crate::pipeline::meter::summary::{unix_now, Summaries, UsageLog, UsageSummary};
 use crate::pipeline::meter::{self, Meter, UsageSlot};
 use crate::pipeline::policy::{self, Inspected, UserCheck, UserRegistry};
 use crate::pipeline::route::{self, Operation, Route, UpstreamTarget};
@@ -82,6 +85,8 @@ pub struct AppState {
     pub content_safety: Option<ContentSafety>,
     pub audit: Audit,
     pub budgets: Budgets,
+    /// Usage summaries to the Cosmos DB `usage` container (only with Cosmos DB).
+    pub usage: Option<UsageLog>,
 }
 
 impl AppState {
@@ -205,6 +210,15 @@ impl AppState {
             })
             .map(Arc::new);
         let audit = Audit::start(settings.audit.clone(), cosmos.clone())?;
+        let usage = match &settings.audit.cosmos {
+            Some(c) => audit
+                .companion::<UsageSummary>(&c.usage_container)?
+                .map(|log| {
+                    let instance = crate::pipeline::audit::paths::instance_name(&settings.audit);
+                    UsageLog::start(Summaries::new(&instance), log)
+                }),
+            None => None,
+        };
 
         let registry = Arc::new(UserRegistry::new(settings.policy.registered_users.clone()));
         if let (Some(account), UserCheck::Registered) = (&cosmos, settings.policy.user_check) {
@@ -227,8 +241,29 @@ impl AppState {
             registry,
             content_safety,
             audit,
+            usage,
             settings,
         }))
+    }
+
+    /// On SIGTERM, after the server stopped: journal the usage summaries still in memory (the
+    /// open minute's too), then give both shippers up to `AUDIT_FLUSH_TIMEOUT_MS` together to
+    /// empty their journals into Cosmos DB (what is left is shipped by the next start). Returns
+    /// the abuse log's report.
+    pub async fn shutdown(&self) -> crate::pipeline::audit::FlushReport {
+        let deadline = self.settings.audit.flush_timeout;
+        let usage = async {
+            if let Some(u) = &self.usage {
+                let r = u.shutdown(deadline).await;
+                tracing::info!(
+                    completed = r.completed,
+                    pending_bytes = r.pending_bytes,
+                    "usage summaries flushed"
+                );
+            }
+        };
+        let (report, ()) = tokio::join!(self.audit.shutdown(deadline), usage);
+        report
     }
 
     /// Whether prompt-carrying bodies must be buffered and inspected at all.
@@ -387,8 +422,12 @@ pub struct RequestLog {
     pub upstream_latency: Option<Duration>,
     /// The body's `user`, when the body was read.
     pub user: Option<String>,
+    /// The body's `model` on a route without a deployment in its path, when the body was read.
+    pub model: Option<String>,
     /// Where the meter leaves the answer's usage.
     pub usage: Option<Arc<UsageSlot>>,
+    /// Where the answer's usage is summed for the `usage` container.
+    pub summaries: Option<Arc<Summaries>>,
     /// A limited caller's remaining tokens, sent in `x-fwdproxy-remaining-tokens`.
     pub budget_remaining: Option<u64>,
     /// Set while a stage waits for the client's body: a timeout then is the client's (408),
@@ -402,7 +441,21 @@ impl Drop for RequestLog {
     fn drop(&mut self) {
         let total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let upstream_ms = self.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
-        let usage = self.usage.as_ref().and_then(|slot| slot.get());
+        let measured = self.usage.as_ref().and_then(|slot| slot.measured());
+        let usage = match measured {
+            Some(meter::Measured::Usage(u)) => Some(u),
+            _ => None,
+        };
+        if let (Some(m), Some(summaries), Some(caller)) = (measured, &self.summaries, &self.caller)
+        {
+            summaries.add(
+                caller,
+                self.user.as_deref(),
+                self.deployment.as_deref().or(self.model.as_deref()),
+                m,
+                unix_now(),
+            );
+        }
         tracing::info!(
             target: "request",
             request_id = self.request_id.to_str().unwrap_or(""),
@@ -413,6 +466,12 @@ impl Drop for RequestLog {
             status = self.status,
             error = self.error,
             user = self.user.as_deref(),
+            model = self.model.as_deref(),
+            usage_source = measured.map(|m| m.source()),
+            estimated_tokens = match measured {
+                Some(meter::Measured::Estimate(t)) => Some(t),
+                _ => None,
+            },
             prompt_tokens = usage.map(|u| u.prompt_tokens),
             completion_tokens = usage.map(|u| u.completion_tokens),
             total_tokens = usage.map(|u| u.total_tokens),
@@ -453,7 +512,9 @@ async fn handle(state: Arc<AppState>, mut request: Request) -> Response {
         error: None,
         upstream_latency: None,
         user: None,
+        model: None,
         usage: None,
+        summaries: None,
         budget_remaining: None,
         reading_body: std::sync::atomic::AtomicBool::new(false),
         started,
@@ -672,6 +733,9 @@ async fn pipeline(
     if let (true, UpBody::Full(bytes)) = (metered, &body) {
         let facts = meter::body_facts(bytes);
         log.user = facts.as_ref().and_then(|f| f.user.clone());
+        if target.deployment.is_none() {
+            log.model = facts.as_ref().and_then(|f| f.model.clone());
+        }
         if limited {
             let embeddings = matches!(
                 target.operation,
@@ -723,6 +787,7 @@ async fn pipeline(
     }
     let slot = Arc::new(UsageSlot::default());
     log.usage = Some(slot.clone());
+    log.summaries = state.usage.as_ref().map(|u| u.shared());
     let (mut head, inner) = response.into_parts();
     let content_type = head.headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes());
     let tap = Meter::new(

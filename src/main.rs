@@ -85,12 +85,10 @@ async fn run() -> ExitCode {
         limits,
     )
     .await;
-    // Every abuse record is already durable in the journal; give the shipper a moment to empty
-    // it into Cosmos DB (what is left is shipped by the next start).
-    let report = state
-        .audit
-        .shutdown(state.settings.audit.flush_timeout)
-        .await;
+    // Every abuse record is already durable in the journal; the usage summaries in memory (the
+    // open minute) are journaled now. Give the shippers a moment to empty the journals into
+    // Cosmos DB (what is left is shipped by the next start).
+    let report = state.shutdown().await;
     tracing::info!(
         completed = report.completed,
         pending_bytes = report.pending_bytes,

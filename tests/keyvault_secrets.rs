@@ -247,6 +247,7 @@ async fn a_401_from_aoai_makes_the_app_re_read_the_key_from_key_vault() {
         content_safety: None,
         audit: Audit::start(settings.audit.clone(), None).unwrap(),
         budgets: aoai_fwdproxy::pipeline::budget::Budgets::new(&settings.budget, []),
+        usage: None,
         settings,
     });
     let app = TestApp::with_state(state).await;

@@ -192,20 +192,148 @@ async fn stream_that_asked_passes_through() {
     assert_usage(&line(&logs, "s-2").await, 11, 7, 18);
 }
 
-/// A stream the handler cannot ask for usage (a chunked body with the gate off, or the client
-/// set `stream_options` without usage) streams up untouched and is logged without usage.
+/// Every spelling of `stream_options`, with the gate off and on: what AOAI saw, what the client
+/// got (exactly the stream it would have got from AOAI directly), and how the log line says
+/// the usage was known.
 #[tokio::test]
-async fn streams_not_asked_are_untouched() {
+async fn every_spelling_of_stream_options_end_to_end() {
+    // (client body, body AOAI sees, the client asked for the usage chunk itself)
+    let edited: &[(&str, &str, bool)] = &[
+        (
+            r#"{"stream":true,"messages":[]}"#,
+            r#"{"stream_options":{"include_usage":true},"stream":true,"messages":[]}"#,
+            false,
+        ),
+        (
+            r#"{"stream":true,"stream_options":null,"messages":[]}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+            false,
+        ),
+        (
+            r#"{"stream":true,"stream_options":{},"messages":[]}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+            false,
+        ),
+        (
+            r#"{"stream":true,"stream_options":{"include_usage":false},"messages":[]}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+            false,
+        ),
+        (
+            r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+            true,
+        ),
+    ];
+    for gate in [&[][..], &[("USER_CHECK", "present")][..]] {
+        let (logs, _guard) = capture();
+        let aoai = MockAoai::start().await;
+        let app = TestApp::start(&aoai.base(), gate).await;
+        aoai.reply(Reply::UsageStream(chunks(), USAGE.into()));
+        for (n, (sent, up, asked)) in edited.iter().enumerate() {
+            let sent = sent.replace("\"messages\"", "\"user\":\"u\",\"messages\"");
+            let up = up.replace("\"messages\"", "\"user\":\"u\",\"messages\"");
+            let id = format!("sp-{}-{n}", gate.len());
+            let resp = send(&app, CHAT, &id, &sent).await;
+            assert_eq!(resp.status(), 200, "{sent}");
+            let got = resp.text().await.unwrap();
+            assert_eq!(got, usage_stream_text(&chunks(), USAGE, *asked), "{sent}");
+            let seen = aoai.seen().pop().unwrap();
+            assert_eq!(std::str::from_utf8(&seen.body).unwrap(), up, "{sent}");
+            let l = line(&logs, &id).await;
+            assert_usage(&l, 11, 7, 18);
+            assert_eq!(l["usage_source"], "answer", "{sent}");
+        }
+    }
+}
+
+/// `stream_options` the handler cannot edit without changing what the client asked: up
+/// untouched, the client gets what AOAI sent, and the log line says the usage is unknown
+/// (`none`) or estimated (`reservation`, with the tokens the budget kept) — never exact.
+#[tokio::test]
+async fn stream_options_not_ours_to_edit() {
     let (logs, _guard) = capture();
     let aoai = MockAoai::start().await;
-    let app = TestApp::start(&aoai.base(), &[]).await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "other-app:100000")]).await;
     aoai.reply(Reply::UsageStream(chunks(), USAGE.into()));
-    let body = r#"{"stream":true,"stream_options":{"include_usage":false},"messages":[]}"#;
-    let got = send(&app, CHAT, "s-3", body).await.text().await.unwrap();
-    assert_eq!(got, usage_stream_text(&chunks(), USAGE, false));
-    assert_eq!(aoai.only().body, body.as_bytes());
-    assert!(line(&logs, "s-3").await["total_tokens"].is_null());
+    let cannot = [
+        r#"{"stream":true,"stream_options":true,"messages":[]}"#,
+        r#"{"stream":true,"stream_options":{"include_usage":"yes"},"messages":[]}"#,
+        r#"{"stream":true,"stream_options":{"include_usage":false},"Stream_Options":null,"messages":[]}"#,
+        r#"{"stream":true,"STREAM":false,"messages":[]}"#,
+    ];
+    for (n, sent) in cannot.iter().enumerate() {
+        for (key, source) in [(IN_KEY, "none"), (OTHER_KEY, "reservation")] {
+            let id = format!("no-{n}-{source}");
+            let resp = app
+                .client
+                .post(app.url(&format!("{CHAT}?{API}")))
+                .header("api-key", key)
+                .header("x-request-id", &id)
+                .body(sent.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(
+                resp.text().await.unwrap(),
+                usage_stream_text(&chunks(), USAGE, false)
+            );
+            assert_eq!(aoai.seen().pop().unwrap().body, sent.as_bytes());
+            let l = line(&logs, &id).await;
+            assert!(l["total_tokens"].is_null(), "{l}");
+            assert_eq!(l["usage_source"], source, "{sent}");
+            if source == "reservation" {
+                assert!(l["estimated_tokens"].as_u64().unwrap() > 0, "{l}");
+            } else {
+                assert!(l["estimated_tokens"].is_null(), "{l}");
+            }
+        }
+    }
+    // a JSON answer is exact
+    aoai.reply(Reply::Owned(
+        200,
+        vec![("content-type", "application/json")],
+        format!(r#"{{"id":"c","choices":[],"usage":{USAGE}}}"#),
+    ));
+    send(&app, CHAT, "no-json", r#"{"messages":[]}"#)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(line(&logs, "no-json").await["usage_source"], "answer");
+}
 
+/// Duplicate members, exact or escaped, never get that far with the gate on: the strict reader
+/// refuses the body (400, not forwarded). With the gate off the body goes up as sent, unedited.
+#[tokio::test]
+async fn duplicate_stream_options_are_refused_by_the_gate() {
+    let dups = [
+        r#"{"stream":true,"stream_options":{"include_usage":false,"include_usage":true},"user":"u","messages":[]}"#,
+        r#"{"stream":true,"stream_options":{},"stream\u005foptions":null,"user":"u","messages":[]}"#,
+        r#"{"stream":true,"stream_options":{"include_usage":true,"include\u005fusage":false},"user":"u","messages":[]}"#,
+    ];
+    let aoai = MockAoai::start().await;
+    let gated = TestApp::start(&aoai.base(), &[("USER_CHECK", "present")]).await;
+    let open = TestApp::start(&aoai.base(), &[]).await;
+    aoai.reply(Reply::UsageStream(chunks(), USAGE.into()));
+    for (n, sent) in dups.iter().enumerate() {
+        assert_aoai_error(gated.post(&format!("{CHAT}?{API}"), sent).await, 400).await;
+        assert_eq!(aoai.seen().len(), n, "refused, not forwarded: {sent}");
+        let resp = open.post(&format!("{CHAT}?{API}"), sent).await;
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+        let seen = aoai.seen();
+        assert_eq!(seen.len(), n + 1);
+        assert_eq!(seen[n].body, sent.as_bytes());
+    }
+}
+
+/// A chunked body with the gate off streams up untouched (the handler cannot edit what it
+/// does not hold): logged without usage.
+#[tokio::test]
+async fn a_chunked_stream_body_is_untouched() {
+    let (logs, _guard) = capture();
     let aoai = MockAoai::start().await;
     let app = TestApp::start(&aoai.base(), &[]).await;
     aoai.reply(Reply::UsageStream(chunks(), USAGE.into()));
@@ -227,7 +355,9 @@ async fn streams_not_asked_are_untouched() {
         usage_stream_text(&chunks(), USAGE, false)
     );
     assert_eq!(aoai.only().body, &br#"{"stream":true,"messages":[]}"#[..]);
-    assert!(line(&logs, "s-4").await["total_tokens"].is_null());
+    let l = line(&logs, "s-4").await;
+    assert!(l["total_tokens"].is_null());
+    assert_eq!(l["usage_source"], "none");
 }
 
 /// A Responses stream reports its usage in `response.completed`; the stream passes unchanged.
@@ -300,4 +430,87 @@ async fn client_gone_mid_stream_keeps_the_charge() {
     assert!(left < 510, "{left}");
     assert_aoai_error(second, 429).await;
     assert_eq!(aoai.seen().len(), 1);
+}
+
+/// The names a query block of docs/chargeback.md reads as `<prefix><name>`.
+pub fn doc_fields(lang: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/chargeback.md"),
+    )
+    .unwrap();
+    let block = doc
+        .split(&format!("```{lang}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("docs/chargeback.md has a {lang} block"))
+        .split("```")
+        .next()
+        .unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, _) in block.match_indices(prefix) {
+        if i > 0 && block.as_bytes()[i - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        let name: String = block[i + prefix.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            names.insert(name);
+        }
+    }
+    names
+}
+
+/// The chargeback KQL reads only fields the request log line really has: every `r.<field>` of
+/// the query is on the lines of a JSON answer, a `v1` answer and a stream without usage.
+#[tokio::test]
+async fn the_chargeback_query_reads_the_log_lines_fields() {
+    let (logs, _guard) = capture();
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "default:100000")]).await;
+    aoai.reply(Reply::Owned(
+        200,
+        vec![("content-type", "application/json")],
+        format!(r#"{{"id":"c","choices":[],"usage":{USAGE}}}"#),
+    ));
+    send(&app, CHAT, "kql-1", r#"{"messages":[],"user":"alice"}"#)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    send(
+        &app,
+        RESPONSES,
+        "kql-2",
+        r#"{"model":"gpt-4o","input":"x"}"#,
+    )
+    .await
+    .bytes()
+    .await
+    .unwrap();
+    aoai.reply(Reply::UsageStream(chunks(), USAGE.into()));
+    send(
+        &app,
+        CHAT,
+        "kql-3",
+        r#"{"stream":true,"stream_options":1,"messages":[]}"#,
+    )
+    .await
+    .bytes()
+    .await
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for id in ["kql-1", "kql-2", "kql-3"] {
+        let l = line(&logs, id).await;
+        seen.extend(l.as_object().unwrap().keys().cloned());
+    }
+    // the production lines are flat; the capture nests the fields and keeps these outside
+    seen.extend(["target".to_string(), "timestamp".to_string()]);
+    let read = doc_fields("kusto", "r.");
+    assert!(read.len() >= 10, "{read:?}");
+    let missing: Vec<_> = read.difference(&seen).collect();
+    assert!(
+        missing.is_empty(),
+        "the KQL reads {missing:?}, not on any line: {seen:?}"
+    );
 }

@@ -71,6 +71,7 @@ const SCRUBBED_NAMES: &[&str] = &[
     "FWDPROXY_LOCAL_SETTINGS",
     "MAX_BODY_BYTES",
     "SHUTDOWN_GRACE_MS",
+    "HEALTH_REFLECTS_CAPACITY",
 ];
 
 /// Command-line options.
@@ -93,8 +94,12 @@ pub struct Options {
     pub quiet: bool,
     pub ms_per_token: u64,
     pub first_token_ms: u64,
-    pub tpm: u64,
-    pub rpm: u64,
+    /// Tokens per minute of each simulated resource: one value for all, or one per backend.
+    pub tpm: Vec<u64>,
+    /// Requests per minute of each simulated resource, as `tpm`.
+    pub rpm: Vec<u64>,
+    /// Give each handler its sibling simulated resources as backups (`AOAI_BACKUPS`).
+    pub spillover: bool,
     pub fail_rate: f64,
     pub fail_kind: FailureKind,
     pub slow_ms: u64,
@@ -125,8 +130,9 @@ impl Default for Options {
             quiet: false,
             ms_per_token: 15,
             first_token_ms: 150,
-            tpm: 100_000,
-            rpm: 600,
+            tpm: vec![100_000],
+            rpm: vec![600],
+            spillover: false,
             fail_rate: 0.0,
             fail_kind: FailureKind::Status(500),
             slow_ms: 10_000,
@@ -159,6 +165,10 @@ The set
   --run-dir DIR             logs and audit files [target/fwdproxy-dev/run-<time>]
   --ready-file PATH         write a JSON description of the set there once it is ready
   --quiet                   no per-request gateway lines
+  --spillover               give each handler the other simulated resources as backups, in
+                            order from the next one after its own (wrapping): AOAI_BACKUPS with
+                            their URLs and AOAI_BACKUP_OUTAPIKEYS with their keys (needs 2+
+                            backends). Without it each handler knows only its own resource
 Gateway emulator
   --probe-interval SECS     override infra/appgw-probe.json's intervalSeconds
   --unhealthy-threshold N   override infra/appgw-probe.json's unhealthyThreshold
@@ -167,8 +177,9 @@ Gateway emulator
 AOAI simulator
   --ms-per-token MS         time per generated token [15]
   --first-token-ms MS       time to the first token [150]
-  --tpm N                   tokens per minute per deployment, 0 = unlimited [100000]
-  --rpm N                   requests per minute per deployment, 0 = unlimited [600]
+  --tpm N[,N…]              tokens per minute per deployment, 0 = unlimited [100000]; one value
+                            for every resource or one per backend in order (--tpm 1000,40000,40000)
+  --rpm N[,N…]              requests per minute per deployment, 0 = unlimited [600]; as --tpm
   --fail-rate F             share of requests (0-1) that fail with --fail-kind [0]
   --fail-kind KIND          500|502|503|504|slow|slow:<ms>|reset [500]
   --slow-ms MS              how long `slow` waits [10000]
@@ -240,8 +251,9 @@ impl Options {
                 "--pass-unmatched" => o.pass_unmatched = true,
                 "--ms-per-token" => o.ms_per_token = num(&flag, value(&flag)?)?,
                 "--first-token-ms" => o.first_token_ms = num(&flag, value(&flag)?)?,
-                "--tpm" => o.tpm = num(&flag, value(&flag)?)?,
-                "--rpm" => o.rpm = num(&flag, value(&flag)?)?,
+                "--tpm" => o.tpm = per_backend(&flag, &value(&flag)?)?,
+                "--rpm" => o.rpm = per_backend(&flag, &value(&flag)?)?,
+                "--spillover" => o.spillover = true,
                 "--fail-rate" => o.fail_rate = rate(&flag, value(&flag)?)?,
                 "--fail-kind" => o.fail_kind = value(&flag)?.parse()?,
                 "--slow-ms" => o.slow_ms = num(&flag, value(&flag)?)?,
@@ -254,6 +266,24 @@ impl Options {
         }
         if o.backends == 0 || o.backends > MAX_BACKENDS {
             return Err(format!("--backends must be 1-{MAX_BACKENDS}"));
+        }
+        for (flag, list) in [("--tpm", &o.tpm), ("--rpm", &o.rpm)] {
+            if list.len() != 1 && list.len() != o.backends {
+                return Err(format!(
+                    "{flag} has {} values but there are {} backends (--backends {}): give one \
+                     value for all, or exactly one per backend",
+                    list.len(),
+                    o.backends,
+                    o.backends
+                ));
+            }
+        }
+        if o.spillover && o.backends < 2 {
+            return Err(
+                "--spillover needs at least 2 backends: a handler's backups are the other \
+                 simulated resources"
+                    .into(),
+            );
         }
         if o.key.chars().count() < 16 || o.key.contains(char::is_whitespace) {
             return Err(
@@ -273,6 +303,42 @@ impl Options {
         }
         Ok(o)
     }
+
+    /// Tokens per minute of backend `i` (0-based).
+    pub fn tpm_of(&self, i: usize) -> u64 {
+        pick(&self.tpm, i)
+    }
+
+    /// Requests per minute of backend `i` (0-based).
+    pub fn rpm_of(&self, i: usize) -> u64 {
+        pick(&self.rpm, i)
+    }
+}
+
+/// One value for all backends, or the `i`-th of one per backend (lengths checked by `parse`).
+fn pick(list: &[u64], i: usize) -> u64 {
+    match list {
+        [one] => *one,
+        many => many.get(i).copied().unwrap_or(0),
+    }
+}
+
+/// `N` or `N,N,…` (spaces around values allowed); every value a whole number.
+fn per_backend(flag: &str, v: &str) -> Result<Vec<u64>, String> {
+    v.split(',')
+        .map(|part| {
+            let part = part.trim();
+            part.parse::<u64>().map_err(|_| {
+                format!("{flag}: {part:?} in {v:?} is not a whole number (give N or N,N,…)")
+            })
+        })
+        .collect()
+}
+
+/// The backups of backend `i` among `n`: the others, starting with the next one and wrapping,
+/// so each resource is the first backup of exactly one sibling and spilled load spreads out.
+pub fn backups_of(i: usize, n: usize) -> Vec<usize> {
+    (i + 1..n).chain(0..i.min(n)).collect()
 }
 
 /// One backend of the running set.
@@ -283,7 +349,89 @@ struct BackendInfo {
     handler_pid: u32,
     aoai_url: String,
     aoai_name: String,
+    tpm: u64,
+    rpm: u64,
+    /// `AOAI_BACKUPS` of this handler (with `--spillover`).
+    backups: Option<String>,
     dir: PathBuf,
+}
+
+/// One simulated AOAI resource: its name, base URL and key.
+#[derive(Debug, Clone)]
+pub struct SimResource {
+    pub name: String,
+    pub url: String,
+    pub key: String,
+}
+
+/// The Content Safety simulator as handlers' settings name it.
+#[derive(Debug, Clone)]
+pub struct ScreeningRef {
+    pub url: String,
+    pub key: String,
+    /// Blocklist names, comma-separated (may be empty).
+    pub blocklists: String,
+}
+
+/// The settings handler `i` (0-based) of the set starts with: its own port and resource, the
+/// internal key and users, screening, its audit file under `dir`; with `--spillover` its
+/// backups (the sibling resources from [`backups_of`], URLs in `AOAI_BACKUPS` and keys in
+/// `AOAI_BACKUP_OUTAPIKEYS`, same order, comma-separated); last `--handler-env`, which wins.
+pub fn handler_settings(
+    opts: &Options,
+    i: usize,
+    resources: &[SimResource],
+    screening: Option<&ScreeningRef>,
+    dir: &Path,
+) -> BTreeMap<String, String> {
+    // 0: the handler binds any free port and names it in its ready log line, read by the
+    // launcher (binding a probe socket and dropping it would race other processes for it).
+    let handler_port = if opts.handler_port == 0 {
+        0
+    } else {
+        opts.handler_port + i as u16
+    };
+    let own = &resources[i];
+    let mut settings: BTreeMap<String, String> = BTreeMap::new();
+    settings.insert(
+        "FUNCTIONS_CUSTOMHANDLER_PORT".into(),
+        handler_port.to_string(),
+    );
+    settings.insert("AOAI_HOSTNAME".into(), own.url.clone());
+    settings.insert("AOAI_INAPIKEY".into(), opts.key.clone());
+    settings.insert("AOAI_OUTAPIKEY".into(), own.key.clone());
+    if opts.spillover {
+        let backups: Vec<&SimResource> = backups_of(i, resources.len())
+            .into_iter()
+            .map(|j| &resources[j])
+            .collect();
+        let join = |f: fn(&SimResource) -> &str| {
+            backups.iter().map(|r| f(r)).collect::<Vec<_>>().join(",")
+        };
+        settings.insert("AOAI_BACKUPS".into(), join(|r| &r.url));
+        settings.insert("AOAI_BACKUP_OUTAPIKEYS".into(), join(|r| &r.key));
+    }
+    settings.insert("USER_CHECK".into(), "registered".into());
+    settings.insert("REGISTERED_USERS".into(), opts.users.clone());
+    if let Some(cs) = screening {
+        settings.insert("CONTENT_SAFETY_ENDPOINT".into(), cs.url.clone());
+        settings.insert("CONTENT_SAFETY_KEY".into(), cs.key.clone());
+        if !cs.blocklists.is_empty() {
+            settings.insert("CONTENT_SAFETY_BLOCKLISTS".into(), cs.blocklists.clone());
+        }
+    }
+    settings.insert(
+        "AUDIT_LOG_PATH".into(),
+        dir.join("audit.jsonl").display().to_string(),
+    );
+    settings.insert(
+        "SHUTDOWN_GRACE_MS".into(),
+        HANDLER_STOP_GRACE.as_millis().to_string(),
+    );
+    for (k, v) in &opts.handler_env {
+        settings.insert(k.clone(), v.clone());
+    }
+    settings
 }
 
 /// Everything the set runs; dropping it stops everything.
@@ -378,7 +526,8 @@ pub async fn run(opts: Options, started: Instant) -> Result<(), String> {
         Some(url)
     };
 
-    let mut backends = Vec::new();
+    // Every simulated resource first: with --spillover each handler's settings name its siblings.
+    let mut resources = Vec::new();
     for i in 0..opts.backends {
         let n = i + 1;
         let port = if opts.aoai_port == 0 {
@@ -387,16 +536,17 @@ pub async fn run(opts: Options, started: Instant) -> Result<(), String> {
             opts.aoai_port + i as u16
         };
         let name = format!("aoai-sim-{n}");
+        let key = format!("sim-aoai-{n}-out-key-0123456789");
         let (server, _sim) = aoai::start(
             AoaiConfig {
                 name: name.clone(),
                 region: format!("local-{n}"),
-                key: format!("sim-aoai-{n}-out-key-0123456789"),
+                key: key.clone(),
                 deployments: opts.deployments.clone(),
                 time_per_token: Duration::from_millis(opts.ms_per_token),
                 first_token: Duration::from_millis(opts.first_token_ms),
-                tpm: opts.tpm,
-                rpm: opts.rpm,
+                tpm: opts.tpm_of(i),
+                rpm: opts.rpm_of(i),
                 failure_rate: opts.fail_rate,
                 failure_kind: opts.fail_kind,
                 slow: Duration::from_millis(opts.slow_ms),
@@ -405,49 +555,28 @@ pub async fn run(opts: Options, started: Instant) -> Result<(), String> {
         )
         .await
         .map_err(|e| format!("AOAI simulator {n} on port {port}: {e}"))?;
-        let aoai_url = server.url();
+        resources.push(SimResource {
+            name,
+            url: server.url(),
+            key,
+        });
         set.sims.push(server);
+    }
+    let screening = cs_url.as_ref().map(|url| ScreeningRef {
+        url: url.clone(),
+        key: cs_key.clone(),
+        blocklists: blocklists.clone(),
+    });
 
-        // 0: the handler binds any free port and names it in its ready log line, read below
-        // (binding a probe socket and dropping it would race other processes for the port).
-        let handler_port = if opts.handler_port == 0 {
-            0
-        } else {
-            opts.handler_port + i as u16
-        };
+    let mut backends = Vec::new();
+    for i in 0..opts.backends {
+        let n = i + 1;
         let dir = run_dir.join(format!("backend-{n}"));
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut settings: BTreeMap<String, String> = BTreeMap::new();
-        settings.insert(
-            "FUNCTIONS_CUSTOMHANDLER_PORT".into(),
-            handler_port.to_string(),
-        );
-        settings.insert("AOAI_HOSTNAME".into(), aoai_url.clone());
-        settings.insert("AOAI_INAPIKEY".into(), opts.key.clone());
-        settings.insert(
-            "AOAI_OUTAPIKEY".into(),
-            format!("sim-aoai-{n}-out-key-0123456789"),
-        );
-        settings.insert("USER_CHECK".into(), "registered".into());
-        settings.insert("REGISTERED_USERS".into(), opts.users.clone());
-        if let Some(cs) = &cs_url {
-            settings.insert("CONTENT_SAFETY_ENDPOINT".into(), cs.clone());
-            settings.insert("CONTENT_SAFETY_KEY".into(), cs_key.clone());
-            if !blocklists.is_empty() {
-                settings.insert("CONTENT_SAFETY_BLOCKLISTS".into(), blocklists.clone());
-            }
-        }
-        settings.insert(
-            "AUDIT_LOG_PATH".into(),
-            dir.join("audit.jsonl").display().to_string(),
-        );
-        settings.insert(
-            "SHUTDOWN_GRACE_MS".into(),
-            HANDLER_STOP_GRACE.as_millis().to_string(),
-        );
-        for (k, v) in &opts.handler_env {
-            settings.insert(k.clone(), v.clone());
-        }
+        let settings = handler_settings(&opts, i, &resources, screening.as_ref(), &dir);
+        let handler_port: u16 = settings["FUNCTIONS_CUSTOMHANDLER_PORT"]
+            .parse()
+            .unwrap_or(0);
         write_settings_file(&dir, &settings);
 
         let log_path = dir.join("handler.log");
@@ -493,8 +622,11 @@ pub async fn run(opts: Options, started: Instant) -> Result<(), String> {
             name,
             handler_url: format!("http://127.0.0.1:{handler_port}"),
             handler_pid: pid,
-            aoai_url,
-            aoai_name: format!("aoai-sim-{n}"),
+            aoai_url: resources[i].url.clone(),
+            aoai_name: resources[i].name.clone(),
+            tpm: opts.tpm_of(i),
+            rpm: opts.rpm_of(i),
+            backups: settings.get("AOAI_BACKUPS").cloned(),
             dir,
         });
     }
@@ -852,13 +984,18 @@ fn print_banner(b: &Banner<'_>) {
     ));
     for (i, be) in b.backends.iter().enumerate() {
         out.push_str(&format!(
-            "  backend {}: handler pid {} at {} → {} at {}\n",
+            "  backend {}: handler pid {} at {} → {} at {} (TPM {}, RPM {})\n",
             i + 1,
             be.handler_pid,
             be.handler_url,
             be.aoai_name,
-            be.aoai_url
+            be.aoai_url,
+            limit(be.tpm),
+            limit(be.rpm)
         ));
+        if let Some(backups) = &be.backups {
+            out.push_str(&format!("             backups (AOAI_BACKUPS): {backups}\n"));
+        }
     }
     match b.cs_url {
         Some(cs) => out.push_str(&format!(
@@ -867,13 +1004,16 @@ fn print_banner(b: &Banner<'_>) {
         None => out.push_str("  Content Safety screening is off (--no-content-safety)\n"),
     }
     out.push_str(&format!(
-        "  probe: {} every {} s, unhealthy after {} failures; AOAI sim: {} ms/token, TPM {}, RPM {}\n\n",
+        "  probe: {} every {} s, unhealthy after {} failures; AOAI sim: {} ms/token; spillover {}\n\n",
         b.probe.path,
         b.probe.interval.as_secs(),
         b.probe.unhealthy_threshold,
         o.ms_per_token,
-        o.tpm,
-        o.rpm
+        if o.spillover {
+            "on (each handler's backups are its sibling resources)"
+        } else {
+            "off (plain round robin)"
+        }
     ));
     let user = users.first().copied().unwrap_or("alice");
     out.push_str("Try it:\n");
@@ -896,6 +1036,15 @@ fn print_banner(b: &Banner<'_>) {
     let _ = std::io::stdout().flush();
 }
 
+/// A per-minute limit as the banner shows it.
+fn limit(per_minute: u64) -> String {
+    if per_minute == 0 {
+        "unlimited".into()
+    } else {
+        per_minute.to_string()
+    }
+}
+
 fn write_ready_file(
     path: &Path,
     opts: &Options,
@@ -914,10 +1063,15 @@ fn write_ready_file(
         "run_dir": run_dir,
         "ready_ms": ready.as_millis() as u64,
         "launcher_pid": std::process::id(),
+        "spillover": opts.spillover,
         "backends": backends.iter().map(|b| serde_json::json!({
             "handler_url": b.handler_url,
             "handler_pid": b.handler_pid,
             "aoai_url": b.aoai_url,
+            "aoai_name": b.aoai_name,
+            "tpm": b.tpm,
+            "rpm": b.rpm,
+            "backups": b.backups,
             "dir": b.dir,
         })).collect::<Vec<_>>(),
     });
@@ -997,6 +1151,200 @@ mod tests {
         left.sort();
         assert_eq!(left, ["other", "run-200-1", "run-300-1"]);
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn tpm_and_rpm_take_one_value_for_all_or_one_per_backend() {
+        let o = parse(&["--backends", "3", "--tpm", "1000,40000, 40000", "--rpm=6"]).unwrap();
+        assert_eq!(o.tpm, [1000, 40_000, 40_000]);
+        assert_eq!(
+            (0..3).map(|i| o.tpm_of(i)).collect::<Vec<_>>(),
+            [1000, 40_000, 40_000]
+        );
+        assert_eq!((0..3).map(|i| o.rpm_of(i)).collect::<Vec<_>>(), [6, 6, 6]);
+        // The flag may come before --backends: the count is checked once all flags are read.
+        let o = parse(&["--rpm", "1,2", "--backends", "2"]).unwrap();
+        assert_eq!((o.rpm_of(0), o.rpm_of(1)), (1, 2));
+        // Defaults: one value for every backend.
+        let o = parse(&["--backends", "4"]).unwrap();
+        assert!((0..4).all(|i| o.tpm_of(i) == 100_000 && o.rpm_of(i) == 600));
+        // 0 = unlimited is a value like any other.
+        assert_eq!(parse(&["--tpm", "0,5"]).unwrap().tpm, [0, 5]);
+    }
+
+    #[test]
+    fn a_per_backend_count_that_does_not_match_is_a_usage_error() {
+        for (args, says) in [
+            (
+                &["--backends", "3", "--tpm", "1,2"][..],
+                "--tpm has 2 values but there are 3",
+            ),
+            (
+                &["--tpm", "1,2,3"][..],
+                "--tpm has 3 values but there are 2",
+            ),
+            (
+                &["--backends", "1", "--rpm", "1,1"][..],
+                "--rpm has 2 values but there are 1",
+            ),
+            (&["--tpm", "1,,2"][..], "not a whole number"),
+            (&["--tpm", "1,2,"][..], "not a whole number"),
+            (&["--tpm", ""][..], "not a whole number"),
+            (&["--rpm", "-1,2"][..], "not a whole number"),
+            (&["--tpm", "1.5,2"][..], "not a whole number"),
+            (&["--tpm", "1;2"][..], "not a whole number"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn spillover_needs_siblings() {
+        assert!(parse(&["--spillover"]).unwrap().spillover);
+        assert!(!parse(&[]).unwrap().spillover);
+        let err = parse(&["--spillover", "--backends", "1"]).unwrap_err();
+        assert!(err.contains("at least 2 backends"), "{err}");
+    }
+
+    #[test]
+    fn backups_are_the_others_from_the_next_one_wrapping() {
+        assert_eq!(backups_of(0, 3), [1, 2]);
+        assert_eq!(backups_of(1, 3), [2, 0]);
+        assert_eq!(backups_of(2, 3), [0, 1]);
+        assert_eq!(backups_of(0, 1), Vec::<usize>::new());
+        for n in 1..=MAX_BACKENDS {
+            let mut first_backups = Vec::new();
+            for i in 0..n {
+                let b = backups_of(i, n);
+                // every sibling once, never itself
+                assert_eq!(b.len(), n - 1);
+                assert!(!b.contains(&i));
+                let mut sorted = b.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                assert_eq!(sorted.len(), n - 1);
+                first_backups.extend(b.first().copied());
+            }
+            // each resource is the first backup of exactly one sibling
+            first_backups.sort_unstable();
+            if n > 1 {
+                assert_eq!(first_backups, (0..n).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    fn resources(n: usize) -> Vec<SimResource> {
+        (1..=n)
+            .map(|k| SimResource {
+                name: format!("aoai-sim-{k}"),
+                url: format!("http://127.0.0.1:{}", 9000 + k),
+                key: format!("key-{k}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn spillover_gives_each_handler_its_siblings_with_their_keys_in_order() {
+        let o = parse(&["--backends", "3", "--spillover"]).unwrap();
+        let r = resources(3);
+        let dir = Path::new("/tmp/x");
+        let expect = [
+            (
+                0,
+                "http://127.0.0.1:9002,http://127.0.0.1:9003",
+                "key-2,key-3",
+            ),
+            (
+                1,
+                "http://127.0.0.1:9003,http://127.0.0.1:9001",
+                "key-3,key-1",
+            ),
+            (
+                2,
+                "http://127.0.0.1:9001,http://127.0.0.1:9002",
+                "key-1,key-2",
+            ),
+        ];
+        for (i, urls, keys) in expect {
+            let s = handler_settings(&o, i, &r, None, dir);
+            assert_eq!(s["AOAI_HOSTNAME"], r[i].url);
+            assert_eq!(s["AOAI_OUTAPIKEY"], r[i].key);
+            assert_eq!(s["AOAI_BACKUPS"], urls, "handler {i}");
+            assert_eq!(s["AOAI_BACKUP_OUTAPIKEYS"], keys, "handler {i}");
+            // key i of the list belongs to URL i of the list
+            for (url, key) in s["AOAI_BACKUPS"]
+                .split(',')
+                .zip(s["AOAI_BACKUP_OUTAPIKEYS"].split(','))
+            {
+                let owner = r.iter().find(|x| x.url == url).unwrap();
+                assert_eq!(owner.key, key);
+            }
+            // keyed backups follow AOAI_AUTH=key, the default: nothing else is set for them
+            assert!(!s.contains_key("AOAI_AUTH"));
+            assert!(!s.contains_key("HEALTH_REFLECTS_CAPACITY"));
+        }
+    }
+
+    #[test]
+    fn without_spillover_no_handler_has_backups() {
+        let o = parse(&["--backends", "3"]).unwrap();
+        let r = resources(3);
+        for i in 0..3 {
+            let s = handler_settings(&o, i, &r, None, Path::new("/tmp/x"));
+            assert!(s.keys().all(|k| !k.starts_with("AOAI_BACKUP")), "{s:?}");
+            assert_eq!(s["AOAI_HOSTNAME"], r[i].url);
+        }
+    }
+
+    #[test]
+    fn handler_settings_carry_the_set_and_handler_env_wins() {
+        let o = parse(&[
+            "--backends",
+            "2",
+            "--spillover",
+            "--handler-port",
+            "7100",
+            "--handler-env",
+            "HEALTH_REFLECTS_CAPACITY=true",
+            "--handler-env",
+            "AOAI_BACKUPS=http://127.0.0.1:1",
+        ])
+        .unwrap();
+        let cs = ScreeningRef {
+            url: "http://127.0.0.1:5000".into(),
+            key: "cs-key".into(),
+            blocklists: String::new(),
+        };
+        let s = handler_settings(&o, 1, &resources(2), Some(&cs), Path::new("/run/backend-2"));
+        assert_eq!(s["FUNCTIONS_CUSTOMHANDLER_PORT"], "7101");
+        assert_eq!(s["AOAI_INAPIKEY"], DEFAULT_KEY);
+        assert_eq!(s["USER_CHECK"], "registered");
+        assert_eq!(s["REGISTERED_USERS"], "alice,bob");
+        assert_eq!(s["CONTENT_SAFETY_ENDPOINT"], cs.url);
+        assert_eq!(s["CONTENT_SAFETY_KEY"], "cs-key");
+        assert!(!s.contains_key("CONTENT_SAFETY_BLOCKLISTS"));
+        assert_eq!(s["AUDIT_LOG_PATH"], "/run/backend-2/audit.jsonl");
+        assert_eq!(s["HEALTH_REFLECTS_CAPACITY"], "true");
+        assert_eq!(s["AOAI_BACKUPS"], "http://127.0.0.1:1");
+        // the keys stay those of the set's siblings; the user overrode only the URLs
+        assert_eq!(s["AOAI_BACKUP_OUTAPIKEYS"], "key-1");
+    }
+
+    #[test]
+    fn stray_spillover_settings_of_the_caller_are_scrubbed() {
+        for name in [
+            "AOAI_BACKUPS",
+            "AOAI_BACKUP_OUTAPIKEYS",
+            "AOAI_BACKUP_OUTAPIKEY_SECRET_URIS",
+            "HEALTH_REFLECTS_CAPACITY",
+        ] {
+            assert!(
+                SCRUBBED_PREFIXES.iter().any(|p| name.starts_with(p))
+                    || SCRUBBED_NAMES.contains(&name),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -625,6 +625,71 @@ async fn rpm_and_tpm_limits_answer_429_per_deployment() {
     );
 }
 
+/// A header as a whole number (panics with the header's name when it is missing or not one).
+fn header_u64(r: &reqwest::Response, name: &str) -> u64 {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a whole number"))
+}
+
+/// Post until the first 429 (at most `max` tries) and return it.
+async fn first_429(s: &Sim, max: usize) -> reqwest::Response {
+    for _ in 0..max {
+        let r = s.post(&chat_path("gpt-4o"), hello(json!({}))).await;
+        if r.status() == 429 {
+            return r;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    panic!("no 429 within {max} requests");
+}
+
+#[tokio::test]
+async fn a_429_says_which_limit_bit_and_how_long_to_wait() {
+    // Token-throttled: requests remain, tokens do not; both retry headers agree.
+    let t = Sim::start(|c| {
+        c.rpm = 600;
+        c.tpm = 60;
+    })
+    .await;
+    let r = first_429(&t, 10).await;
+    let ms = header_u64(&r, "retry-after-ms");
+    let secs = header_u64(&r, "retry-after");
+    assert!(ms > 0 && ms <= 60_000, "{ms}");
+    assert_eq!(
+        secs,
+        ms.div_ceil(1000),
+        "retry-after is retry-after-ms rounded up"
+    );
+    let requests_left = header_u64(&r, "x-ratelimit-remaining-requests");
+    assert!(
+        requests_left >= 590,
+        "a token-throttled 429 still shows the requests left: {requests_left}"
+    );
+    assert!(header_u64(&r, "x-ratelimit-remaining-tokens") < 60);
+    assert_eq!(error_code(r, 429).await, "429");
+
+    // Request-throttled: no requests left, tokens plenty.
+    let q = Sim::start(|c| {
+        c.rpm = 1;
+        c.tpm = 100_000;
+    })
+    .await;
+    let r = first_429(&q, 3).await;
+    assert_eq!(header_u64(&r, "x-ratelimit-remaining-requests"), 0);
+    assert!(header_u64(&r, "x-ratelimit-remaining-tokens") > 99_000);
+    let ms = header_u64(&r, "retry-after-ms");
+    assert_eq!(header_u64(&r, "retry-after"), ms.div_ceil(1000));
+    assert!(
+        (58_000..=60_000).contains(&ms),
+        "one request a minute: {ms}"
+    );
+}
+
 #[tokio::test]
 async fn injected_failures() {
     let s = Sim::start(|_| {}).await;

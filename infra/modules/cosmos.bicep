@@ -1,5 +1,6 @@
-// Cosmos DB for NoSQL: the abuse log (container `abuse`, partitioned by /user) and the user
-// registry (container `users`, partitioned by /id). The handler uses Entra ID (data-plane RBAC);
+// Cosmos DB for NoSQL: the abuse log (container `abuse`, partitioned by /user), the user
+// registry (container `users`, partitioned by /id) and the usage summaries (container `usage`,
+// partitioned by /caller: one item per caller x user x deployment x minute and process). The handler uses Entra ID (data-plane RBAC);
 // key auth stays off unless allowLocalAuth says otherwise.
 
 param location string
@@ -11,6 +12,7 @@ param privateDnsZoneId string
 param databaseName string
 param abuseContainerName string
 param usersContainerName string
+param usageContainerName string
 
 @description('Keep account keys usable (COSMOS_KEY). Off by default: the apps use managed identities.')
 param allowLocalAuth bool
@@ -103,6 +105,23 @@ resource users 'Microsoft.DocumentDB/databaseAccounts/sqlDatabases/containers@20
       partitionKey: {
         paths: [
           '/id'
+        ]
+        kind: 'Hash'
+      }
+    }
+    options: containerOptions
+  }
+}
+
+resource usage 'Microsoft.DocumentDB/databaseAccounts/sqlDatabases/containers@2024-11-15' = {
+  parent: database
+  name: usageContainerName
+  properties: {
+    resource: {
+      id: usageContainerName
+      partitionKey: {
+        paths: [
+          '/caller'
         ]
         kind: 'Hash'
       }

@@ -19,7 +19,12 @@
   variant carries none of the app settings or site properties Flex refuses
   (flex-refused-settings.json), has the custom runtime, FC1, identity-based blob deployment,
   always-ready HTTP instances, no storage key and no Azure Files; both variants grant the same
-  roles and carry the same module-added settings; the docs show func and VS Code deploying.
+  roles and carry the same module-added settings; the docs show func and VS Code deploying;
+- spillover (issue 14) is off by default and, when on, wired the same on both plans: AOAI_BACKUPS
+  from the other AOAI resources (next one first, wrapping, never the app's own), their keys in key
+  mode only from the existing per-account Key Vault secrets, and in keyless mode the app's
+  identity granted Cognitive Services OpenAI User on each sibling, at the sibling's scope;
+  HEALTH_REFLECTS_CAPACITY opt-in; infra/README.md documents it (and the gateway's own 502).
 
 Prints one PASS/FAIL line per check and a closing "N passed, M failed" line; exits 1 on failure.
 """
@@ -603,6 +608,87 @@ def deploy_docs():
             problems.append(f"docs/deploy.md: the 409 caveat outside an Elastic Premium line or section: {line.strip()[:80]}")
     if "AUDIT_DIR" not in deploy:
         problems.append("docs/deploy.md does not say where the abuse-log journal goes on Flex (AUDIT_DIR)")
+    return problems
+
+@check("spillover: off by default; backups = the siblings in order; their keys or roles wired")
+def spillover_wiring():
+    problems = []
+    main = (INFRA / "main.bicep").read_text()
+    for param, default in (("aoaiSpillover", "false"), ("healthReflectsCapacity", "false")):
+        m = re.search(rf"^param {param} bool = (\w+)", main, re.M)
+        if not m or m.group(1) != default:
+            problems.append(f"main.bicep: param {param} bool must default to {default}")
+    if not re.search(r"^var spillover = aoaiSpillover && appCount > 1$", main, re.M):
+        problems.append("main.bicep: spillover must need aoaiSpillover and two or more resources")
+    # The order: the resources after the app's own, then those before it (never its own), the
+    # indexes and the accounts alike.
+    for var, over in (("backupIndexes", "appIndexes"), ("backupAccounts", "aoaiResources")):
+        want = f"var {var} = [for (a, i) in aoaiResources: concat(skip({over}, i + 1), take({over}, i))]"
+        if not re.search(rf"^{re.escape(want)}$", main, re.M):
+            problems.append(f"main.bicep: expected `{want}`")
+    if not re.search(r"^var appIndexes = \[for \(a, j\) in aoaiResources: j\]$", main, re.M):
+        problems.append("main.bicep: appIndexes is not the index of each aoaiResources entry")
+    # checkov's Bicep parser knows neither map nor range: a template using them is not scanned.
+    for fn in ("map", "range"):
+        if re.search(rf"\b{fn}\(", main):
+            problems.append(f"main.bicep uses {fn}(), which checkov cannot parse")
+    # The secrets the URIs name must be the ones this deployment writes.
+    if "name: 'aoai-outapikey-${i}'" not in block(main, r"^resource outApiKeySecrets "):
+        problems.append("main.bicep: the aoai-outapikey-<i> secrets the backup URIs name are not written")
+    mod = block(main, r"^module aoaiBackups ")
+    if not re.search(r"^module aoaiBackups 'modules/aoai-backups.bicep' = \[for \(a, i\) in aoaiResources: if \(spillover\)", mod, re.M):
+        problems.append("main.bicep: module aoaiBackups (one per app, only with spillover) not found")
+    else:
+        for must in ("backups: backupAccounts[i]", "backupIndexes: backupIndexes[i]",
+                     "keySecretUriPrefix: '${keyVaultSecretsBase}aoai-outapikey-'"):
+            if must not in mod:
+                problems.append(f"main.bicep: aoaiBackups does not pass `{must}`")
+    backups_module = (INFRA / "modules" / "aoai-backups.bicep").read_text()
+    if not re.search(r"^output hostNames array = \[for \(b, k\) in backups: .*accounts\[k\]\.properties\.endpoint", backups_module, re.M):
+        problems.append("aoai-backups.bicep: output hostNames is not the accounts' endpoints in order")
+    if not re.search(r"^output keySecretUris array = \[for j in backupIndexes: '\$\{keySecretUriPrefix\}\$\{j\}'\]$", backups_module, re.M):
+        problems.append("aoai-backups.bicep: output keySecretUris is not the prefix + each backup's index")
+    # Both plans: the same settings, each under its condition.
+    for sym in ("apps", "flexApps"):
+        b = block(main, rf"^module {sym} ")
+        pairs = setting_pairs(b)
+        want = {
+            "AOAI_BACKUPS": ("join(aoaiBackups[i].outputs.hostNames, ',')", "spillover ? ["),
+            "AOAI_BACKUP_OUTAPIKEY_SECRET_URIS": ("join(aoaiBackups[i].outputs.keySecretUris, ',')", "spillover && aoaiAuth == 'key' ? ["),
+            "HEALTH_REFLECTS_CAPACITY": ("'true'", "healthReflectsCapacity ? ["),
+        }
+        for name, (value, condition) in want.items():
+            if pairs.get(name) != value:
+                problems.append(f"main.bicep module {sym}: {name} is {pairs.get(name)!r}, expected {value}")
+                continue
+            at = b.find(f"name: '{name}'")
+            opened = b.rfind("[", 0, at)
+            if not b[: opened + 1].rstrip().endswith(condition):
+                problems.append(f"main.bicep module {sym}: {name} is not under `{condition}`")
+        if "AOAI_BACKUP_OUTAPIKEYS" in pairs:
+            problems.append(f"main.bicep module {sym}: keys as a plain setting (use the Key Vault secret URIs)")
+    # Keyless: the app's identity on each sibling, at the sibling's scope.
+    acc = block(main, r"^module aoaiBackupAccess ")
+    # Entry x of flatten(backupIndexes) is a backup of app x / (n - 1): every app has n - 1.
+    if not re.search(r"^var backupAccessTargets = flatten\(backupIndexes\)$", main, re.M):
+        problems.append("main.bicep: backupAccessTargets is not flatten(backupIndexes)")
+    if not re.search(r"^module aoaiBackupAccess 'modules/aoai-access.bicep' = \[for \(j, x\) in backupAccessTargets: if \(spillover && aoaiAuth == 'managed_identity'\)", acc, re.M):
+        problems.append("main.bicep: module aoaiBackupAccess (aoai-access.bicep per backup of each app, keyless spillover only) not found")
+    else:
+        for must in ("scope: resourceGroup(aoaiResources[j].?subscriptionId ?? subscription().subscriptionId, aoaiResources[j].resourceGroup)",
+                     "aoaiName: aoaiResources[j].name",
+                     "principalId: isFlex ? flexApps[x / (appCount - 1)].outputs.principalId : apps[x / (appCount - 1)].outputs.principalId",
+                     "appId: appNames[x / (appCount - 1)]",
+                     "name: 'aoai-backup-access-${x / (appCount - 1)}-${j}'"):
+            if must not in acc:
+                problems.append(f"main.bicep: aoaiBackupAccess lacks `{must}`")
+    if "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd" not in (INFRA / "modules" / "aoai-access.bicep").read_text():
+        problems.append("aoai-access.bicep does not grant Cognitive Services OpenAI User")
+    readme = (INFRA / "README.md").read_text()
+    for must in ("aoaiSpillover", "AOAI_BACKUPS", "AOAI_BACKUP_OUTAPIKEY_SECRET_URIS", "healthReflectsCapacity", "502",
+                 "same deployment names"):
+        if must not in readme:
+            problems.append(f"infra/README.md does not mention {must}")
     return problems
 
 

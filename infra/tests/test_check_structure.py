@@ -23,6 +23,7 @@ REFUSED = "Flex variant: none of the app settings or site properties Flex refuse
 SHAPE = "Flex variant: custom runtime, FC1"
 STEP = "both plan variants grant the same roles"
 DOCS = "docs: func and VS Code deploy to infra-created apps"
+SPILL = "spillover: off by default; backups = the siblings in order"
 
 FLEX = "infra/modules/function-app-flex.bicep"
 MAIN = "infra/main.bicep"
@@ -72,6 +73,18 @@ MUTATIONS = [
      "    value: '/home/data/aoai-fwdproxy'\n  }\n  {\n    name: 'PREMIUM_ONLY'\n    value: 'x'\n", STEP),
     ("a role only the Premium module grants", EP, "  monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'\n",
      "  monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'\n  websiteContributor: 'de139f84-1756-47ae-9be6-808fbbe84772'\n", STEP),
+    ("spillover on by default", MAIN, "param aoaiSpillover bool = false", "param aoaiSpillover bool = true", SPILL),
+    ("an app is its own backup", MAIN, "concat(skip(appIndexes, i + 1), take(appIndexes, i))", "concat(skip(appIndexes, i), take(appIndexes, i))", SPILL),
+    ("backups in another order than their keys", MAIN, "concat(skip(aoaiResources, i + 1), take(aoaiResources, i))", "concat(take(aoaiResources, i), skip(aoaiResources, i + 1))", SPILL),
+    ("map() back in main.bicep", MAIN, "var backupAccessTargets = flatten(backupIndexes)", "var backupAccessTargets = flatten(map(backupIndexes, b => b))", SPILL),
+    ("backup role for the wrong app", MAIN, "appId: appNames[x / (appCount - 1)]", "appId: appNames[x % (appCount - 1)]", SPILL),
+    ("backup key URIs also in keyless mode (Flex)", MAIN, "    ] : [], spillover && aoaiAuth == 'key' ? [\n", "    ] : [], spillover ? [\n", SPILL, "last"),
+    ("backup keys as a plain setting", MAIN, "name: 'AOAI_BACKUP_OUTAPIKEY_SECRET_URIS'", "name: 'AOAI_BACKUP_OUTAPIKEYS'", SPILL, "all"),
+    ("backup role granted on the app's own resource group", MAIN, "scope: resourceGroup(aoaiResources[j]", "scope: resourceGroup(aoaiResources[x / (appCount - 1)]", SPILL),
+    ("backup role only for Premium apps", MAIN, "principalId: isFlex ? flexApps[x / (appCount - 1)].outputs.principalId : apps[x / (appCount - 1)].outputs.principalId",
+     "principalId: apps[x / (appCount - 1)].outputs.principalId", SPILL),
+    ("backup roles also in key mode", MAIN, "if (spillover && aoaiAuth == 'managed_identity')", "if (spillover)", SPILL),
+    ("README drops the deployment-name rule", "infra/README.md", "same deployment names", "same names", SPILL, "all"),
     ("docs drop the VS Code deploy", "docs/deploy.md", "Deploy to Function App", "Deploy", DOCS, "all"),
     ("the 409 caveat back in the Flex section", "docs/deploy.md", "**With VS Code:**",
      "Publishing answers 409 here.\n\n**With VS Code:**", DOCS),
@@ -107,7 +120,7 @@ def main() -> int:
         base = Path(tmp) / "base"
         copy_tree(base)
         clean = run(base)
-        for check in (PLAN, REFUSED, SHAPE, STEP, DOCS):
+        for check in (PLAN, REFUSED, SHAPE, STEP, DOCS, SPILL):
             if status(clean, check) is not True:
                 print(f"FAIL  unmodified tree: {check!r} is {status(clean, check)}")
                 failures += 1
@@ -134,7 +147,7 @@ def main() -> int:
             else:
                 print(f"FAIL  {what}: {check!r} is {got}, expected a failure")
                 failures += 1
-    print(f"structure self-test: {len(MUTATIONS) + 5 - failures} passed, {failures} failed")
+    print(f"structure self-test: {len(MUTATIONS) + 6 - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 

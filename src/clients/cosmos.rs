@@ -11,6 +11,8 @@
 //! create them.
 //!
 //! Containers: `COSMOS_CONTAINER` holds abuse records (partition key `/user`);
+//! `COSMOS_USAGE_CONTAINER` holds usage summaries (partition key `/caller`, see
+//! [`crate::pipeline::meter::summary`]);
 //! `COSMOS_USERS_CONTAINER` holds one item per registered user (`id` = user name, or a `user`
 //! field; `"enabled": false` excludes an item), read by [`CosmosAccount::list_users`].
 
@@ -51,6 +53,8 @@ pub struct CosmosSettings {
     pub container: String,
     /// `COSMOS_USERS_CONTAINER` (default `users`): the user registry.
     pub users_container: String,
+    /// `COSMOS_USAGE_CONTAINER` (default `usage`): usage summaries, partition key `/caller`.
+    pub usage_container: String,
     /// `COSMOS_REGION`, else App Service's `REGION_NAME`: route to the nearest region first.
     pub region: Option<String>,
     /// `COSMOS_USERS_REFRESH_SECS` (default 300): how often the user registry is re-read.
@@ -103,6 +107,7 @@ impl CosmosSettings {
             database: name("COSMOS_DATABASE", "fwdproxy")?,
             container: name("COSMOS_CONTAINER", "abuse-log")?,
             users_container: name("COSMOS_USERS_CONTAINER", "users")?,
+            usage_container: name("COSMOS_USAGE_CONTAINER", "usage")?,
             region: match src.get("COSMOS_REGION")? {
                 Some(r) => Some(r.to_string()),
                 None => src.get("REGION_NAME")?.map(str::to_string),
@@ -415,11 +420,13 @@ mod tests {
         assert_eq!(s.database, "fwdproxy");
         assert_eq!(s.container, "abuse-log");
         assert_eq!(s.users_container, "users");
+        assert_eq!(s.usage_container, "usage");
         assert!(s.key.is_none());
         for (k, v) in [
             ("COSMOS_ENDPOINT", "http://acct.documents.azure.com/"),
             ("COSMOS_ENDPOINT", "not a url"),
             ("COSMOS_CONTAINER", "a/b"),
+            ("COSMOS_USAGE_CONTAINER", "u#1"),
         ] {
             let mut pairs = vec![("COSMOS_ENDPOINT", "https://acct.documents.azure.com/")];
             pairs.retain(|(n, _)| *n != k);

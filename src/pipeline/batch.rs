@@ -105,6 +105,14 @@ pub fn read_upload(
                 part.name
             )));
         }
+        // A declared charset other than UTF-8 (a `utf-16` file part) would make AOAI read
+        // other text than the gate screened.
+        if part.foreign_charset() {
+            return Err(whole(format!(
+                "The form field '{}' declares a charset other than UTF-8",
+                part.name
+            )));
+        }
         match name.as_str() {
             "purpose" => purpose = Some(part.body),
             "file" => file = Some(part.body),
@@ -575,6 +583,57 @@ mod tests {
             refused_ids(run("batch", &file, UserCheck::Off)),
             ["custom_id 'x'"]
         );
+    }
+
+    #[test]
+    fn a_part_in_another_charset_is_refused() {
+        let good = line(
+            "a",
+            "/chat/completions",
+            r#"{"user":"alice","messages":[]}"#,
+        );
+        for ct in [
+            "application/jsonl; charset=utf-16",
+            "text/plain; CHARSET=\"UTF-16LE\"",
+            "application/octet-stream; x=1; charset=iso-8859-1",
+        ] {
+            let (h, body) = form("batch", &good);
+            let body = String::from_utf8(body.to_vec())
+                .unwrap()
+                .replace("application/octet-stream", ct);
+            let r = read_upload(
+                &h,
+                &Bytes::from(body),
+                &settings(UserCheck::Registered),
+                &registry(),
+                true,
+            );
+            let Err(Refused::Whole(refusal)) = r else {
+                panic!("{ct}: accepted")
+            };
+            assert!(
+                matches!(&refusal.error, AppError::InvalidBody(m) if m.contains("charset")),
+                "{ct}: {:?}",
+                refusal.error
+            );
+        }
+        for ct in [
+            "application/jsonl; charset=UTF-8",
+            "text/plain; charset=\"utf8\"",
+        ] {
+            let (h, body) = form("batch", &good);
+            let body = String::from_utf8(body.to_vec())
+                .unwrap()
+                .replace("application/octet-stream", ct);
+            let r = read_upload(
+                &h,
+                &Bytes::from(body),
+                &settings(UserCheck::Registered),
+                &registry(),
+                true,
+            );
+            assert!(r.is_ok(), "{ct}");
+        }
     }
 
     #[test]

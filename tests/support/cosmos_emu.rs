@@ -2,7 +2,8 @@
 //! the SDK's public `fault_injection` rules, behind the handler's [`CosmosAccount`].
 //!
 //! Each [`Emu`] is a separate virtual account holding database `fwdproxy` with the containers
-//! `abuse-log` (partition key `/user`) and `users` (partition key `/id`). Clients built from it
+//! `abuse-log` (partition key `/user`), `users` (partition key `/id`) and `usage` (partition key
+//! `/caller`). Clients built from it
 //! share its store, so a "restarted" handler sees what the first one wrote.
 
 use std::collections::HashSet;
@@ -27,6 +28,7 @@ pub const KEY: &str = "dGVzdGtleQ==";
 pub const DATABASE: &str = "fwdproxy";
 pub const CONTAINER: &str = "abuse-log";
 pub const USERS: &str = "users";
+pub const USAGE: &str = "usage";
 
 pub struct Emu {
     pub store: Arc<EmulatorStore>,
@@ -43,7 +45,7 @@ impl Emu {
         let emulator = Arc::new(InMemoryEmulatorHttpClient::new(config));
         let store = emulator.store();
         store.create_database(DATABASE);
-        for (name, pk) in [(CONTAINER, "/user"), (USERS, "/id")] {
+        for (name, pk) in [(CONTAINER, "/user"), (USERS, "/id"), (USAGE, "/caller")] {
             store.create_container(
                 DATABASE,
                 name,
@@ -68,6 +70,7 @@ impl Emu {
             ("COSMOS_DATABASE", DATABASE),
             ("COSMOS_CONTAINER", CONTAINER),
             ("COSMOS_USERS_CONTAINER", USERS),
+            ("COSMOS_USAGE_CONTAINER", USAGE),
             ("COSMOS_REGION", "East US"),
         ]
         .into_iter()

@@ -1,4 +1,5 @@
-//! Upserts records into the abuse-log container, with retries.
+//! Upserts records into their container (the abuse log's, or the usage summaries'), with
+//! retries.
 //!
 //! Ids are made once per record, writes are upserts: a record written twice (a timeout after
 //! the service committed, a shipping pass repeated after a crash) is still one item. 429, 408,
@@ -10,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::record::AbuseRecord;
+use super::durable::Item;
 use super::settings::AuditSettings;
 use super::Counters;
 use crate::clients::cosmos::{CosmosAccount, CosmosError};
@@ -54,16 +55,18 @@ fn classify(e: &CosmosError) -> Failure {
     }
 }
 
-/// Writes records to the abuse-log container.
+/// Writes records of one kind to their container.
 pub struct Writer {
     pub account: Arc<CosmosAccount>,
+    /// The container's name (`COSMOS_CONTAINER`, `COSMOS_USAGE_CONTAINER`).
+    pub container: String,
     pub settings: AuditSettings,
     pub counters: Arc<Counters>,
 }
 
 impl Writer {
     /// One record, retried up to `AUDIT_MAX_ATTEMPTS` times.
-    pub async fn write(&self, record: &AbuseRecord) -> Outcome {
+    pub async fn write<R: Item>(&self, record: &R) -> Outcome {
         let mut backoff = self.settings.retry_base;
         let mut last = String::new();
         for attempt in 1..=self.settings.max_attempts {
@@ -91,12 +94,13 @@ impl Writer {
                 .unwrap_or_else(|| jitter(backoff));
             tracing::debug!(
                 target: "audit",
-                record_id = %record.id,
+                kind = R::KIND,
+                record_id = %record.id(),
                 attempt,
                 wait_ms = wait.as_millis() as u64,
                 honours_retry_after = retry_after.is_some(),
                 error = %last,
-                "abuse record upsert failed; retrying"
+                "record upsert failed; retrying"
             );
             tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -105,7 +109,7 @@ impl Writer {
     }
 
     /// One try within `AUDIT_WRITE_TIMEOUT_MS` (used directly when the journal is unwritable).
-    async fn try_once(&self, record: &AbuseRecord) -> Result<(), Failure> {
+    async fn try_once<R: Item>(&self, record: &R) -> Result<(), Failure> {
         match tokio::time::timeout(self.settings.write_timeout, self.upsert(record)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(classify(&e)),
@@ -121,21 +125,21 @@ impl Writer {
     }
 
     /// One try, for a record the journal could not take: true when Cosmos DB acknowledged it.
-    pub async fn acknowledge(&self, record: &AbuseRecord) -> bool {
+    pub async fn acknowledge<R: Item>(&self, record: &R) -> bool {
         self.try_once(record).await.is_ok()
     }
 
-    async fn upsert(&self, record: &AbuseRecord) -> Result<(), CosmosError> {
-        let container = self.account.abuse_container().await?;
+    async fn upsert<R: Item>(&self, record: &R) -> Result<(), CosmosError> {
+        let container = self.account.container(&self.container).await?;
         container
-            .upsert_item(record.user.clone(), &record.id, record, None)
+            .upsert_item(record.partition_key(), record.id(), record, None)
             .await?;
         Ok(())
     }
 
     /// Write `records`, `AUDIT_WRITE_CONCURRENCY` at a time; the outcome of each, in order.
     /// Once a group ends with Cosmos down, the rest are not tried.
-    pub async fn write_all(&self, records: &[AbuseRecord]) -> Vec<Outcome> {
+    pub async fn write_all<R: Item>(&self, records: &[R]) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(records.len());
         let mut groups = records.chunks(self.settings.concurrency);
         for group in groups.by_ref() {

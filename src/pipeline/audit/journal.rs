@@ -39,9 +39,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, Notify};
-
-use super::record::AbuseRecord;
 
 /// Lines per group commit at most.
 pub const MAX_BATCH: usize = 4096;
@@ -99,6 +98,8 @@ pub struct Journal {
     tx: mpsc::Sender<Cmd>,
     shared: Arc<Shared>,
     rejected_lock: Mutex<()>,
+    /// What the journal holds (`abuse`, `usage`), for log lines.
+    kind: &'static str,
     /// The advisory lock, released when the journal is dropped.
     _lock: File,
 }
@@ -122,10 +123,14 @@ pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 impl Journal {
-    /// Open (or share, inside this process) the journal at `path`: lock it, set a torn tail
-    /// aside, and start its thread. `capacity` lines may wait for the thread before
-    /// [`Journal::append`] waits for room.
-    pub fn open(path: &Path, capacity: usize) -> Result<Arc<Journal>, OpenError> {
+    /// Open (or share, inside this process) the journal of `R` items (`kind` names them in log
+    /// lines) at `path`: lock it, set a torn tail aside, and start its thread. `capacity` lines
+    /// may wait for the thread before [`Journal::append`] waits for room.
+    pub fn open<R: DeserializeOwned>(
+        path: &Path,
+        capacity: usize,
+        kind: &'static str,
+    ) -> Result<Arc<Journal>, OpenError> {
         let mut open = registry().lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|_, j| j.strong_count() > 0);
         if let Some(j) = open.get(path).and_then(Weak::upgrade) {
@@ -137,7 +142,7 @@ impl Journal {
         };
         let lock = lock_own(path)?;
         let rejected = with_suffix(path, ".rejected");
-        let len = repair_tail(path, &rejected).map_err(io)?;
+        let len = repair_tail::<R>(path, &rejected, kind).map_err(io)?;
         let file = open_append(path).map_err(io)?;
         // The file's directory entry must survive a crash as much as its records do.
         sync_dir(path).map_err(io)?;
@@ -154,6 +159,7 @@ impl Journal {
             tx,
             shared: shared.clone(),
             rejected_lock: Mutex::new(()),
+            kind,
             _lock: lock,
         });
         let thread = Writer {
@@ -162,9 +168,11 @@ impl Journal {
             path: journal.path.clone(),
             shipping: journal.shipping.clone(),
             shared,
+            kind,
+            repair: repair_tail::<R>,
         };
         std::thread::Builder::new()
-            .name("audit-journal".into())
+            .name(format!("{kind}-journal"))
             .spawn(move || thread.run())
             .map_err(io)?;
         open.insert(path.to_path_buf(), Arc::downgrade(&journal));
@@ -181,6 +189,11 @@ impl Journal {
 
     pub fn rejected_path(&self) -> &Path {
         &self.rejected
+    }
+
+    /// What the journal holds (`abuse`, `usage`).
+    pub fn kind(&self) -> &'static str {
+        self.kind
     }
 
     /// Bytes waiting in `<journal>` (not yet rotated for shipping).
@@ -322,8 +335,13 @@ fn lock(path: &Path) -> Result<File, OpenError> {
 }
 
 /// Set an unterminated last line aside in `rejected` and cut the file back to the last
-/// newline. Returns the file's length afterwards (0 when it does not exist).
-pub(crate) fn repair_tail(path: &Path, rejected: &Path) -> std::io::Result<u64> {
+/// newline (a tail that is a whole `R` only lacks its newline: it is kept). Returns the file's
+/// length afterwards (0 when it does not exist).
+pub(crate) fn repair_tail<R: DeserializeOwned>(
+    path: &Path,
+    rejected: &Path,
+    kind: &'static str,
+) -> std::io::Result<u64> {
     let mut f = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -354,7 +372,7 @@ pub(crate) fn repair_tail(path: &Path, rejected: &Path) -> std::io::Result<u64> 
     let mut tail = Vec::with_capacity((len - keep) as usize);
     f.seek(SeekFrom::Start(keep))?;
     f.read_to_end(&mut tail)?;
-    if serde_json::from_slice::<AbuseRecord>(&tail).is_ok() {
+    if serde_json::from_slice::<R>(&tail).is_ok() {
         // Whole record, only its newline missing: keep it.
         f.seek(SeekFrom::End(0))?;
         f.write_all(b"\n")?;
@@ -363,9 +381,10 @@ pub(crate) fn repair_tail(path: &Path, rejected: &Path) -> std::io::Result<u64> 
     }
     tracing::error!(
         target: "audit",
+        kind,
         path = %path.display(),
         bytes = tail.len(),
-        "torn last line in the abuse journal (a crash mid-append) set aside in the rejected file"
+        "torn last line in the {kind} journal (a crash mid-append) set aside in the rejected file"
     );
     append_rejected(rejected, &[tail])?;
     f.set_len(keep)?;
@@ -374,9 +393,9 @@ pub(crate) fn repair_tail(path: &Path, rejected: &Path) -> std::io::Result<u64> 
 }
 
 /// Records read from a journal file, from a byte offset.
-#[derive(Debug, Default)]
-pub struct Chunk {
-    pub records: Vec<AbuseRecord>,
+#[derive(Debug)]
+pub struct Chunk<R> {
+    pub records: Vec<R>,
     /// Lines (or parts of lines) that are not records.
     pub torn: Vec<Vec<u8>>,
     /// Where the next chunk starts.
@@ -385,13 +404,19 @@ pub struct Chunk {
 }
 
 /// Read up to `max` records from `path` starting at byte `offset`. Blocking.
-pub fn read_chunk(path: &Path, offset: u64, max: usize) -> std::io::Result<Chunk> {
+pub fn read_chunk<R: DeserializeOwned>(
+    path: &Path,
+    offset: u64,
+    max: usize,
+) -> std::io::Result<Chunk<R>> {
     let mut f = File::open(path)?;
     f.seek(SeekFrom::Start(offset))?;
     let mut reader = std::io::BufReader::with_capacity(256 * 1024, f);
     let mut chunk = Chunk {
+        records: Vec::new(),
+        torn: Vec::new(),
         next: offset,
-        ..Default::default()
+        eof: false,
     };
     let mut line = Vec::new();
     while chunk.records.len() < max {
@@ -408,12 +433,16 @@ pub fn read_chunk(path: &Path, offset: u64, max: usize) -> std::io::Result<Chunk
 }
 
 /// One line: a record, or torn bytes — with the records glued onto a torn line salvaged.
-pub(crate) fn parse_line(line: &[u8], records: &mut Vec<AbuseRecord>, torn: &mut Vec<Vec<u8>>) {
+pub(crate) fn parse_line<R: DeserializeOwned>(
+    line: &[u8],
+    records: &mut Vec<R>,
+    torn: &mut Vec<Vec<u8>>,
+) {
     let body = line.strip_suffix(b"\n").unwrap_or(line);
     if body.iter().all(u8::is_ascii_whitespace) {
         return;
     }
-    if let Ok(r) = serde_json::from_slice::<AbuseRecord>(body) {
+    if let Ok(r) = serde_json::from_slice::<R>(body) {
         records.push(r);
         return;
     }
@@ -429,7 +458,7 @@ pub(crate) fn parse_line(line: &[u8], records: &mut Vec<AbuseRecord>, torn: &mut
     starts.push(body.len());
     for pair in starts.windows(2) {
         let piece = &body[pair[0]..pair[1]];
-        match serde_json::from_slice::<AbuseRecord>(piece) {
+        match serde_json::from_slice::<R>(piece) {
             Ok(r) => records.push(r),
             Err(_) if !piece.is_empty() => torn.push(piece.to_vec()),
             Err(_) => {}
@@ -454,6 +483,9 @@ struct Writer {
     path: PathBuf,
     shipping: PathBuf,
     shared: Arc<Shared>,
+    kind: &'static str,
+    /// [`repair_tail`] for the journal's item type.
+    repair: fn(&Path, &Path, &'static str) -> std::io::Result<u64>,
 }
 
 impl Writer {
@@ -480,10 +512,12 @@ impl Writer {
                 if let Err(e) = &result {
                     tracing::error!(
                         target: "audit",
+                        kind = self.kind,
                         path = %self.path.display(),
                         records = waiting.len(),
                         error = %e,
-                        "abuse journal write failed: these refusals are not answered as recorded"
+                        "{} journal write failed: these records are not durable (refusals are not answered as recorded)",
+                        self.kind
                     );
                 }
                 for w in waiting.drain(..) {
@@ -507,8 +541,10 @@ impl Writer {
             if f.metadata().is_ok_and(|m| m.nlink() == 0) {
                 tracing::warn!(
                     target: "audit",
+                    kind = self.kind,
                     path = %self.path.display(),
-                    "the abuse journal was deleted while in use: made again at its path"
+                    "the {} journal was deleted while in use: made again at its path",
+                    self.kind
                 );
                 self.file = None;
                 self.shared.len.store(0, Ordering::SeqCst);
@@ -534,7 +570,7 @@ impl Writer {
                     // Unknown state: reopen (and repair) before the next batch.
                     self.file = None;
                     let rejected = with_suffix(&self.path, ".rejected");
-                    if let Ok(len) = repair_tail(&self.path, &rejected) {
+                    if let Ok(len) = (self.repair)(&self.path, &rejected, self.kind) {
                         self.shared.len.store(len, Ordering::SeqCst);
                     }
                 }
@@ -562,8 +598,20 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use super::super::record::sample;
+    use super::super::record::{sample, AbuseRecord};
     use super::*;
+
+    fn repair_tail(path: &Path, rejected: &Path) -> std::io::Result<u64> {
+        super::repair_tail::<AbuseRecord>(path, rejected, "abuse")
+    }
+
+    fn read_chunk(path: &Path, offset: u64, max: usize) -> std::io::Result<Chunk<AbuseRecord>> {
+        super::read_chunk(path, offset, max)
+    }
+
+    fn open(path: &Path, capacity: usize) -> Result<Arc<Journal>, OpenError> {
+        Journal::open::<AbuseRecord>(path, capacity, "abuse")
+    }
 
     fn line(id: &str) -> Vec<u8> {
         let mut l = serde_json::to_vec(&sample(id, Some("héllo wörld ✓".into()))).unwrap();
@@ -571,7 +619,7 @@ mod tests {
         l
     }
 
-    fn ids(chunk: &Chunk) -> Vec<String> {
+    fn ids(chunk: &Chunk<AbuseRecord>) -> Vec<String> {
         chunk.records.iter().map(|r| r.id.clone()).collect()
     }
 
@@ -649,7 +697,7 @@ mod tests {
     async fn a_journal_deleted_while_in_use_is_made_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gone.jsonl");
-        let j = Journal::open(&path, 8).unwrap();
+        let j = open(&path, 8).unwrap();
         j.append(line("before")).await.unwrap();
         std::fs::remove_file(&path).unwrap();
         j.append(line("after")).await.unwrap();
@@ -661,7 +709,7 @@ mod tests {
     async fn group_commit_answers_every_caller_with_few_fsyncs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.jsonl");
-        let j = Journal::open(&path, 10_000).unwrap();
+        let j = open(&path, 10_000).unwrap();
         let n = 2000;
         let tasks: Vec<_> = (0..n)
             .map(|i| {
@@ -689,7 +737,7 @@ mod tests {
         );
         assert_eq!(ids(&read_chunk(&path, 0, 10).unwrap()), ["after"]);
         // the same path in the same process shares the journal
-        let again = Journal::open(&path, 1).unwrap();
+        let again = open(&path, 1).unwrap();
         assert!(Arc::ptr_eq(&j, &again));
     }
 
@@ -706,7 +754,7 @@ mod tests {
             .unwrap();
         held.try_lock().unwrap();
         std::fs::write(with_suffix(&path, ".lock"), b"4242").unwrap();
-        let e = Journal::open(&path, 8).unwrap_err();
+        let e = open(&path, 8).unwrap_err();
         let text = e.to_string();
         assert!(matches!(e, OpenError::Held { .. }), "{text}");
         assert!(
@@ -714,10 +762,7 @@ mod tests {
             "{text}"
         );
         drop(held);
-        assert!(
-            Journal::open(&path, 8).is_ok(),
-            "free once the holder is gone"
-        );
+        assert!(open(&path, 8).is_ok(), "free once the holder is gone");
     }
 
     #[test]
@@ -734,7 +779,7 @@ mod tests {
             .open(with_suffix(&real, ".lock"))
             .unwrap();
         held.try_lock().unwrap();
-        let e = Journal::open(&alias, 8).unwrap_err();
+        let e = open(&alias, 8).unwrap_err();
         assert!(matches!(e, OpenError::Held { .. }), "{e}");
         drop(held);
     }

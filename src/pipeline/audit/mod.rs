@@ -34,9 +34,15 @@
 //! shared network storage an advisory lock cannot prove that its owner is gone, and shipping a
 //! live instance's journal from under it would lose its next records.
 //!
+//! The machinery of steps 2–6 is [`durable::Durable`], generic over the item kind: the meter's
+//! usage summaries use a second one ([`Audit::companion`]) with its own journal beside this one
+//! (`usage-journal.jsonl`) and its own container, so nothing about the usage summaries can slow
+//! or hold back an abuse record.
+//!
 //! Logs (target `audit`) name record ids, reasons and counts, never the prompt text or a key.
 
 pub mod cosmos_writer;
+pub mod durable;
 pub mod journal;
 pub mod paths;
 pub mod record;
@@ -45,21 +51,16 @@ pub mod shipper;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::watch;
 
 use crate::clients::cosmos::CosmosAccount;
 use crate::settings::SettingsError;
 
+pub use durable::{Durable, Item};
 pub use journal::JournalError;
 pub use record::{client_ip, AbuseRecord, Reason, MAX_RECORD_BYTES, NO_USER};
 pub use settings::AuditSettings;
-
-use cosmos_writer::Writer;
-use journal::{Journal, OpenError};
-use shipper::{ShipState, Shipper};
 
 /// Counters of the abuse log, for logs, health output and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -126,16 +127,9 @@ pub struct AuditFailed {
 /// The abuse log.
 pub struct Audit {
     settings: AuditSettings,
-    counters: Arc<Counters>,
-    journal: Arc<Journal>,
-    cosmos: Option<CosmosSide>,
-}
-
-struct CosmosSide {
-    writer: Arc<Writer>,
-    state: Arc<ShipState>,
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    log: Durable<AbuseRecord>,
+    /// The account, when records go to Cosmos DB (for companion logs, see [`Audit::companion`]).
+    account: Option<Arc<CosmosAccount>>,
 }
 
 impl Audit {
@@ -154,54 +148,32 @@ impl Audit {
             settings.cosmos = None;
         }
         let target = paths::resolve(&settings)?;
-        let journal = Journal::open(&target.path, settings.queue_capacity)
-            .map_err(|e: OpenError| SettingsError::new(target.setting, e.to_string()))?;
-        let counters = Arc::new(Counters::default());
-        let cosmos = match account {
-            None => None,
-            Some(account) => {
-                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-                    SettingsError::new(
-                        "COSMOS_ENDPOINT",
-                        "the Cosmos DB shipper needs a Tokio runtime",
-                    )
-                })?;
-                let writer = Arc::new(Writer {
-                    account,
-                    settings: settings.clone(),
-                    counters: counters.clone(),
-                });
-                let state = Arc::new(ShipState::default());
-                let (stop, stop_rx) = watch::channel(false);
-                let shipper = Shipper {
-                    journal: journal.clone(),
-                    writer: writer.clone(),
-                    counters: counters.clone(),
-                    state: state.clone(),
-                    stop: stop_rx,
-                };
-                let task = runtime.spawn(shipper.run());
-                Some(CosmosSide {
-                    writer,
-                    state,
-                    stop,
-                    task: Mutex::new(Some(task)),
-                })
-            }
-        };
-        tracing::info!(
-            target: "audit",
-            journal = %target.path.display(),
-            cosmos = cosmos.is_some(),
-            pending_bytes = journal.pending_bytes(),
-            "abuse log ready"
-        );
+        let cosmos = account
+            .clone()
+            .zip(settings.cosmos.as_ref().map(|c| c.container.clone()));
+        let log = Durable::start(&target.path, target.setting, &settings, cosmos)?;
         Ok(Audit {
             settings,
-            counters,
-            journal,
-            cosmos,
+            log,
+            account,
         })
+    }
+
+    /// Another durable log beside the abuse log, of `R` items shipped to `container` of the
+    /// same Cosmos DB account: its journal is a sibling of the abuse journal (see
+    /// [`paths::companion`]), with the same settings. `None` without Cosmos DB.
+    pub fn companion<R: Item>(&self, container: &str) -> Result<Option<Durable<R>>, SettingsError> {
+        let Some(account) = &self.account else {
+            return Ok(None);
+        };
+        let path = paths::companion(&self.log.journal_path(), R::KIND);
+        Durable::start(
+            &path,
+            "AUDIT_SPOOL_PATH",
+            &self.settings,
+            Some((account.clone(), container.to_string())),
+        )
+        .map(Some)
     }
 
     pub fn capture_prompt(&self) -> bool {
@@ -214,154 +186,56 @@ impl Audit {
 
     /// The journal file (with Cosmos DB, `<it>.shipping` may hold records too).
     pub fn journal_path(&self) -> PathBuf {
-        self.journal.path().to_path_buf()
+        self.log.journal_path()
     }
 
     /// The counters so far.
     pub fn stats(&self) -> AuditStats {
-        self.counters.snapshot()
+        self.log.stats()
     }
 
     /// Group commits (fsyncs) of the journal so far.
     pub fn commits(&self) -> u64 {
-        self.journal.commits()
+        self.log.commits()
     }
 
     /// Make one record durable; returns once it is (see the module doc, steps 2–3). An error
     /// means the refusal must not be answered as recorded.
     pub async fn record(&self, record: AbuseRecord) -> Result<(), AuditFailed> {
-        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        let record = if self.cosmos.is_some() {
+        let record = if self.log.ships() {
             record::fit_for_cosmos(record)
         } else {
             record
         };
-        let mut line = match serde_json::to_vec(&record) {
-            Ok(l) => l,
-            Err(e) => {
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                return Err(AuditFailed {
-                    id: record.id,
-                    error: JournalError(e.to_string()),
-                });
-            }
-        };
-        line.push(b'\n');
-        let error = match self.journal.append(line).await {
-            Ok(()) => {
-                self.counters.journaled.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
-            Err(e) => e,
-        };
-        if let Some(cosmos) = &self.cosmos {
-            if cosmos.writer.acknowledge(&record).await {
-                self.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
+        match self.log.append(&record).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                tracing::error!(
                     target: "audit",
                     record_id = %record.id,
+                    request_id = %record.request_id,
+                    reason = ?record.reason,
                     error = %error,
-                    "abuse journal unwritable; the record was acknowledged by Cosmos DB directly"
+                    "abuse record could not be made durable: the request is answered 503"
                 );
-                return Ok(());
+                Err(AuditFailed {
+                    id: record.id,
+                    error,
+                })
             }
         }
-        self.counters.failed.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
-            target: "audit",
-            record_id = %record.id,
-            request_id = %record.request_id,
-            reason = ?record.reason,
-            error = %error,
-            "abuse record could not be made durable: the request is answered 503"
-        );
-        Err(AuditFailed {
-            id: record.id,
-            error,
-        })
     }
 
     /// Wait until the journal is empty (everything in Cosmos DB), for at most `deadline`.
     /// Without Cosmos DB there is nothing to wait for: every record is already in the log.
     pub async fn flush(&self, deadline: Duration) -> FlushReport {
-        self.wait_shipped(deadline, false).await
-    }
-
-    async fn wait_shipped(&self, deadline: Duration, unless_down: bool) -> FlushReport {
-        let Some(cosmos) = &self.cosmos else {
-            return FlushReport {
-                completed: true,
-                pending_bytes: 0,
-            };
-        };
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            // The active length first: a rotation renames the file before it zeroes the
-            // length, so a zero length read first means the rename is already visible.
-            let active = self.journal.pending_bytes();
-            let shipping = tokio::fs::metadata(self.journal.shipping_path())
-                .await
-                .map(|m| m.len())
-                .ok();
-            let pending = active + shipping.unwrap_or(0);
-            if pending == 0 && shipping.is_none() {
-                return FlushReport {
-                    completed: true,
-                    pending_bytes: 0,
-                };
-            }
-            // Cosmos DB down: waiting would only delay the exit; the journal keeps it all.
-            if tokio::time::Instant::now() >= until
-                || unless_down && cosmos.state.down.load(Ordering::Relaxed)
-            {
-                return FlushReport {
-                    completed: false,
-                    pending_bytes: pending,
-                };
-            }
-            cosmos.state.kick.notify_one();
-            tokio::time::sleep(Duration::from_millis(20).min(deadline)).await;
-        }
+        self.log.flush(deadline).await
     }
 
     /// Flush (as [`Audit::flush`], but at once when the shipper found Cosmos DB down: waiting
     /// would only delay the exit) and stop the shipper. Records keep being journaled: what was
     /// not shipped is shipped by the next start. Call on SIGTERM after the server stopped.
     pub async fn shutdown(&self, deadline: Duration) -> FlushReport {
-        let report = self.wait_shipped(deadline, true).await;
-        if let Some(cosmos) = &self.cosmos {
-            let _ = cosmos.stop.send(true);
-            let task = cosmos.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(mut t) = task {
-                if tokio::time::timeout(Duration::from_secs(1), &mut t)
-                    .await
-                    .is_err()
-                {
-                    t.abort();
-                }
-            }
-        }
-        let stats = self.stats();
-        tracing::info!(
-            target: "audit",
-            completed = report.completed,
-            pending_bytes = report.pending_bytes,
-            journaled = stats.journaled,
-            shipped = stats.shipped,
-            failed = stats.failed,
-            "abuse log stopped"
-        );
-        report
-    }
-}
-
-impl Drop for Audit {
-    fn drop(&mut self) {
-        if let Some(cosmos) = &self.cosmos {
-            let _ = cosmos.stop.send(true);
-            if let Some(t) = cosmos.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                t.abort();
-            }
-        }
+        self.log.shutdown(deadline).await
     }
 }

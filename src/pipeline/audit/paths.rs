@@ -62,9 +62,14 @@ pub fn resolve(settings: &AuditSettings) -> Result<JournalPath, SettingsError> {
     Ok(JournalPath { path, setting })
 }
 
+/// The instance's name: `WEBSITE_INSTANCE_ID`, else the host name, as one safe path segment.
+pub fn instance_name(settings: &AuditSettings) -> String {
+    sanitize(settings.instance.clone().unwrap_or_else(hostname).as_str())
+}
+
 /// The per-instance directory (see the module doc).
 pub fn instance_dir(settings: &AuditSettings) -> Result<PathBuf, SettingsError> {
-    let instance = sanitize(settings.instance.clone().unwrap_or_else(hostname).as_str());
+    let instance = instance_name(settings);
     let mut bases: Vec<(PathBuf, &str)> = Vec::new();
     match &settings.dir {
         Some(d) => bases.push((d.clone(), "AUDIT_DIR")),
@@ -102,6 +107,18 @@ pub fn instance_dir(settings: &AuditSettings) -> Result<PathBuf, SettingsError> 
             tried.join("; ")
         ),
     ))
+}
+
+/// The journal of another kind of record beside `journal` (same directory): `abuse-` at the
+/// start of the file name becomes `<kind>-` (`abuse-journal.jsonl` → `usage-journal.jsonl`),
+/// any other name gets `<kind>-` in front (`journal.jsonl` → `usage-journal.jsonl`).
+pub fn companion(journal: &Path, kind: &str) -> PathBuf {
+    let name = journal
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let rest = name.strip_prefix("abuse-").unwrap_or(&name);
+    journal.with_file_name(format!("{kind}-{rest}"))
 }
 
 /// Create `dir` and prove a file can be created, written and synced in it.
@@ -220,6 +237,18 @@ mod tests {
             blocker.join("log.jsonl").to_str().unwrap(),
         )]);
         assert_eq!(resolve(&s).unwrap_err().name, "AUDIT_LOG_PATH");
+    }
+
+    #[test]
+    fn companion_journals_sit_beside_the_abuse_journal() {
+        let dir = Path::new("/d/i1");
+        for (abuse, usage) in [
+            ("abuse-journal.jsonl", "usage-journal.jsonl"),
+            ("journal.jsonl", "usage-journal.jsonl"),
+            ("spool", "usage-spool"),
+        ] {
+            assert_eq!(companion(&dir.join(abuse), "usage"), dir.join(usage));
+        }
     }
 
     #[test]

@@ -57,6 +57,16 @@ pub struct AbuseRecord {
     pub client_ip: Option<String>,
 }
 
+impl super::durable::Item for AbuseRecord {
+    const KIND: &'static str = "abuse";
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn partition_key(&self) -> String {
+        self.user.clone()
+    }
+}
+
 /// Partition key value for requests that named no user.
 pub const NO_USER: &str = "(none)";
 

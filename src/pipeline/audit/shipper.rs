@@ -7,6 +7,7 @@
 //! shipper waits `AUDIT_REPLAY_INTERVAL_MS` (doubling up to 60 s) and resumes at that chunk.
 //! Only when every record of the file is in Cosmos DB (or in `.rejected`) is the file deleted.
 
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 use super::cosmos_writer::{Outcome, Writer};
+use super::durable::Item;
 use super::journal::{read_chunk, Journal};
 use super::Counters;
 
@@ -32,15 +34,17 @@ pub struct ShipState {
     pub kick: Notify,
 }
 
-pub struct Shipper {
+/// Ships the journal of `R` items to their container.
+pub struct Shipper<R> {
     pub journal: Arc<Journal>,
     pub writer: Arc<Writer>,
     pub counters: Arc<Counters>,
     pub state: Arc<ShipState>,
     pub stop: watch::Receiver<bool>,
+    pub item: PhantomData<fn() -> R>,
 }
 
-impl Shipper {
+impl<R: Item> Shipper<R> {
     pub async fn run(mut self) {
         let first_pause = self.writer.settings.replay_interval;
         let mut pause = first_pause;
@@ -64,7 +68,7 @@ impl Shipper {
                         continue;
                     }
                     Err(e) => {
-                        tracing::error!(target: "audit", error = %e, "abuse journal could not be rotated for shipping");
+                        tracing::error!(target: "audit", kind = R::KIND, error = %e, "{} journal could not be rotated for shipping", R::KIND);
                         self.sleep(pause).await;
                         continue;
                     }
@@ -80,20 +84,21 @@ impl Shipper {
                         .map_err(|e| std::io::Error::other(e.to_string()))
                         .and_then(|r| r);
                     if let Err(e) = removed {
-                        tracing::error!(target: "audit", error = %e, "shipped journal file could not be removed; it will be shipped again (same ids: no duplicates)");
+                        tracing::error!(target: "audit", kind = R::KIND, error = %e, "shipped journal file could not be removed; it will be shipped again (same ids: no duplicates)");
                         self.sleep(pause).await;
                         continue;
                     }
                     offset = 0;
                     if self.state.down.swap(false, Ordering::Relaxed) {
-                        tracing::info!(target: "audit", "Cosmos DB answers again: abuse journal shipping resumed");
+                        tracing::info!(target: "audit", kind = R::KIND, "Cosmos DB answers again: {} journal shipping resumed", R::KIND);
                     }
                     pause = first_pause;
                     tracing::debug!(
                         target: "audit",
+                        kind = R::KIND,
                         records = self.counters.shipped.load(Ordering::Relaxed) - shipped_before,
                         ship_ms = started.elapsed().as_secs_f64() * 1000.0,
-                        "abuse journal shipped to Cosmos DB"
+                        "journal shipped to Cosmos DB"
                     );
                 }
                 Err(why) => {
@@ -103,8 +108,10 @@ impl Shipper {
                     if !self.state.down.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             target: "audit",
+                            kind = R::KIND,
                             error = %why,
-                            "Cosmos DB unavailable: abuse records stay in the journal until it answers"
+                            "Cosmos DB unavailable: {} records stay in the journal until it answers",
+                            R::KIND
                         );
                     }
                     self.sleep(pause).await;
@@ -128,15 +135,17 @@ impl Shipper {
                 return Err("stopping".into());
             }
             let (p, at): (PathBuf, u64) = (path.to_path_buf(), *offset);
-            let chunk = tokio::task::spawn_blocking(move || read_chunk(&p, at, CHUNK))
+            let chunk = tokio::task::spawn_blocking(move || read_chunk::<R>(&p, at, CHUNK))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("journal unreadable: {e}"))?;
             if !chunk.torn.is_empty() {
                 tracing::error!(
                     target: "audit",
+                    kind = R::KIND,
                     lines = chunk.torn.len(),
-                    "unreadable abuse journal lines (a crash mid-append) set aside in the rejected file"
+                    "unreadable {} journal lines (a crash mid-append) set aside in the rejected file",
+                    R::KIND
                 );
                 self.reject(chunk.torn).await?;
             }
@@ -151,9 +160,11 @@ impl Shipper {
                         Outcome::Rejected(why) => {
                             tracing::error!(
                                 target: "audit",
-                                record_id = %record.id,
+                                kind = R::KIND,
+                                record_id = %record.id(),
                                 error = %why,
-                                "Cosmos DB refused the abuse record for good; kept in the rejected file"
+                                "Cosmos DB refused the {} record for good; kept in the rejected file",
+                                R::KIND
                             );
                             refused.push(serde_json::to_vec(record).unwrap_or_default());
                         }

@@ -8,16 +8,17 @@
 //!   the Responses `response.completed` event — is the only one parsed. Lines split across
 //!   chunks are joined in one reused buffer.
 //!
-//! When the handler itself asked AOAI for usage (`stream_options.include_usage`, see
-//! [`inject_include_usage`]), the usage-only chunk (`"choices":[]` plus `usage`) is removed from
+//! When the handler itself asked AOAI for usage (`stream_options.include_usage`, added or set
+//! for a stream that did not ask or opted out, see [`inject_include_usage`]), the usage-only chunk (`"choices":[]` plus `usage`) is removed from
 //! what the client receives, and so is the `"usage":null` AOAI adds to the other chunks: the
 //! client gets exactly the events it would have got. Only then is any byte of the answer
 //! touched; an event is held back only while it is incomplete (no SSE client can act on half an
 //! event).
 //!
-//! Never fails the request. When the body ends or is dropped, the usage goes to the request's
-//! log line (through [`UsageSlot`]) and settles the caller's token reservation, if any
-//! ([`super::budget`]).
+//! Never fails the request. When the body ends or is dropped, what it measured goes to the
+//! request's log line and usage summary (through [`UsageSlot`]: AOAI's usage, or for a
+//! successful answer without one the reservation the budget kept, see [`Measured`]) and settles
+//! the caller's token reservation, if any ([`super::budget`]).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,8 @@ use http_body::{Frame, SizeHint};
 use serde::Deserialize;
 
 pub mod summary;
+
+pub use summary::Measured;
 
 use super::budget::Reservation;
 use super::route::Operation;
@@ -150,17 +153,39 @@ fn usage_only_chunk(json: &[u8]) -> Option<Usage> {
     }
 }
 
-/// Where the tap leaves the usage for the request's log line (written when the log drops, which
-/// is after the tap: the logged body drops its inner body first).
+/// Where the tap leaves what it measured for the request's log line and usage summary
+/// (written when the log drops, which is after the tap: the logged body drops its inner body
+/// first). Empty for an error answer (nothing is billed).
 #[derive(Debug, Default)]
-pub struct UsageSlot(Mutex<Option<Usage>>);
+pub struct UsageSlot(Mutex<Option<Measured>>);
 
 impl UsageSlot {
+    /// AOAI's usage, when the answer reported it.
     pub fn get(&self) -> Option<Usage> {
+        match self.measured() {
+            Some(Measured::Usage(u)) => Some(u),
+            _ => None,
+        }
+    }
+    /// What a successful answer is counted as.
+    pub fn measured(&self) -> Option<Measured> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn set(&self, u: Usage) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+    fn set(&self, m: Measured) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+    }
+}
+
+impl Measured {
+    /// The log line's `usage_source`: `answer` (AOAI's usage, exact), `reservation` (none
+    /// reported; the budget kept the reservation, an estimate), `none` (none reported, no
+    /// estimate: an unlimited caller).
+    pub fn source(&self) -> &'static str {
+        match self {
+            Measured::Usage(_) => "answer",
+            Measured::Estimate(_) => "reservation",
+            Measured::Unknown => "none",
+        }
     }
 }
 
@@ -205,16 +230,45 @@ fn has_usage_object(line: &[u8]) -> bool {
     false
 }
 
-/// Add `"stream_options":{"include_usage":true}` to a chat/completions body that asks for a
-/// stream and has no `stream_options`, as the first member of its top-level object. Every other
-/// byte stays as the client sent it (and as the gate screened it): this one added member, which
-/// the model does not read, is the only edit the handler ever makes to a request body.
+/// Make a chat/completions stream ask AOAI for its usage, when the client did not: the only
+/// edit the handler ever makes to a request body, to one member the model does not read; every
+/// other byte stays as the client sent it (and as the gate screened it). Then the meter removes
+/// the usage chunk again ([`Meter`]'s `strip`), so the client gets exactly the events it would
+/// have got. Per spelling of `stream_options` (member names matched regardless of ASCII case and
+/// after unescaping, as AOAI's front end binds them):
 ///
-/// Returns `None` when nothing is to change: not a stream, usage already asked for, or a
-/// `stream_options` present (its `include_usage: false` or other members are the client's to
-/// keep; such a stream is metered only if the client asked for usage).
+/// | the client sent | the handler sends | stream metered |
+/// |---|---|---|
+/// | no `stream_options` | `"stream_options":{"include_usage":true},` added first | yes |
+/// | `null` (the documented default, the same as absent) | `{"include_usage":true}` in its place | yes |
+/// | an object without `include_usage` (`{}`, other members) | `"include_usage":true` added first inside | yes |
+/// | `include_usage` `false` or `null` | that value replaced by `true` | yes |
+/// | `include_usage: true` | nothing (the client asked: its usage chunk passes) | yes |
+/// | anything else: `stream_options` or `include_usage` of another type (AOAI refuses it), either member twice in any spelling, `stream` twice with different values | nothing | only if AOAI reports usage anyway; else `usage_source` `reservation` or `none` |
+///
+/// Returns `None` when nothing is to change.
 pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
     add_include_usage(body, &body_facts(body)?)
+}
+
+/// How a stream gets its usage reported.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// Not a stream (`stream` absent, not `true`).
+    #[default]
+    NotAStream,
+    /// The client asked for usage itself.
+    Asked,
+    /// The handler asks: replace `remove` bytes at `at` with `insert`.
+    Edit {
+        at: usize,
+        remove: usize,
+        insert: &'static [u8],
+    },
+    /// Usage cannot be asked for without changing what the client asked (see
+    /// [`inject_include_usage`]): the stream goes up as sent and is metered only if AOAI reports
+    /// usage anyway.
+    Cannot,
 }
 
 /// What the meter needs from a request body, read in one pass.
@@ -222,111 +276,155 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
 pub struct BodyFacts {
     /// `user`, when a non-empty string (at most 256 characters kept, for the log line).
     pub user: Option<String>,
+    /// `model`, when a non-empty string (at most 64 characters kept): the deployment of the
+    /// `v1` routes.
+    pub model: Option<String>,
     /// `"stream": true`.
     pub stream: bool,
-    /// `stream_options` is present.
-    pub stream_options: bool,
+    /// Whether and how the handler asks for the stream's usage.
+    pub usage: StreamUsage,
 }
 
-/// Read [`BodyFacts`] from a JSON object body (`None` when it is not one).
-pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
-    // Top-level members only, borrowed (no tree), matched regardless of ASCII case as AOAI's
-    // front end binds them: `STREAM` is `stream`, and any spelling of `stream_options` (even
-    // `null`) means the body is not ours to edit (a red-team finding: `"stream_options":null`
-    // got a second `stream_options` added). Of a member given twice under the same exact name
-    // the last counts, as AOAI's JSON reader keeps it; names spelt differently all count.
-    // One pass over the object: only the three names are kept (borrowed), the other values
-    // are skipped unread (no map of every member, no owned copy of every name).
-    let TopLevel(members) = serde_json::from_slice(body).ok()?;
-    let mut facts = BodyFacts::default();
-    for (i, (key, raw)) in members.iter().enumerate() {
-        if members[i + 1..].iter().any(|(later, _)| later == key) {
-            continue;
-        }
-        if key.eq_ignore_ascii_case("stream") {
-            facts.stream |= raw.get().trim() == "true";
-        } else if key.eq_ignore_ascii_case("stream_options") {
-            facts.stream_options = true;
-        } else if key.eq_ignore_ascii_case("user") {
-            if let Ok(u) = serde_json::from_str::<String>(raw.get()) {
-                if !u.is_empty() {
-                    facts.user = Some(u.chars().take(256).collect());
-                }
-            }
-        }
-    }
-    Some(facts)
-}
+/// The members of one JSON object in order (duplicates kept), names unescaped, values borrowed
+/// from the body (so their byte offsets are known).
+struct Members<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
 
-/// The top-level members [`body_facts`] reads, in order, from a JSON object.
-struct TopLevel<'a>(Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)>);
-
-impl<'de> Deserialize<'de> for TopLevel<'de> {
+impl<'de> serde::Deserialize<'de> for Members<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> serde::de::Visitor<'de> for Members {
-            type Value = TopLevel<'de>;
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> Result<TopLevel<'de>, A::Error> {
-                let mut kept = Vec::new();
-                while let Some(Name(key)) = map.next_key()? {
-                    if ["stream", "stream_options", "user"]
-                        .iter()
-                        .any(|n| key.eq_ignore_ascii_case(n))
-                    {
-                        kept.push((key, map.next_value()?));
-                    } else {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    out.push((key, map.next_value::<&'de serde_json::value::RawValue>()?));
                 }
-                Ok(TopLevel(kept))
+                Ok(Members(out))
             }
         }
-        d.deserialize_map(Members)
+        d.deserialize_map(V)
     }
 }
 
-/// A member name, borrowed from the body unless it has escapes.
-struct Name<'a>(std::borrow::Cow<'a, str>);
+impl<'a> Members<'a> {
+    /// The values of the members named `name` regardless of ASCII case.
+    fn named(&self, name: &str) -> Vec<&'a serde_json::value::RawValue> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+            .collect()
+    }
+}
 
-impl<'de> Deserialize<'de> for Name<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Name<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a member name")
+/// Byte offset of `part` (a slice of `whole`) in `whole`.
+fn offset_in(whole: &[u8], part: &str) -> usize {
+    part.as_ptr() as usize - whole.as_ptr() as usize
+}
+
+/// Read [`BodyFacts`] from a JSON object body (`None` when it is not one).
+pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
+    // Top-level members only, borrowed (no tree), matched regardless of ASCII case as AOAI's
+    // front end binds them: `STREAM` is `stream`.
+    let members: Members<'_> = serde_json::from_slice(body).ok()?;
+    let mut facts = BodyFacts::default();
+    for (key, raw) in &members.0 {
+        if key.eq_ignore_ascii_case("user") {
+            if let Ok(u) = serde_json::from_str::<String>(raw.get()) {
+                if !u.is_empty() {
+                    facts.user = Some(u.chars().take(256).collect());
+                }
             }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
-                Ok(Name(std::borrow::Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
-                Ok(Name(std::borrow::Cow::Owned(v.to_string())))
+        } else if key.eq_ignore_ascii_case("model") {
+            if let Ok(m) = serde_json::from_str::<String>(raw.get()) {
+                if !m.is_empty() {
+                    facts.model = Some(m.chars().take(64).collect());
+                }
             }
         }
-        d.deserialize_str(V)
+    }
+    let streams = members.named("stream");
+    facts.stream = streams.iter().any(|v| v.get() == "true");
+    facts.usage = if !facts.stream {
+        StreamUsage::NotAStream
+    } else if streams.iter().all(|v| v.get() == "true") {
+        stream_usage(body, &members)
+    } else {
+        // `"stream":true,"STREAM":false`: which one AOAI binds is not ours to guess
+        StreamUsage::Cannot
+    };
+    Some(facts)
+}
+
+/// [`StreamUsage`] of a body that asks for a stream (see [`inject_include_usage`]).
+fn stream_usage(body: &[u8], top: &Members<'_>) -> StreamUsage {
+    let options = top.named("stream_options");
+    let Some(raw) = options.first() else {
+        // no `stream_options`: added as the first member of the body
+        let open = body.iter().position(|b| !b.is_ascii_whitespace());
+        return match open {
+            Some(at) if body[at] == b'{' => StreamUsage::Edit {
+                at: at + 1,
+                remove: 0,
+                insert: br#""stream_options":{"include_usage":true},"#,
+            },
+            _ => StreamUsage::Cannot,
+        };
+    };
+    if options.len() > 1 {
+        return StreamUsage::Cannot;
+    }
+    let value = raw.get();
+    let at = offset_in(body, value);
+    if value == "null" {
+        return StreamUsage::Edit {
+            at,
+            remove: value.len(),
+            insert: br#"{"include_usage":true}"#,
+        };
+    }
+    if !value.starts_with('{') {
+        return StreamUsage::Cannot;
+    }
+    let Ok(inner) = serde_json::from_str::<Members<'_>>(value) else {
+        return StreamUsage::Cannot;
+    };
+    let asked = inner.named("include_usage");
+    match asked.as_slice() {
+        [] => StreamUsage::Edit {
+            at: at + 1,
+            remove: 0,
+            insert: if inner.0.is_empty() {
+                br#""include_usage":true"#
+            } else {
+                br#""include_usage":true,"#
+            },
+        },
+        [v] if v.get() == "true" => StreamUsage::Asked,
+        [v] if v.get() == "false" || v.get() == "null" => StreamUsage::Edit {
+            at: offset_in(body, v.get()),
+            remove: v.get().len(),
+            insert: b"true",
+        },
+        _ => StreamUsage::Cannot,
     }
 }
 
 /// [`inject_include_usage`] with the body's facts already read.
 pub fn add_include_usage(body: &[u8], facts: &BodyFacts) -> Option<Bytes> {
-    if !facts.stream || facts.stream_options {
+    let StreamUsage::Edit { at, remove, insert } = facts.usage else {
         return None;
-    }
-    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[open] != b'{' {
-        return None;
-    }
-    const ADD: &[u8] = br#""stream_options":{"include_usage":true},"#;
-    let mut out = BytesMut::with_capacity(body.len() + ADD.len());
-    out.extend_from_slice(&body[..=open]);
-    out.extend_from_slice(ADD);
-    out.extend_from_slice(&body[open + 1..]);
+    };
+    let mut out = BytesMut::with_capacity(body.len() + insert.len());
+    out.extend_from_slice(&body[..at]);
+    out.extend_from_slice(insert);
+    out.extend_from_slice(&body[at + remove..]);
     Some(out.freeze())
 }
 
@@ -629,8 +727,12 @@ impl Drop for Meter {
         if !self.ended && http_body::Body::is_end_stream(&self.inner) {
             self.finish();
         }
-        if let Some(u) = self.usage {
-            self.slot.set(u);
+        if self.success {
+            self.slot.set(match (self.usage, &self.reservation) {
+                (Some(u), _) => Measured::Usage(u),
+                (None, Some(r)) => Measured::Estimate(r.reserved()),
+                (None, None) => Measured::Unknown,
+            });
         }
         if let Some(r) = self.reservation.take() {
             let used = if self.success {
@@ -804,60 +906,134 @@ mod tests {
             &out[..],
             br#"  {"stream_options":{"include_usage":true},"stream":true,"messages":[{"role":"user","content":"x"}]}"#
         );
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
         // AOAI binds top-level names regardless of case: `STREAM` asks for a stream too
         assert!(inject_include_usage(br#"{"STREAM":true}"#).is_some());
         for unchanged in [
             &br#"{"stream":false}"#[..],
+            br#"{"stream":false,"stream_options":null}"#,
             br#"{"messages":[]}"#,
-            br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
-            br#"{"stream":true,"stream_options":{"include_usage":false}}"#,
             br#"{"stream":"true"}"#,
-            br#"{"stream":true,"stream_options":null}"#,
-            br#"{"stream":true,"Stream_Options":{}}"#,
             br#"[{"stream":true}]"#,
             br#"{"stream":true"#,
         ] {
+            let facts = body_facts(unchanged);
+            assert!(
+                facts.is_none_or(|f| f.usage == StreamUsage::NotAStream),
+                "{}",
+                String::from_utf8_lossy(unchanged)
+            );
             assert!(inject_include_usage(unchanged).is_none());
         }
     }
 
+    /// Every spelling of `stream_options`: the exact bytes sent up, and when edited, the body
+    /// differs from the client's in `include_usage` alone.
     #[test]
-    fn body_facts_read_top_level_members_once() {
-        let facts = |b: &str| body_facts(b.as_bytes()).unwrap();
-        // the last of a name given twice counts; an escaped name is the same name
-        assert!(!facts(r#"{"stream":true,"stream":false}"#).stream);
-        assert!(facts(r#"{"stream":false,"stream":true}"#).stream);
-        assert!(facts(r#"{"str\u0065am":true}"#).stream);
-        assert!(facts(r#"{"Stream_Options":null,"stream":true}"#).stream_options);
-        assert_eq!(
-            facts(r#"{"user":"a","user":"b"}"#).user.as_deref(),
-            Some("b")
-        );
-        assert_eq!(
-            facts(r#"{"USER":"a","user":""}"#).user.as_deref(),
-            Some("a")
-        );
-        assert_eq!(facts(r#"{"user":"a","user":7}"#).user, None);
-        // nested members are not top-level ones
-        let nested = facts(r#"{"messages":[{"stream":true,"user":"x"}],"n":{"user":"y"}}"#);
-        assert!(!nested.stream && nested.user.is_none());
-        for not_an_object in [
-            "",
-            "[]",
-            "null",
-            r#"{"user":"a"} x"#,
-            r#"{"user":"a""#,
-            "{\"a\":}",
-        ] {
-            assert!(
-                body_facts(not_an_object.as_bytes()).is_none(),
-                "{not_an_object}"
-            );
+    fn every_spelling_of_stream_options() {
+        let edited: &[(&str, &str)] = &[
+            (
+                r#"{"stream":true,"stream_options":null,"n":1}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true},"n":1}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{}}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options": { } }"#,
+                r#"{"stream":true,"stream_options": {"include_usage":true } }"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{"include_obfuscation":false}}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true,"include_obfuscation":false}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options": { "include_usage" : false } }"#,
+                r#"{"stream":true,"stream_options": { "include_usage" : true } }"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{"include_usage":null,"x":"include_usage:false"}}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true,"x":"include_usage:false"}}"#,
+            ),
+            // names as AOAI binds them: any ASCII case, escapes decoded
+            (
+                r#"{"Stream":true,"Stream_Options":{"INCLUDE_USAGE":false}}"#,
+                r#"{"Stream":true,"Stream_Options":{"INCLUDE_USAGE":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream\u005foptions":{"include\u005Fusage":false}}"#,
+                r#"{"stream":true,"stream\u005foptions":{"include\u005Fusage":true}}"#,
+            ),
+        ];
+        for (sent, up) in edited {
+            let facts = body_facts(sent.as_bytes()).unwrap();
+            assert!(matches!(facts.usage, StreamUsage::Edit { .. }), "{sent}");
+            let out = inject_include_usage(sent.as_bytes()).unwrap();
+            assert_eq!(std::str::from_utf8(&out).unwrap(), *up, "{sent}");
+            // the same document but for include_usage
+            let mut a: serde_json::Value = serde_json::from_slice(sent.as_bytes()).unwrap();
+            let b: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let key = a
+                .as_object()
+                .unwrap()
+                .keys()
+                .find(|k| k.eq_ignore_ascii_case("stream_options"))
+                .unwrap()
+                .clone();
+            let opts = &mut a[&key];
+            if opts.is_null() {
+                *opts = serde_json::json!({});
+            }
+            let inner = opts
+                .as_object()
+                .unwrap()
+                .keys()
+                .find(|k| k.eq_ignore_ascii_case("include_usage"))
+                .cloned()
+                .unwrap_or_else(|| "include_usage".into());
+            opts[&inner] = serde_json::Value::Bool(true);
+            assert_eq!(a, b, "{sent}");
         }
-        let long = format!(r#"{{"user":"{}"}}"#, "é".repeat(300));
-        assert_eq!(facts(&long).user.unwrap().chars().count(), 256);
+        let asked = [
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"stream":true,"stream_options":{"Include_Usage":true,"x":1}}"#,
+        ];
+        for sent in asked {
+            assert_eq!(
+                body_facts(sent.as_bytes()).unwrap().usage,
+                StreamUsage::Asked,
+                "{sent}"
+            );
+            assert!(inject_include_usage(sent.as_bytes()).is_none());
+        }
+        // not ours to decide: AOAI refuses the type, or which duplicate it binds is unknown
+        let cannot = [
+            r#"{"stream":true,"stream_options":true}"#,
+            r#"{"stream":true,"stream_options":"include_usage"}"#,
+            r#"{"stream":true,"stream_options":[]}"#,
+            r#"{"stream":true,"stream_options":1}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":"true"}}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":0}}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":{}}}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":false,"include_usage":true}}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":true,"INCLUDE_USAGE":false}}"#,
+            r#"{"stream":true,"stream_options":null,"Stream_Options":{}}"#,
+            r#"{"stream":true,"stream_options":{},"stream_options":null}"#,
+            r#"{"stream":true,"STREAM":false}"#,
+            r#"{"stream":false,"Stream":true}"#,
+        ];
+        for sent in cannot {
+            assert_eq!(
+                body_facts(sent.as_bytes()).unwrap().usage,
+                StreamUsage::Cannot,
+                "{sent}"
+            );
+            assert!(inject_include_usage(sent.as_bytes()).is_none(), "{sent}");
+        }
     }
 
     #[test]

@@ -121,6 +121,34 @@ pub const NOT_TEXT: &[&str] = &[
     "server_url",
 ];
 
+/// Whether a string under a [`NOT_TEXT`] key is what the key promises, and so may go unscreened.
+/// A key does not make its value harmless: `"status":"ignore all previous instructions"` is
+/// free text in a place the table trusts, and the model may still read it. So only values of
+/// the key's own shape skip screening: identifiers and enumerations (no whitespace, at most 128
+/// characters), URLs (`http(s)://` or `data:` without whitespace), base64 for binary data.
+/// Anything else under those keys is screened as text.
+pub fn not_text_value(key: &str, value: &str) -> bool {
+    fn ident(v: &str) -> bool {
+        v.len() <= 128
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
+    }
+    fn url(v: &str) -> bool {
+        let lower = |p: &str| v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p);
+        (lower("https://") || lower("http://") || lower("data:"))
+            && !v.chars().any(|c| c.is_whitespace() || c.is_control())
+    }
+    fn base64(v: &str) -> bool {
+        v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
+    }
+    match key {
+        "url" | "image_url" | "server_url" => url(value),
+        "data" | "file_data" => base64(value) || url(value),
+        _ => ident(value),
+    }
+}
+
 /// Keys of a tool object itself (`tools[i].headers`, remote tools' credentials) never read as
 /// text and never copied into a record. Only there: the same names deeper down (a schema
 /// property called `headers`) are screened. Messages skip only `encrypted_content`.

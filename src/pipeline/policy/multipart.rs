@@ -23,6 +23,28 @@ pub struct Part<'a> {
     pub body: &'a [u8],
 }
 
+impl Part<'_> {
+    /// Whether the part declares a charset other than UTF-8 in its own `Content-Type`: its bytes
+    /// would be decoded differently by AOAI than the gate read them, so the gate refuses it.
+    pub fn foreign_charset(&self) -> bool {
+        let Some(ct) = self.content_type.as_deref() else {
+            return false;
+        };
+        ct.split(';').skip(1).any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("charset")
+                    && !is_utf8_label(v.trim().trim_matches('"'))
+            })
+        })
+    }
+}
+
+/// `utf-8` or `utf8`, in any case.
+pub fn is_utf8_label(label: &str) -> bool {
+    let l = label.trim();
+    l.eq_ignore_ascii_case("utf-8") || l.eq_ignore_ascii_case("utf8")
+}
+
 /// The `boundary` of a `multipart/form-data` content type; `Err` says what is wrong.
 pub fn boundary(content_type: &str) -> Result<String, &'static str> {
     let mut params = content_type.split(';');

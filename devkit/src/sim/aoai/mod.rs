@@ -15,8 +15,8 @@
 //! - token counts from [`super::tokens`]: usage equals the number of streamed content events
 //!   and the token count of the text;
 //! - per-deployment requests-per-minute and tokens-per-minute limits ([`quota`]) → 429 with
-//!   `retry-after` / `retry-after-ms`; every answer carries `x-ratelimit-remaining-requests` /
-//!   `-tokens`;
+//!   `retry-after` / `retry-after-ms`; every answer, 429 included, carries
+//!   `x-ratelimit-remaining-requests` / `-tokens`;
 //! - time per token and a first-token delay, so streaming looks like streaming ([`body`]);
 //! - failures on demand, per request by header or at a configured rate:
 //!   `x-sim-fail: 500|502|503|…` (that status, AOAI-shaped), `slow` (wait
@@ -573,13 +573,17 @@ async fn handle(sim: Arc<AoaiSim>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| *s > 0.0);
-    let quota = match forced_429 {
-        Some(secs) => Err(Duration::from_secs_f64(secs.min(3600.0))),
-        None => charge(&sim, &deployment, plan.total_tokens()),
-    };
-    let remaining = match quota {
-        Ok(r) => r,
-        Err(wait) => return too_many_requests(&sim, target.op, &api_version, wait),
+    let remaining = match forced_429 {
+        Some(secs) => {
+            let wait = Duration::from_secs_f64(secs.min(3600.0));
+            return too_many_requests(&sim, target.op, &api_version, wait, None);
+        }
+        None => match charge(&sim, &deployment, plan.total_tokens()) {
+            Ok(r) => r,
+            Err(t) => {
+                return too_many_requests(&sim, target.op, &api_version, t.wait, Some(t.remaining))
+            }
+        },
     };
 
     let mut response = plan.into_response(&sim, reset);

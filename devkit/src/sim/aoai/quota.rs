@@ -1,5 +1,11 @@
 //! Per-deployment requests-per-minute and tokens-per-minute limits: token buckets holding one
-//! minute of quota, refilled continuously; over a limit → AOAI's 429 with `retry-after`.
+//! minute of quota, refilled continuously; over a limit → AOAI's 429.
+//!
+//! Headers as AOAI sends them: a 429 carries `retry-after` (whole seconds, rounded up) and
+//! `retry-after-ms`; every answer, 429 included, carries `x-ratelimit-remaining-requests` and
+//! `x-ratelimit-remaining-tokens`. On a 429 these say what is really left: the limit that was hit
+//! reads (near) zero, the other keeps its level (a token-throttled 429 may still show requests
+//! remaining), so a client steering on them sees which limit bit.
 
 use super::*;
 
@@ -47,12 +53,19 @@ pub(super) struct Remaining {
     pub(super) tokens: u64,
 }
 
-/// Charge one request and `tokens`; `Err(wait)` when the deployment is over a limit.
+/// A refused charge: how long until it would pass, and what is left meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Throttled {
+    pub(super) wait: Duration,
+    pub(super) remaining: Remaining,
+}
+
+/// Charge one request and `tokens`; `Err` when the deployment is over a limit (nothing charged).
 pub(super) fn charge(
     sim: &AoaiSim,
     deployment: &str,
     tokens: usize,
-) -> Result<Remaining, Duration> {
+) -> Result<Remaining, Throttled> {
     let mut limits = sim.limits.lock().unwrap_or_else(|e| e.into_inner());
     let quota = limits
         .entry(deployment.to_string())
@@ -83,7 +96,10 @@ pub(super) fn charge(
     .max()
     .unwrap_or(Duration::ZERO);
     if !wait.is_zero() {
-        return Err(wait);
+        return Err(Throttled {
+            wait,
+            remaining: remaining(quota),
+        });
     }
     if let Some(b) = quota.requests.as_mut() {
         b.level -= 1.0;
@@ -91,23 +107,25 @@ pub(super) fn charge(
     if let Some(b) = quota.tokens.as_mut() {
         b.level = (b.level - tokens).max(0.0);
     }
-    Ok(Remaining {
-        requests: quota
-            .requests
-            .as_ref()
-            .map_or(u64::MAX >> 12, |b| b.level as u64),
-        tokens: quota
-            .tokens
-            .as_ref()
-            .map_or(u64::MAX >> 12, |b| b.level as u64),
-    })
+    Ok(remaining(quota))
 }
 
+/// What the buckets hold now, in whole units (an unlimited one reads as a large number).
+fn remaining(quota: &Quota) -> Remaining {
+    let level = |b: &Option<Bucket>| b.as_ref().map_or(u64::MAX >> 12, |b| b.level as u64);
+    Remaining {
+        requests: level(&quota.requests),
+        tokens: level(&quota.tokens),
+    }
+}
+
+/// AOAI's 429; `remaining` `None` (a forced 429 by `x-sim-ratelimit`) reads as nothing left.
 pub(super) fn too_many_requests(
     sim: &AoaiSim,
     op: Op,
     api_version: &str,
     wait: Duration,
+    remaining: Option<Remaining>,
 ) -> Response {
     let ms = wait.as_millis().max(1) as u64;
     let secs = ms.div_ceil(1000).max(1);
@@ -126,8 +144,18 @@ pub(super) fn too_many_requests(
     let h = response.headers_mut();
     h.insert("retry-after", HeaderValue::from(secs));
     h.insert("retry-after-ms", HeaderValue::from(ms));
-    h.insert("x-ratelimit-remaining-requests", HeaderValue::from(0u64));
-    h.insert("x-ratelimit-remaining-tokens", HeaderValue::from(0u64));
+    let left = remaining.unwrap_or(Remaining {
+        requests: 0,
+        tokens: 0,
+    });
+    h.insert(
+        "x-ratelimit-remaining-requests",
+        HeaderValue::from(left.requests),
+    );
+    h.insert(
+        "x-ratelimit-remaining-tokens",
+        HeaderValue::from(left.tokens),
+    );
     if let Ok(v) = HeaderValue::from_str(&sim.config.name) {
         h.insert("x-sim-resource", v);
     }
