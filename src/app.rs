@@ -66,7 +66,9 @@ use crate::pipeline::auth::Authenticator;
 use crate::pipeline::batch::{self, Refused, Upload};
 use crate::pipeline::budget::{self, Budgets, Reservation};
 use crate::pipeline::content_safety::{ContentSafety, Credential, Verdict};
-use crate::pipeline::forward::{content_length, sensitive, UpBody, Upstream, UpstreamAuth};
+use crate::pipeline::forward::{
+    content_length, sensitive, Forwarded, UpBody, Upstream, UpstreamAuth,
+};
 use crate::pipeline::meter::{self, Meter, UsageSlot};
 use crate::pipeline::policy::{self, Inspected, UserCheck, UserRegistry};
 use crate::pipeline::route::{self, Operation, Route, UpstreamTarget};
@@ -114,8 +116,10 @@ impl AppState {
             .cosmos
             .as_ref()
             .is_some_and(|c| c.key.is_none() && kv.cosmos_key.is_none());
+        let backup_uris = settings.spillover.backup_key_uris.clone();
         let identity = if settings.aoai_auth == AoaiAuth::ManagedIdentity
             || kv.any()
+            || !backup_uris.is_empty()
             || cs_needs_identity
             || cosmos_needs_identity
         {
@@ -155,7 +159,19 @@ impl AppState {
                 ))
             }
         };
-        let upstream = Upstream::new(&settings, upstream_auth).map_err(|e| {
+        let upstream = if backup_uris.is_empty() {
+            Upstream::new(&settings, upstream_auth)
+        } else {
+            // AOAI_BACKUP_OUTAPIKEY_SECRET_URIS: one Key Vault secret per backup, each fetched
+            // now (no start without it), refreshed and re-read on a 401 like the primary's.
+            let mut backups = Vec::with_capacity(backup_uris.len());
+            for uri in &backup_uris {
+                let secret = fetch_secret(Some(uri), identity.as_ref(), kv.refresh).await?;
+                backups.extend(secret.map(UpstreamAuth::Vault));
+            }
+            Upstream::with_backups(&settings, upstream_auth, backups)
+        }
+        .map_err(|e| {
             SettingsError::new(
                 "AOAI_HOSTNAME",
                 format!("cannot build the HTTP client: {e}"),
@@ -371,7 +387,8 @@ pub struct RequestLog {
     pub operation: Option<&'static str>,
     pub status: u16,
     pub error: Option<&'static str>,
-    pub upstream_latency: Option<Duration>,
+    /// The resource that answered, the attempts, the upstream latency.
+    pub forwarded: Forwarded,
     /// The body's `user`, when the body was read.
     pub user: Option<String>,
     /// Where the meter leaves the answer's usage.
@@ -388,7 +405,7 @@ pub struct RequestLog {
 impl Drop for RequestLog {
     fn drop(&mut self) {
         let total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        let upstream_ms = self.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
+        let upstream_ms = self.forwarded.latency.map(|d| d.as_secs_f64() * 1000.0);
         let usage = self.usage.as_ref().and_then(|slot| slot.get());
         tracing::info!(
             target: "request",
@@ -405,6 +422,8 @@ impl Drop for RequestLog {
             total_tokens = usage.map(|u| u.total_tokens),
             cached_tokens = usage.and_then(|u| u.cached_tokens),
             reasoning_tokens = usage.and_then(|u| u.reasoning_tokens),
+            upstream = self.forwarded.upstream.as_deref(),
+            attempts = self.forwarded.attempts,
             upstream_ms,
             total_ms,
             completed = self.completed,
@@ -438,7 +457,7 @@ async fn handle(State(state): State<Arc<AppState>>, mut request: Request) -> Res
         operation: None,
         status: 0,
         error: None,
-        upstream_latency: None,
+        forwarded: Forwarded::default(),
         user: None,
         usage: None,
         budget_remaining: None,
@@ -627,7 +646,7 @@ async fn pipeline(
 ) -> Result<Response, AppError> {
     let (mut parts, body) = request.into_parts();
     let target = match route::resolve(&parts.method, parts.uri.path(), parts.uri.query())? {
-        Route::Health => return Ok(health()),
+        Route::Health => return Ok(health(state)),
         Route::Upstream(target) => target,
     };
     log.deployment = target.deployment.clone();
@@ -644,10 +663,13 @@ async fn pipeline(
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
     let limited = metered && state.budgets.limits(caller);
+    let declared = content_length(&parts.headers);
     let mut body = if target.operation.carries_prompt() && state.inspects() {
         UpBody::Full(gate(state, &target, &parts, body, log).await?)
     } else if limited
-        || (metered && content_length(&parts.headers).is_some_and(|n| n <= METER_BUFFER_BYTES))
+        || (metered && declared.is_some_and(|n| n <= METER_BUFFER_BYTES))
+        // with backups, a body small enough is read first so a 429 or 5xx can be retried
+        || declared.is_some_and(|n| n > 0 && n <= state.upstream.replay_max_bytes())
     {
         UpBody::Full(read_body(state, &parts, body, log).await?)
     } else {
@@ -694,6 +716,14 @@ async fn pipeline(
         }
     }
 
+    // What the request may use, against each resource's x-ratelimit-remaining-tokens: the
+    // reservation when there is one, else about a token per 4 bytes of body (AOAI counts the
+    // prompt and max_tokens; the body is a fair floor for the prompt).
+    let need = match (&reservation, &body) {
+        (Some(r), _) => r.reserved(),
+        (None, UpBody::Full(bytes)) => bytes.len() as u64 / 4,
+        (None, UpBody::Stream(_)) => declared.unwrap_or(0) / 4,
+    };
     let response = state
         .upstream
         .forward(
@@ -702,7 +732,8 @@ async fn pipeline(
             body,
             &log.request_id,
             deadline,
-            &mut log.upstream_latency,
+            need,
+            &mut log.forwarded,
         )
         .await?;
     if !metered {
@@ -1156,7 +1187,18 @@ async fn record_abuse(
         .map_err(|_| AppError::AuditUnavailable)
 }
 
-fn health() -> Response {
+/// The health route: 200 JSON; with `HEALTH_REFLECTS_CAPACITY`, 503 (AOAI-shaped, with
+/// `retry-after`) while every AOAI resource of this handler is cooling down or circuit-open, so
+/// the gateway's probe takes this instance out of rotation until one recovers.
+fn health(state: &AppState) -> Response {
+    if state.settings.spillover.health_reflects_capacity {
+        if let Some(wait) = state.upstream.no_capacity() {
+            return AppError::UpstreamUnavailable {
+                retry_after_ms: (wait.as_millis() as u64).max(1),
+            }
+            .into_response();
+        }
+    }
     let body = concat!(
         r#"{"status":"ok","service":"aoai-fwdproxy","version":""#,
         env!("CARGO_PKG_VERSION"),
