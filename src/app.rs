@@ -23,7 +23,10 @@
 //!    durable (journal fsync'd, group commit) before the refusal is answered; 503 when it cannot be;
 //! 7. [`budget`](crate::pipeline::budget): for a caller with a token limit, reserves the
 //!    request's tokens (429 when the budget cannot cover them);
-//! 8. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways;
+//! 8. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways; with
+//!    `AOAI_BACKUPS`, a 429, 5xx or failed resource hands the request to the next one before any
+//!    byte of the answer went out (a body up to `SPILLOVER_REPLAY_MAX_BYTES` is read first so it
+//!    can be sent again);
 //! 9. [`meter`](crate::pipeline::meter): a tap on the answer of token-metered operations reads
 //!    `usage` into the log line and settles the reservation when the body ends.
 //!

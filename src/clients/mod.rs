@@ -1,5 +1,5 @@
-//! Clients of the Azure services the handler talks to besides AOAI, each built once at startup
-//! and shared by every request.
+//! Clients of the services the handler talks to, each built once at startup and shared by every
+//! request.
 //!
 //! - [`http`]: the one shared HTTPS client (rustls, pooled, no proxy, no redirects) that AOAI
 //!   and Content Safety calls go through ([`http::https_client`]).
