@@ -722,7 +722,9 @@ async fn pipeline(
     // What the request may use, against each resource's x-ratelimit-remaining-tokens: the
     // reservation when there is one, else about a token per 4 bytes of body (AOAI counts the
     // prompt and max_tokens; the body is a fair floor for the prompt).
+    // Operations AOAI does not count in tokens (audio, images, files) need none.
     let need = match (&reservation, &body) {
+        _ if !metered => 0,
         (Some(r), _) => r.reserved(),
         (None, UpBody::Full(bytes)) => bytes.len() as u64 / 4,
         (None, UpBody::Stream(_)) => declared.unwrap_or(0) / 4,

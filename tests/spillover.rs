@@ -527,11 +527,14 @@ async fn the_budget_settles_once_across_attempts() {
     // out, so no wait; refill only adds)
     s.backups[0].reply(throttled("600000"));
     let small = r#"{"messages":[{"role":"user","content":"Hello world"}],"max_tokens":100}"#;
-    let before = budgets.remaining("default").unwrap();
+    let (asked, before) = (Instant::now(), budgets.remaining("default").unwrap());
     let resp = s.app.post(&format!("{CHAT}?{API}"), small).await;
-    assert_eq!(
-        resp.headers()["x-fwdproxy-remaining-tokens"],
-        (before - 110).to_string()
+    // one reservation of 110 (10 prompt + 100), plus what refilled meanwhile (10 a second)
+    let held = header_ms(&resp, "x-fwdproxy-remaining-tokens");
+    let refill = asked.elapsed().as_secs_f64() * 10.0;
+    assert!(
+        held >= before - 110 && held as f64 <= (before - 110) as f64 + refill + 1.0,
+        "{before} before, {held} while held"
     );
     assert_eq!(aoai_error(resp, 429).await.0, "429");
     assert_eq!(s.counts(), [1, 2]);
@@ -548,7 +551,14 @@ async fn the_budget_settles_once_across_attempts() {
 async fn health_reflects_capacity_only_when_opted_in() {
     for opted in [true, false] {
         let flag = if opted { "true" } else { "false" };
-        let s = Spill::start(1, &[("HEALTH_REFLECTS_CAPACITY", flag)]).await;
+        let s = Spill::start(
+            1,
+            &[
+                ("HEALTH_REFLECTS_CAPACITY", flag),
+                ("SPILLOVER_CIRCUIT_OPEN_MS", "600000"),
+            ],
+        )
+        .await;
         let health = async || {
             s.app
                 .client
@@ -709,4 +719,24 @@ fn mismatched_backup_keys_stop_the_start() {
     .unwrap_err();
     assert_eq!(e.name, "AOAI_BACKUP_OUTAPIKEYS");
     assert!(!e.to_string().contains(BACKUP_KEYS[0]));
+}
+
+/// Rate limits are per deployment: a throttled `gpt-4o` on the primary spills, while another
+/// deployment of the same primary keeps going to it.
+#[tokio::test]
+async fn a_throttled_deployment_does_not_move_the_others() {
+    let s = Spill::start(1, &[]).await;
+    s.primary.reply(throttled("600000"));
+    s.backups[0].reply(ok_from("backup"));
+    assert_eq!(s.chat().await.headers()["x-fake"], "backup");
+    s.primary.reply(ok_from("primary"));
+    let embeddings = format!("/api/FwdProxy/openai/deployments/embed/embeddings?{API}");
+    let resp = s.app.post(&embeddings, r#"{"input":"hello"}"#).await;
+    assert_eq!(resp.headers()["x-fake"], "primary");
+    assert_eq!(
+        s.chat().await.headers()["x-fake"],
+        "backup",
+        "gpt-4o still cools down"
+    );
+    assert_eq!(s.counts(), [2, 2]);
 }

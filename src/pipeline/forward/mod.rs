@@ -179,31 +179,40 @@ impl Upstream {
         let now = Instant::now();
         self.endpoints
             .iter()
-            .map(|e| e.health.stats(&e.name, now, &self.tuning))
+            .map(|e| e.health.stats(&e.name, now))
             .collect()
     }
 
-    /// `Some(wait)` while every resource is cooling down or circuit-open: the shortest time until
-    /// one may take requests again (what the health route reports with
-    /// `HEALTH_REFLECTS_CAPACITY`).
+    /// `Some(wait)` while every resource is circuit-open or has every deployment it tracks
+    /// cooling down: the shortest time until one may take requests again (what the health route
+    /// reports with `HEALTH_REFLECTS_CAPACITY`).
     pub fn no_capacity(&self) -> Option<Duration> {
         let now = Instant::now();
-        let mut soonest: Option<Instant> = None;
-        for e in &self.endpoints {
-            let until = e.health.blocked_until(now, &self.tuning)?;
-            soonest = Some(soonest.map_or(until, |s| s.min(until)));
-        }
-        soonest.map(|s| s.saturating_duration_since(now))
+        soonest(
+            self.endpoints
+                .iter()
+                .map(|e| e.health.resource_blocked_until(now)),
+            now,
+        )
     }
 
-    /// `Some(shortest wait)` when every resource is cooling down after a 429.
-    fn all_cooling(&self, now: Instant) -> Option<Duration> {
-        let mut soonest: Option<Instant> = None;
-        for e in &self.endpoints {
-            let until = e.health.cooling_until(now)?;
-            soonest = Some(soonest.map_or(until, |s| s.min(until)));
-        }
-        soonest.map(|s| s.saturating_duration_since(now))
+    /// `Some(shortest wait)` when no resource may take a request for deployment `key` now.
+    fn blocked(&self, key: &str, now: Instant) -> Option<Duration> {
+        let each = self.endpoints.iter();
+        soonest(
+            each.map(|e| e.health.blocked_until(key, now, &self.tuning)),
+            now,
+        )
+    }
+
+    /// `Some(shortest wait)` when every resource is cooling down for deployment `key`.
+    fn all_cooling(&self, key: &str, now: Instant) -> Option<Duration> {
+        soonest(
+            self.endpoints
+                .iter()
+                .map(|e| e.health.cooling_until(key, now)),
+            now,
+        )
     }
 
     /// Forward one request (see the module doc for the order, the retries and the answers).
@@ -239,6 +248,8 @@ impl Upstream {
         };
         let replayable = stream.is_none();
 
+        // rate limits are per deployment (v1 routes carry it in the body: one key for them all)
+        let key = target.deployment.as_deref().unwrap_or("");
         let n = self.endpoints.len();
         let healths: Vec<&Health> = self.endpoints.iter().map(|e| &e.health).collect();
         let mut tried = vec![false; n];
@@ -255,7 +266,7 @@ impl Upstream {
             } else if !replayable && trace.attempts > 0 {
                 None
             } else {
-                pool::pick(&healths, &tried, now, need, &self.tuning)
+                pool::pick(&healths, &tried, now, key, need, &self.tuning)
             };
             let Some(pick) = pick else { break };
             tried[pick.index] = true;
@@ -296,6 +307,7 @@ impl Upstream {
                     let outcome = Outcome::of(answer.status(), answer.headers());
                     endpoint.health.record(
                         outcome,
+                        key,
                         pool::remaining(answer.headers()),
                         ended,
                         &self.tuning,
@@ -317,6 +329,7 @@ impl Upstream {
                 Err(Failure::Upstream) => {
                     endpoint.health.record(
                         Outcome::Failed,
+                        key,
                         pool::Remaining::default(),
                         ended,
                         &self.tuning,
@@ -331,7 +344,7 @@ impl Upstream {
         }
 
         let now = Instant::now();
-        if let Some(wait) = self.all_cooling(now) {
+        if let Some(wait) = self.all_cooling(key, now) {
             // every resource asked for time: say the soonest (only reached with backups)
             return Err(AppError::AllThrottled {
                 retry_after_ms: millis(wait),
@@ -341,10 +354,20 @@ impl Upstream {
             Some(Ok(answer)) => upstream::pass_through(answer, deadline),
             Some(Err(e)) => Err(e),
             None => Err(AppError::UpstreamUnavailable {
-                retry_after_ms: millis(self.no_capacity().unwrap_or(Duration::from_secs(1))),
+                retry_after_ms: millis(self.blocked(key, now).unwrap_or(Duration::from_secs(1))),
             }),
         }
     }
+}
+
+/// The soonest of `instants` as a wait from `now`, when every one is `Some`.
+fn soonest(instants: impl Iterator<Item = Option<Instant>>, now: Instant) -> Option<Duration> {
+    let mut first: Option<Instant> = None;
+    for until in instants {
+        let until = until?;
+        first = Some(first.map_or(until, |f| f.min(until)));
+    }
+    first.map(|f| f.saturating_duration_since(now))
 }
 
 /// A wait in whole milliseconds, at least 1 (a `retry-after-ms: 0` would invite a busy loop).

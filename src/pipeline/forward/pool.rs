@@ -6,6 +6,12 @@
 //! and a lock-free design would need several atomics kept consistent with each other for no
 //! measurable gain at AOAI's request rates.
 //!
+//! AOAI's rate limits are per deployment (each has its own tokens- and requests-per-minute), so
+//! cool-downs and remaining readings are kept per deployment name of each resource (the route's
+//! deployment; `""` for routes without one in the path, such as v1, whose deployment is in the
+//! body): a throttled `gpt-4o` does not send `text-embedding-3-large` elsewhere. The circuit is
+//! the resource's own: a 5xx or a failed connection says the resource is in trouble.
+//!
 //! # States
 //! - **cooling down** until an instant: AOAI answered 429; the wait is its `retry-after-ms`, else
 //!   `retry-after` (seconds), else [`Tuning::default_cool_down`], at most
@@ -23,6 +29,7 @@
 //! The pick is ordered, never round robin: the first ready (or probe-able) upstream in
 //! configuration order, then the first low one; each upstream at most once per request.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -160,13 +167,65 @@ enum Circuit {
     Probing,
 }
 
-#[derive(Debug)]
-struct State {
+/// At most this many deployments are tracked per resource; past it, entries that say nothing
+/// any more (cool-down over, reading stale) are dropped first, and a new one is not tracked when
+/// none can be (names come from clients: a flood of made-up names must not grow memory).
+const MAX_TRACKED: usize = 256;
+
+/// What one deployment of a resource said about its quota.
+#[derive(Debug, Default, Clone, Copy)]
+struct Quota {
     cool_until: Option<Instant>,
-    circuit: Circuit,
     remaining: Remaining,
     /// When `remaining` was read.
     seen_at: Option<Instant>,
+}
+
+impl Quota {
+    fn cooling(&self, now: Instant) -> Option<Instant> {
+        self.cool_until.filter(|u| *u > now)
+    }
+
+    /// Still says something at `now`: cooling down, or a reading younger than `steer`.
+    fn live(&self, now: Instant, steer: Duration) -> bool {
+        self.cooling(now).is_some()
+            || self
+                .seen_at
+                .is_some_and(|at| now.saturating_duration_since(at) < steer)
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    circuit: Circuit,
+    /// Per deployment name.
+    quotas: HashMap<Box<str>, Quota>,
+}
+
+impl State {
+    /// The deployment's entry, made when there is room (see [`MAX_TRACKED`]).
+    fn quota_mut(&mut self, key: &str, now: Instant, tuning: &Tuning) -> Option<&mut Quota> {
+        if !self.quotas.contains_key(key) {
+            if self.quotas.len() >= MAX_TRACKED {
+                self.quotas.retain(|_, q| q.live(now, tuning.steer));
+            }
+            if self.quotas.len() >= MAX_TRACKED {
+                return None;
+            }
+            self.quotas.insert(key.into(), Quota::default());
+        }
+        self.quotas.get_mut(key)
+    }
+
+    /// With deployments tracked and every one of them cooling down: the soonest end.
+    fn all_cooling(&self, now: Instant) -> Option<Instant> {
+        let mut soonest: Option<Instant> = None;
+        for q in self.quotas.values() {
+            let until = q.cooling(now)?;
+            soonest = Some(soonest.map_or(until, |s| s.min(until)));
+        }
+        soonest
+    }
 }
 
 /// Counters of one upstream (monotonic, relaxed: read for reports, never for decisions).
@@ -180,7 +239,7 @@ pub struct Counters {
     pub server_errors: AtomicU64,
     /// Exchanges that got no answer (connection refused or reset, TLS).
     pub connect_failures: AtomicU64,
-    /// Times a 429 started a cool-down (a 429 during one only lengthens it).
+    /// Times a 429 started a cool-down of a deployment (a 429 during one only lengthens it).
     pub cool_downs: AtomicU64,
     /// Times the circuit opened (from closed or after a failed probe).
     pub circuit_opens: AtomicU64,
@@ -200,7 +259,8 @@ pub struct UpstreamStats {
     pub cool_downs: u64,
     pub circuit_opens: u64,
     pub steered_away: u64,
-    /// `ready`, `cooling`, `open` or `probing` right now.
+    /// Right now: `open` or `probing` (the circuit), `cooling` (every deployment it tracks is
+    /// cooling down), else `ready`.
     pub state: &'static str,
 }
 
@@ -215,10 +275,8 @@ impl Default for Health {
     fn default() -> Self {
         Health {
             state: Mutex::new(State {
-                cool_until: None,
                 circuit: Circuit::Closed,
-                remaining: Remaining::default(),
-                seen_at: None,
+                quotas: HashMap::new(),
             }),
             counters: Counters::default(),
         }
@@ -231,31 +289,47 @@ impl Health {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether this upstream may take a request needing `need` tokens at `now` (no change).
-    pub fn availability(&self, now: Instant, need: u64, tuning: &Tuning) -> Availability {
-        availability(&self.lock(), now, need, tuning)
+    /// Whether this upstream may take a request for deployment `key` needing `need` tokens at
+    /// `now` (no change).
+    pub fn availability(
+        &self,
+        now: Instant,
+        key: &str,
+        need: u64,
+        tuning: &Tuning,
+    ) -> Availability {
+        availability(&self.lock(), now, key, need, tuning)
     }
 
     /// As [`Health::availability`], but a half-open upstream is claimed for this request's probe
     /// (then [`Availability::Probe`] is returned once, and [`Availability::Probing`] to everyone
     /// else until [`Health::record`] or [`Health::release_probe`]).
-    fn claim(&self, now: Instant, need: u64, tuning: &Tuning) -> Availability {
+    fn claim(&self, now: Instant, key: &str, need: u64, tuning: &Tuning) -> Availability {
         let mut s = self.lock();
-        let a = availability(&s, now, need, tuning);
+        let a = availability(&s, now, key, need, tuning);
         if a == Availability::Probe {
             s.circuit = Circuit::Probing;
         }
         a
     }
 
-    /// Take in the outcome of an exchange that ended at `now`; `remaining` is what its answer
-    /// said (nothing for [`Outcome::Failed`]).
-    pub fn record(&self, outcome: Outcome, remaining: Remaining, now: Instant, tuning: &Tuning) {
+    /// Take in the outcome of an exchange for deployment `key` that ended at `now`; `remaining`
+    /// is what its answer said (nothing for [`Outcome::Failed`]).
+    pub fn record(
+        &self,
+        outcome: Outcome,
+        key: &str,
+        remaining: Remaining,
+        now: Instant,
+        tuning: &Tuning,
+    ) {
         let c = &self.counters;
         let mut s = self.lock();
         if remaining.known() {
-            s.remaining = remaining;
-            s.seen_at = Some(now);
+            if let Some(q) = s.quota_mut(key, now, tuning) {
+                q.remaining = remaining;
+                q.seen_at = Some(now);
+            }
         }
         match outcome {
             Outcome::Throttled(wait) => {
@@ -264,10 +338,13 @@ impl Health {
                     .unwrap_or(tuning.default_cool_down)
                     .min(tuning.max_cool_down);
                 let until = now + wait;
-                if s.cool_until.is_none_or(|u| u <= now) {
-                    c.cool_downs.fetch_add(1, Ordering::Relaxed);
+                if let Some(q) = s.quota_mut(key, now, tuning) {
+                    let running = q.cooling(now);
+                    if running.is_none() {
+                        c.cool_downs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    q.cool_until = Some(running.map_or(until, |u| u.max(until)));
                 }
-                s.cool_until = Some(s.cool_until.map_or(until, |u| u.max(until)));
                 // it answered: the resource is up
                 s.circuit = Circuit::Closed;
             }
@@ -296,29 +373,37 @@ impl Health {
         }
     }
 
-    /// The instant this upstream is cooling down until, if it is at `now`.
-    pub fn cooling_until(&self, now: Instant) -> Option<Instant> {
-        self.lock().cool_until.filter(|u| *u > now)
+    /// The instant deployment `key` of this upstream is cooling down until, if it is at `now`.
+    pub fn cooling_until(&self, key: &str, now: Instant) -> Option<Instant> {
+        self.lock().quotas.get(key).and_then(|q| q.cooling(now))
     }
 
-    /// The instant it may take requests again, when it may not now (cooling down or circuit
-    /// open; a probe in flight counts as about a second).
-    pub fn blocked_until(&self, now: Instant, tuning: &Tuning) -> Option<Instant> {
-        match availability(&self.lock(), now, 0, tuning) {
-            Availability::Cooling(u) | Availability::Open(u) => Some(u),
-            Availability::Probing => Some(now + Duration::from_secs(1)),
-            _ => None,
-        }
+    /// The instant it may take requests for deployment `key` again, when it may not now
+    /// (cooling down or circuit open; a probe in flight counts as about a second).
+    pub fn blocked_until(&self, key: &str, now: Instant, tuning: &Tuning) -> Option<Instant> {
+        blocked(availability(&self.lock(), now, key, 0, tuning), now)
     }
 
-    pub fn stats(&self, name: &str, now: Instant, tuning: &Tuning) -> UpstreamStats {
+    /// As [`Health::blocked_until`] for the resource as a whole: circuit open, or every
+    /// deployment it tracks cooling down (what the health route reports).
+    pub fn resource_blocked_until(&self, now: Instant) -> Option<Instant> {
+        let s = self.lock();
+        circuit_availability(&s, now)
+            .and_then(|a| blocked(a, now))
+            .or_else(|| s.all_cooling(now))
+    }
+
+    pub fn stats(&self, name: &str, now: Instant) -> UpstreamStats {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let c = &self.counters;
-        let state = match availability(&self.lock(), now, 0, tuning) {
-            Availability::Cooling(_) => "cooling",
-            Availability::Open(_) => "open",
-            Availability::Probing => "probing",
-            _ => "ready",
+        let state = {
+            let s = self.lock();
+            match circuit_availability(&s, now) {
+                Some(Availability::Open(_)) => "open",
+                Some(Availability::Probing) => "probing",
+                _ if s.all_cooling(now).is_some() => "cooling",
+                _ => "ready",
+            }
         };
         UpstreamStats {
             name: name.to_string(),
@@ -334,21 +419,37 @@ impl Health {
     }
 }
 
-fn availability(s: &State, now: Instant, need: u64, tuning: &Tuning) -> Availability {
-    if let Some(until) = s.cool_until.filter(|u| *u > now) {
+fn blocked(a: Availability, now: Instant) -> Option<Instant> {
+    match a {
+        Availability::Cooling(u) | Availability::Open(u) => Some(u),
+        Availability::Probing => Some(now + Duration::from_secs(1)),
+        _ => None,
+    }
+}
+
+/// The circuit's say: `None` when it is closed.
+fn circuit_availability(s: &State, now: Instant) -> Option<Availability> {
+    match s.circuit {
+        Circuit::Open(until) if until > now => Some(Availability::Open(until)),
+        Circuit::Open(_) => Some(Availability::Probe),
+        Circuit::Probing => Some(Availability::Probing),
+        Circuit::Closed => None,
+    }
+}
+
+fn availability(s: &State, now: Instant, key: &str, need: u64, tuning: &Tuning) -> Availability {
+    let quota = s.quotas.get(key).copied().unwrap_or_default();
+    if let Some(until) = quota.cooling(now) {
         return Availability::Cooling(until);
     }
-    match s.circuit {
-        Circuit::Open(until) if until > now => return Availability::Open(until),
-        Circuit::Open(_) => return Availability::Probe,
-        Circuit::Probing => return Availability::Probing,
-        Circuit::Closed => {}
+    if let Some(a) = circuit_availability(s, now) {
+        return a;
     }
-    let fresh = s
+    let fresh = quota
         .seen_at
         .is_some_and(|at| now.saturating_duration_since(at) < tuning.steer);
-    let low =
-        s.remaining.requests == Some(0) || s.remaining.tokens.is_some_and(|t| t < need.max(1));
+    let low = quota.remaining.requests == Some(0)
+        || quota.remaining.tokens.is_some_and(|t| t < need.max(1));
     if fresh && low {
         Availability::Low
     } else {
@@ -365,14 +466,15 @@ pub struct Pick {
     pub probe: bool,
 }
 
-/// Pick the next upstream among `pool` (in order) not yet `tried`, for a request needing `need`
-/// tokens: the first ready or half-open one (claiming its probe), else the first low one; `None`
-/// when every untried upstream is cooling down, open or probing. Counts `steered_away` on the low
-/// ones passed over.
+/// Pick the next upstream among `pool` (in order) not yet `tried`, for a request to deployment
+/// `key` needing `need` tokens: the first ready or half-open one (claiming its probe), else the
+/// first low one; `None` when every untried upstream is cooling down, open or probing. Counts
+/// `steered_away` on the low ones passed over.
 pub fn pick(
     pool: &[&Health],
     tried: &[bool],
     now: Instant,
+    key: &str,
     need: u64,
     tuning: &Tuning,
 ) -> Option<Pick> {
@@ -381,11 +483,11 @@ pub fn pick(
         if tried.get(index).copied().unwrap_or(false) {
             continue;
         }
-        match h.claim(now, need, tuning) {
+        match h.claim(now, key, need, tuning) {
             Availability::Ready => {
-                for l in &low {
-                    let l: &&Health = &pool[*l];
-                    l.counters.steered_away.fetch_add(1, Ordering::Relaxed);
+                for &l in &low {
+                    let passed: &Health = pool[l];
+                    passed.counters.steered_away.fetch_add(1, Ordering::Relaxed);
                 }
                 return Some(Pick {
                     index,
@@ -408,6 +510,14 @@ pub fn pick(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const K: &str = "gpt-4o";
+
+    impl Health {
+        fn record_k(&self, o: Outcome, r: Remaining, now: Instant, t: &Tuning) {
+            self.record(o, K, r, now, t)
+        }
+    }
 
     fn t() -> Tuning {
         Tuning::default()
@@ -492,21 +602,24 @@ mod tests {
     #[test]
     fn a_429_cools_down_for_its_wait_and_expires() {
         let (h, now) = (Health::default(), Instant::now());
-        h.record(
+        h.record_k(
             Outcome::Throttled(Some(ms(300))),
             Remaining::default(),
             now,
             &t(),
         );
         assert_eq!(
-            h.availability(now, 1, &t()),
+            h.availability(now, K, 1, &t()),
             Availability::Cooling(now + ms(300))
         );
         assert_eq!(
-            h.availability(now + ms(299), 1, &t()),
+            h.availability(now + ms(299), K, 1, &t()),
             Availability::Cooling(now + ms(300))
         );
-        assert_eq!(h.availability(now + ms(300), 1, &t()), Availability::Ready);
+        assert_eq!(
+            h.availability(now + ms(300), K, 1, &t()),
+            Availability::Ready
+        );
         assert_eq!(h.counters.cool_downs.load(Ordering::Relaxed), 1);
     }
 
@@ -514,41 +627,44 @@ mod tests {
     fn a_429_without_a_wait_takes_the_default_and_a_long_one_is_capped() {
         let (h, now) = (Health::default(), Instant::now());
         let tuning = t();
-        h.record(Outcome::Throttled(None), Remaining::default(), now, &tuning);
-        assert_eq!(h.cooling_until(now), Some(now + tuning.default_cool_down));
+        h.record_k(Outcome::Throttled(None), Remaining::default(), now, &tuning);
+        assert_eq!(
+            h.cooling_until(K, now),
+            Some(now + tuning.default_cool_down)
+        );
         let h = Health::default();
-        h.record(
+        h.record_k(
             Outcome::Throttled(Some(Duration::from_secs(86_400))),
             Remaining::default(),
             now,
             &tuning,
         );
-        assert_eq!(h.cooling_until(now), Some(now + tuning.max_cool_down));
+        assert_eq!(h.cooling_until(K, now), Some(now + tuning.max_cool_down));
     }
 
     #[test]
     fn a_later_429_only_lengthens_a_cool_down() {
         let (h, now) = (Health::default(), Instant::now());
-        h.record(
+        h.record_k(
             Outcome::Throttled(Some(ms(1000))),
             Remaining::default(),
             now,
             &t(),
         );
-        h.record(
+        h.record_k(
             Outcome::Throttled(Some(ms(100))),
             Remaining::default(),
             now + ms(10),
             &t(),
         );
-        assert_eq!(h.cooling_until(now + ms(10)), Some(now + ms(1000)));
-        h.record(
+        assert_eq!(h.cooling_until(K, now + ms(10)), Some(now + ms(1000)));
+        h.record_k(
             Outcome::Throttled(Some(ms(2000))),
             Remaining::default(),
             now + ms(20),
             &t(),
         );
-        assert_eq!(h.cooling_until(now + ms(20)), Some(now + ms(2020)));
+        assert_eq!(h.cooling_until(K, now + ms(20)), Some(now + ms(2020)));
         assert_eq!(
             h.counters.cool_downs.load(Ordering::Relaxed),
             1,
@@ -556,7 +672,7 @@ mod tests {
         );
         assert_eq!(h.counters.throttled.load(Ordering::Relaxed), 3);
         // after it ended, a new 429 is a new cool-down
-        h.record(
+        h.record_k(
             Outcome::Throttled(Some(ms(1))),
             Remaining::default(),
             now + ms(5000),
@@ -571,42 +687,42 @@ mod tests {
         let tuning = t();
         for failure in [Outcome::ServerError, Outcome::Failed] {
             let h2 = Health::default();
-            h2.record(failure, Remaining::default(), now, &tuning);
+            h2.record_k(failure, Remaining::default(), now, &tuning);
             assert_eq!(
-                h2.availability(now, 1, &tuning),
+                h2.availability(now, K, 1, &tuning),
                 Availability::Open(now + tuning.circuit_open)
             );
         }
-        h.record(Outcome::ServerError, Remaining::default(), now, &tuning);
+        h.record_k(Outcome::ServerError, Remaining::default(), now, &tuning);
         let later = now + tuning.circuit_open;
-        assert_eq!(h.claim(later, 1, &tuning), Availability::Probe);
+        assert_eq!(h.claim(later, K, 1, &tuning), Availability::Probe);
         assert_eq!(
-            h.claim(later, 1, &tuning),
+            h.claim(later, K, 1, &tuning),
             Availability::Probing,
             "one probe at a time"
         );
         assert_eq!(
-            h.blocked_until(later, &tuning),
+            h.blocked_until(K, later, &tuning),
             Some(later + Duration::from_secs(1))
         );
         // the probe fails: open again, counted as a second opening
-        h.record(Outcome::Failed, Remaining::default(), later, &tuning);
+        h.record_k(Outcome::Failed, Remaining::default(), later, &tuning);
         assert_eq!(
-            h.availability(later, 1, &tuning),
+            h.availability(later, K, 1, &tuning),
             Availability::Open(later + tuning.circuit_open)
         );
         assert_eq!(h.counters.circuit_opens.load(Ordering::Relaxed), 2);
         // the next probe succeeds (a 429 counts: the resource answered)
         let again = later + tuning.circuit_open;
-        assert_eq!(h.claim(again, 1, &tuning), Availability::Probe);
-        h.record(
+        assert_eq!(h.claim(again, K, 1, &tuning), Availability::Probe);
+        h.record_k(
             Outcome::Throttled(Some(ms(10))),
             Remaining::default(),
             again,
             &tuning,
         );
         assert_eq!(
-            h.availability(again + ms(10), 1, &tuning),
+            h.availability(again + ms(10), K, 1, &tuning),
             Availability::Ready
         );
     }
@@ -614,22 +730,22 @@ mod tests {
     #[test]
     fn a_dropped_probe_is_released_for_the_next_request() {
         let (h, now) = (Health::default(), Instant::now());
-        h.record(Outcome::Failed, Remaining::default(), now, &t());
+        h.record_k(Outcome::Failed, Remaining::default(), now, &t());
         let later = now + t().circuit_open;
-        assert_eq!(h.claim(later, 1, &t()), Availability::Probe);
+        assert_eq!(h.claim(later, K, 1, &t()), Availability::Probe);
         h.release_probe(later);
-        assert_eq!(h.claim(later, 1, &t()), Availability::Probe);
+        assert_eq!(h.claim(later, K, 1, &t()), Availability::Probe);
         // releasing after an outcome changes nothing
-        h.record(Outcome::Answered, Remaining::default(), later, &t());
+        h.record_k(Outcome::Answered, Remaining::default(), later, &t());
         h.release_probe(later);
-        assert_eq!(h.availability(later, 1, &t()), Availability::Ready);
+        assert_eq!(h.availability(later, K, 1, &t()), Availability::Ready);
     }
 
     #[test]
     fn failures_while_open_do_not_count_new_openings() {
         let (h, now) = (Health::default(), Instant::now());
-        h.record(Outcome::ServerError, Remaining::default(), now, &t());
-        h.record(
+        h.record_k(Outcome::ServerError, Remaining::default(), now, &t());
+        h.record_k(
             Outcome::ServerError,
             Remaining::default(),
             now + ms(1),
@@ -638,7 +754,7 @@ mod tests {
         assert_eq!(h.counters.circuit_opens.load(Ordering::Relaxed), 1);
         assert_eq!(h.counters.server_errors.load(Ordering::Relaxed), 2);
         assert_eq!(
-            h.availability(now + ms(1), 1, &t()),
+            h.availability(now + ms(1), K, 1, &t()),
             Availability::Open(now + ms(1) + t().circuit_open)
         );
     }
@@ -647,7 +763,7 @@ mod tests {
     fn low_remaining_steers_for_a_while_and_depends_on_the_need() {
         let (h, now) = (Health::default(), Instant::now());
         let tuning = t();
-        h.record(
+        h.record_k(
             Outcome::Answered,
             Remaining {
                 requests: Some(10),
@@ -656,14 +772,14 @@ mod tests {
             now,
             &tuning,
         );
-        assert_eq!(h.availability(now, 400, &tuning), Availability::Ready);
-        assert_eq!(h.availability(now, 501, &tuning), Availability::Low);
+        assert_eq!(h.availability(now, K, 400, &tuning), Availability::Ready);
+        assert_eq!(h.availability(now, K, 501, &tuning), Availability::Low);
         assert_eq!(
-            h.availability(now + tuning.steer, 501, &tuning),
+            h.availability(now + tuning.steer, K, 501, &tuning),
             Availability::Ready,
             "stale reading"
         );
-        h.record(
+        h.record_k(
             Outcome::Answered,
             Remaining {
                 requests: Some(0),
@@ -673,11 +789,11 @@ mod tests {
             &tuning,
         );
         assert_eq!(
-            h.availability(now, 1, &tuning),
+            h.availability(now, K, 1, &tuning),
             Availability::Low,
             "no requests left"
         );
-        h.record(
+        h.record_k(
             Outcome::Answered,
             Remaining {
                 requests: Some(5),
@@ -687,19 +803,22 @@ mod tests {
             &tuning,
         );
         assert_eq!(
-            h.availability(now, 0, &tuning),
+            h.availability(now, K, 0, &tuning),
             Availability::Low,
             "no tokens left"
         );
         // an answer without the headers keeps the last reading
-        h.record(
+        h.record_k(
             Outcome::Answered,
             Remaining::default(),
             now + ms(1),
             &tuning,
         );
-        assert_eq!(h.availability(now + ms(1), 0, &tuning), Availability::Low);
-        h.record(
+        assert_eq!(
+            h.availability(now + ms(1), K, 0, &tuning),
+            Availability::Low
+        );
+        h.record_k(
             Outcome::Answered,
             Remaining {
                 requests: None,
@@ -709,7 +828,7 @@ mod tests {
             &tuning,
         );
         assert_eq!(
-            h.availability(now + ms(2), 100, &tuning),
+            h.availability(now + ms(2), K, 100, &tuning),
             Availability::Ready
         );
     }
@@ -720,17 +839,17 @@ mod tests {
         let tuning = t();
         let pool: Vec<Health> = (0..4).map(|_| Health::default()).collect();
         let refs: Vec<&Health> = pool.iter().collect();
-        let p = |tried: &[bool]| pick(&refs, tried, now, 100, &tuning).map(|p| p.index);
+        let p = |tried: &[bool]| pick(&refs, tried, now, K, 100, &tuning).map(|p| p.index);
         assert_eq!(p(&[false; 4]), Some(0), "primary first when healthy");
         assert_eq!(p(&[true, false, false, false]), Some(1));
-        pool[0].record(
+        pool[0].record_k(
             Outcome::Throttled(Some(ms(500))),
             Remaining::default(),
             now,
             &tuning,
         );
-        pool[1].record(Outcome::ServerError, Remaining::default(), now, &tuning);
-        pool[2].record(
+        pool[1].record_k(Outcome::ServerError, Remaining::default(), now, &tuning);
+        pool[2].record_k(
             Outcome::Answered,
             Remaining {
                 requests: Some(3),
@@ -760,22 +879,110 @@ mod tests {
         let tuning = t();
         let pool: Vec<Health> = (0..2).map(|_| Health::default()).collect();
         let refs: Vec<&Health> = pool.iter().collect();
-        pool[0].record(Outcome::Failed, Remaining::default(), now, &tuning);
+        pool[0].record_k(Outcome::Failed, Remaining::default(), now, &tuning);
         let later = now + tuning.circuit_open;
         assert_eq!(
-            pick(&refs, &[false, false], later, 1, &tuning),
+            pick(&refs, &[false, false], later, K, 1, &tuning),
             Some(Pick {
                 index: 0,
                 probe: true
             })
         );
         assert_eq!(
-            pick(&refs, &[false, false], later, 1, &tuning),
+            pick(&refs, &[false, false], later, K, 1, &tuning),
             Some(Pick {
                 index: 1,
                 probe: false
             })
         );
+    }
+
+    #[test]
+    fn deployments_cool_down_apart_and_the_circuit_is_shared() {
+        let (h, now, tuning) = (Health::default(), Instant::now(), t());
+        h.record(
+            Outcome::Throttled(Some(ms(500))),
+            "gpt-4o",
+            Remaining::default(),
+            now,
+            &tuning,
+        );
+        assert_eq!(
+            h.availability(now, "gpt-4o", 1, &tuning),
+            Availability::Cooling(now + ms(500))
+        );
+        assert_eq!(
+            h.availability(now, "embeddings", 1, &tuning),
+            Availability::Ready
+        );
+        assert_eq!(
+            h.resource_blocked_until(now),
+            Some(now + ms(500)),
+            "all it tracks cools"
+        );
+        h.record(
+            Outcome::Answered,
+            "embeddings",
+            Remaining {
+                requests: Some(9),
+                tokens: Some(9000),
+            },
+            now,
+            &tuning,
+        );
+        assert_eq!(
+            h.resource_blocked_until(now),
+            None,
+            "embeddings still has room"
+        );
+        assert_eq!(h.stats("x", now).state, "ready");
+        h.record(
+            Outcome::Failed,
+            "embeddings",
+            Remaining::default(),
+            now,
+            &tuning,
+        );
+        assert_eq!(
+            h.availability(now, "gpt-4o", 1, &tuning),
+            Availability::Cooling(now + ms(500))
+        );
+        assert_eq!(
+            h.availability(now, "other", 1, &tuning),
+            Availability::Open(now + tuning.circuit_open)
+        );
+        assert_eq!(h.stats("x", now).state, "open");
+    }
+
+    #[test]
+    fn made_up_deployment_names_cannot_grow_the_state_without_bound() {
+        let (h, now, tuning) = (Health::default(), Instant::now(), t());
+        for i in 0..1_000 {
+            let name = format!("d{i}");
+            h.record(
+                Outcome::Throttled(Some(ms(60_000))),
+                &name,
+                Remaining {
+                    requests: Some(1),
+                    tokens: Some(1),
+                },
+                now,
+                &tuning,
+            );
+        }
+        assert_eq!(h.lock().quotas.len(), MAX_TRACKED);
+        assert_eq!(h.counters.throttled.load(Ordering::Relaxed), 1_000);
+        // once they say nothing any more, new names are tracked again
+        let later = now + Duration::from_secs(120);
+        h.record(
+            Outcome::Throttled(Some(ms(10))),
+            "fresh",
+            Remaining::default(),
+            later,
+            &tuning,
+        );
+        assert_eq!(h.cooling_until("fresh", later), Some(later + ms(10)));
+        assert_eq!(h.lock().quotas.len(), 1);
     }
 
     /// Every sequence of outcomes and times leaves a state whose answers are consistent: a
@@ -814,14 +1021,14 @@ mod tests {
                     requests: Some(next() % 3),
                     tokens: Some(next() % 200),
                 };
-                pool[i].record(outcome, rem, now, &tuning);
-                if let Some(p) = pick(&refs, &[false; 3], now, next() % 300, &tuning) {
-                    assert!(pool[p.index].cooling_until(now).is_none());
+                pool[i].record_k(outcome, rem, now, &tuning);
+                if let Some(p) = pick(&refs, &[false; 3], now, K, next() % 300, &tuning) {
+                    assert!(pool[p.index].cooling_until(K, now).is_none());
                     if p.probe {
                         if next() % 2 == 0 {
                             pool[p.index].release_probe(now);
                         } else {
-                            pool[p.index].record(
+                            pool[p.index].record_k(
                                 Outcome::Answered,
                                 Remaining::default(),
                                 now,
@@ -832,7 +1039,7 @@ mod tests {
                 } else {
                     for h in &pool {
                         let until = h
-                            .blocked_until(now, &tuning)
+                            .blocked_until(K, now, &tuning)
                             .expect("nothing picked: all blocked or low");
                         assert!(until > now);
                         assert!(
@@ -849,7 +1056,7 @@ mod tests {
             // long after, everything is usable again (no probe left claimed)
             let much_later = now + Duration::from_secs(10);
             for h in &pool {
-                assert!(h.blocked_until(much_later, &tuning).is_none());
+                assert!(h.blocked_until(K, much_later, &tuning).is_none());
             }
         }
     }
