@@ -740,3 +740,30 @@ async fn a_throttled_deployment_does_not_move_the_others() {
     );
     assert_eq!(s.counts(), [2, 2]);
 }
+
+/// Objects stored in one resource (files, batches, stored responses) stay with the primary: its
+/// 429 passes through and no backup is asked for an object it does not have.
+#[tokio::test]
+async fn stored_objects_stay_with_the_primary() {
+    let s = Spill::start(1, &[]).await;
+    s.primary.reply(throttled("600000"));
+    s.backups[0].reply(ok_from("backup"));
+    for path in [
+        "/api/FwdProxy/openai/files/file-abc?api-version=2024-10-21",
+        "/api/FwdProxy/openai/batches/batch_abc?api-version=2024-10-21",
+        "/api/FwdProxy/openai/v1/responses/resp_abc",
+    ] {
+        let resp = s
+            .app
+            .client
+            .get(s.app.url(path))
+            .header("api-key", IN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429, "{path}: the primary's own answer");
+        assert!(resp.headers().get("x-fake").is_none());
+    }
+    s.backups[0].assert_untouched("stored objects are never looked for elsewhere");
+    assert_eq!(s.counts()[0], 3);
+}

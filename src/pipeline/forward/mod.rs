@@ -8,22 +8,23 @@
 //! # Spillover
 //! With `AOAI_BACKUPS` the handler has an ordered list of AOAI resources: the primary
 //! (`AOAI_HOSTNAME`) first, then the backups. Each has a state in the [`pool`] fed by what it
-//! answers: a 429 cools it down for its `retry-after-ms`, a 5xx or a failed connection opens its
-//! circuit, low `x-ratelimit-remaining-*` steer requests to the next one early. A request goes to
-//! the first usable resource in order and, when that answers 429 or 5xx or cannot be reached, to
-//! the next one — before anything of the answer went to the client, and at most once per
-//! resource. The request body is sent again for that, so only a replayable body is retried: one
-//! an earlier stage buffered, one with no body, or one declared at most
-//! `SPILLOVER_REPLAY_MAX_BYTES` (read before the first attempt when backups exist); a chunked or
-//! larger body streams to the first usable resource once. An answer that started (a 200 whose
-//! stream then breaks) is never retried: the client sees the cut.
+//! answers: a 429 cools the deployment down for its `retry-after-ms`, a 5xx or a failed
+//! connection opens the resource's circuit, low `x-ratelimit-remaining-*` steer requests for the
+//! deployment to the next resource early. A request goes to the first usable resource in order
+//! and, when that answers 429 or 5xx or cannot be reached, to the next one — before anything of
+//! the answer went to the client, and at most once per resource. The request body is sent again
+//! for that, so only a replayable body is retried: one an earlier stage buffered, one with no
+//! body, or one declared at most `SPILLOVER_REPLAY_MAX_BYTES` (read before the first attempt
+//! when backups exist); a chunked or larger body streams to the first usable resource once. An
+//! answer that started (a 200 whose stream then breaks) is never retried: the client sees the
+//! cut.
 //!
-//! When no resource is left to try: if every resource is cooling down, the client gets our own
-//! 429 (AOAI-shaped, `retry-after` / `retry-after-ms` the shortest wait among them); otherwise
-//! the last answer passes through unchanged (502 when it was no answer). When none was usable to
-//! begin with and not all are cooling down (some circuit open), 503 `upstream_unavailable` with
-//! the shortest wait. Without backups none of this applies: every request goes to the primary,
-//! whatever its state, and its answer passes through.
+//! When no resource is left to try: if every resource is cooling down for this deployment, the
+//! client gets our own 429 (AOAI-shaped, `retry-after` / `retry-after-ms` the shortest wait
+//! among them); otherwise the last answer passes through unchanged (502 when it was no answer).
+//! When none was usable to begin with and not all are cooling down (some circuit open), 503
+//! `upstream_unavailable` with the shortest wait. Without backups none of this applies: every
+//! request goes to the primary, whatever its state, and its answer passes through.
 //!
 //! Short-circuits with 400 (the client's body broke while streaming up), 413 (body over the
 //! limit), 429 (every resource cooling down), 502 (AOAI unreachable or broke the exchange before
@@ -46,7 +47,7 @@ use http::HeaderValue;
 
 use crate::clients::http::{https_client, BoxError, HttpsClient};
 use crate::error::AppError;
-use crate::pipeline::route::UpstreamTarget;
+use crate::pipeline::route::{Operation, UpstreamTarget};
 use crate::settings::{AoaiAuth, Settings};
 use pool::{Health, Outcome, Pick, Tuning, UpstreamStats};
 use upstream::{Endpoint, Failure};
@@ -250,8 +251,16 @@ impl Upstream {
 
         // rate limits are per deployment (v1 routes carry it in the body: one key for them all)
         let key = target.deployment.as_deref().unwrap_or("");
-        let n = self.endpoints.len();
-        let healths: Vec<&Health> = self.endpoints.iter().map(|e| &e.health).collect();
+        // objects stored on one resource (files, batches, stored responses) stay with it
+        let n = if pinned(target.operation) {
+            1
+        } else {
+            self.endpoints.len()
+        };
+        let healths: Vec<&Health> = match n {
+            1 => Vec::new(),
+            _ => self.endpoints[..n].iter().map(|e| &e.health).collect(),
+        };
         let mut tried = vec![false; n];
         let mut last: Option<Result<http::Response<hyper::body::Incoming>, AppError>> = None;
         let mut first_started: Option<Instant> = None;
@@ -283,7 +292,12 @@ impl Upstream {
                 .requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
-            let mut attempt_headers = headers.clone();
+            // the last attempt this request can make takes the headers; others copy them
+            let mut attempt_headers = if n == 1 || !replayable {
+                std::mem::take(&mut headers)
+            } else {
+                headers.clone()
+            };
             let body = upstream::request_body(
                 full.as_ref(),
                 stream.take(),
@@ -344,7 +358,7 @@ impl Upstream {
         }
 
         let now = Instant::now();
-        if let Some(wait) = self.all_cooling(key, now) {
+        if let Some(wait) = self.all_cooling(key, now).filter(|_| n > 1) {
             // every resource asked for time: say the soonest (only reached with backups)
             return Err(AppError::AllThrottled {
                 retry_after_ms: millis(wait),
@@ -358,6 +372,22 @@ impl Upstream {
             }),
         }
     }
+}
+
+/// Operations on objects stored in one AOAI resource: a file uploaded there, a batch running
+/// there, a response stored there. They always go to the primary and are never retried
+/// elsewhere, where the object does not exist (a 404 instead of the primary's own answer), and an
+/// upload or a batch never lands on a resource the follow-up calls do not reach.
+fn pinned(op: Operation) -> bool {
+    matches!(
+        op,
+        Operation::FileUpload
+            | Operation::Files
+            | Operation::BatchCreate
+            | Operation::Batches
+            | Operation::ResponseItem
+            | Operation::V1ResponseItem
+    )
 }
 
 /// The soonest of `instants` as a wait from `now`, when every one is `Some`.

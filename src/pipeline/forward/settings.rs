@@ -150,10 +150,17 @@ impl SpilloverSettings {
             steer: millis("SPILLOVER_STEER_MS", d.steer)?,
         };
         if tuning.default_cool_down > tuning.max_cool_down {
-            return Err(SettingsError::new(
-                "SPILLOVER_DEFAULT_COOLDOWN_MS",
-                "must not be above SPILLOVER_MAX_COOLDOWN_MS",
-            ));
+            // blame the one the operator set (the default one when both are)
+            return Err(match src.get("SPILLOVER_DEFAULT_COOLDOWN_MS")? {
+                Some(_) => SettingsError::new(
+                    "SPILLOVER_DEFAULT_COOLDOWN_MS",
+                    "must not be above SPILLOVER_MAX_COOLDOWN_MS",
+                ),
+                None => SettingsError::new(
+                    "SPILLOVER_MAX_COOLDOWN_MS",
+                    "must not be below SPILLOVER_DEFAULT_COOLDOWN_MS (1000 unless set)",
+                ),
+            });
         }
         Ok(SpilloverSettings {
             backups,
