@@ -23,7 +23,10 @@
 //!    durable (journal fsync'd, group commit) before the refusal is answered; 503 when it cannot be;
 //! 7. [`budget`](crate::pipeline::budget): for a caller with a token limit, reserves the
 //!    request's tokens (429 when the budget cannot cover them);
-//! 8. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways;
+//! 8. [`forward`](crate::pipeline::forward): the AOAI call, streamed both ways; with
+//!    `AOAI_BACKUPS`, a 429, 5xx or failed resource hands the request to the next one before any
+//!    byte of the answer went out (a body up to `SPILLOVER_REPLAY_MAX_BYTES` is read first so it
+//!    can be sent again);
 //! 9. [`meter`](crate::pipeline::meter): a tap on the answer of token-metered operations reads
 //!    `usage` into the log line and settles the reservation when the body ends.
 //!
@@ -69,7 +72,9 @@ use crate::pipeline::auth::Authenticator;
 use crate::pipeline::batch::{self, Refused, Upload};
 use crate::pipeline::budget::{self, Budgets, Reservation};
 use crate::pipeline::content_safety::{ContentSafety, Credential, Verdict};
-use crate::pipeline::forward::{content_length, sensitive, UpBody, Upstream, UpstreamAuth};
+use crate::pipeline::forward::{
+    content_length, sensitive, Forwarded, UpBody, Upstream, UpstreamAuth,
+};
 use crate::pipeline::meter::summary::{unix_now, Summaries, UsageLog, UsageSummary};
 use crate::pipeline::meter::{self, Meter, UsageSlot};
 use crate::pipeline::policy::{self, Inspected, UserCheck, UserRegistry};
@@ -120,8 +125,10 @@ impl AppState {
             .cosmos
             .as_ref()
             .is_some_and(|c| c.key.is_none() && kv.cosmos_key.is_none());
+        let backup_uris = settings.spillover.backup_key_uris.clone();
         let identity = if settings.aoai_auth == AoaiAuth::ManagedIdentity
             || kv.any()
+            || !backup_uris.is_empty()
             || cs_needs_identity
             || cosmos_needs_identity
         {
@@ -161,7 +168,19 @@ impl AppState {
                 ))
             }
         };
-        let upstream = Upstream::new(&settings, upstream_auth).map_err(|e| {
+        let upstream = if backup_uris.is_empty() {
+            Upstream::new(&settings, upstream_auth)
+        } else {
+            // AOAI_BACKUP_OUTAPIKEY_SECRET_URIS: one Key Vault secret per backup, each fetched
+            // now (no start without it), refreshed and re-read on a 401 like the primary's.
+            let mut backups = Vec::with_capacity(backup_uris.len());
+            for uri in &backup_uris {
+                let secret = fetch_secret(Some(uri), identity.as_ref(), kv.refresh).await?;
+                backups.extend(secret.map(UpstreamAuth::Vault));
+            }
+            Upstream::with_backups(&settings, upstream_auth, backups)
+        }
+        .map_err(|e| {
             SettingsError::new(
                 "AOAI_HOSTNAME",
                 format!("cannot build the HTTP client: {e}"),
@@ -419,7 +438,8 @@ pub struct RequestLog {
     pub operation: Option<&'static str>,
     pub status: u16,
     pub error: Option<&'static str>,
-    pub upstream_latency: Option<Duration>,
+    /// The resource that answered, the attempts, the upstream latency.
+    pub forwarded: Forwarded,
     /// The body's `user`, when the body was read.
     pub user: Option<String>,
     /// The body's `model` on a route without a deployment in its path, when the body was read.
@@ -440,7 +460,7 @@ pub struct RequestLog {
 impl Drop for RequestLog {
     fn drop(&mut self) {
         let total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        let upstream_ms = self.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
+        let upstream_ms = self.forwarded.latency.map(|d| d.as_secs_f64() * 1000.0);
         let measured = self.usage.as_ref().and_then(|slot| slot.measured());
         let usage = match measured {
             Some(meter::Measured::Usage(u)) => Some(u),
@@ -477,6 +497,8 @@ impl Drop for RequestLog {
             total_tokens = usage.map(|u| u.total_tokens),
             cached_tokens = usage.and_then(|u| u.cached_tokens),
             reasoning_tokens = usage.and_then(|u| u.reasoning_tokens),
+            upstream = self.forwarded.upstream.as_deref(),
+            attempts = self.forwarded.attempts,
             upstream_ms,
             total_ms,
             completed = self.completed,
@@ -510,7 +532,7 @@ async fn handle(state: Arc<AppState>, mut request: Request) -> Response {
         operation: None,
         status: 0,
         error: None,
-        upstream_latency: None,
+        forwarded: Forwarded::default(),
         user: None,
         model: None,
         usage: None,
@@ -701,7 +723,7 @@ async fn pipeline(
 ) -> Result<Response, AppError> {
     let (mut parts, body) = request.into_parts();
     let target = match route::resolve(&parts.method, parts.uri.path(), parts.uri.query())? {
-        Route::Health => return Ok(health()),
+        Route::Health => return Ok(health(state)),
         Route::Upstream(target) => target,
     };
     log.deployment = target.deployment.clone();
@@ -718,10 +740,13 @@ async fn pipeline(
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
     let limited = metered && state.budgets.limits(caller);
+    let declared = content_length(&parts.headers);
     let mut body = if target.operation.carries_prompt() && state.inspects() {
         UpBody::Full(gate(state, &target, &parts, body, log).await?)
     } else if limited
-        || (metered && content_length(&parts.headers).is_some_and(|n| n <= METER_BUFFER_BYTES))
+        || (metered && declared.is_some_and(|n| n <= METER_BUFFER_BYTES))
+        // with backups, a body small enough is read first so a 429 or 5xx can be retried
+        || declared.is_some_and(|n| n > 0 && n <= state.upstream.replay_max_bytes())
     {
         UpBody::Full(read_body(state, &parts, body, log).await?)
     } else {
@@ -771,6 +796,16 @@ async fn pipeline(
         }
     }
 
+    // What the request may use, against each resource's x-ratelimit-remaining-tokens: the
+    // reservation when there is one, else about a token per 4 bytes of body (AOAI counts the
+    // prompt and max_tokens; the body is a fair floor for the prompt).
+    // Operations AOAI does not count in tokens (audio, images, files) need none.
+    let need = match (&reservation, &body) {
+        _ if !metered => 0,
+        (Some(r), _) => r.reserved(),
+        (None, UpBody::Full(bytes)) => bytes.len() as u64 / 4,
+        (None, UpBody::Stream(_)) => declared.unwrap_or(0) / 4,
+    };
     let response = state
         .upstream
         .forward(
@@ -779,7 +814,8 @@ async fn pipeline(
             body,
             &log.request_id,
             deadline,
-            &mut log.upstream_latency,
+            need,
+            &mut log.forwarded,
         )
         .await?;
     if !metered {
@@ -1241,7 +1277,18 @@ async fn record_abuse(
         .map_err(|_| AppError::AuditUnavailable)
 }
 
-fn health() -> Response {
+/// The health route: 200 JSON; with `HEALTH_REFLECTS_CAPACITY`, 503 (AOAI-shaped, with
+/// `retry-after`) while every AOAI resource of this handler is cooling down or circuit-open, so
+/// the gateway's probe takes this instance out of rotation until one recovers.
+fn health(state: &AppState) -> Response {
+    if state.settings.spillover.health_reflects_capacity {
+        if let Some(wait) = state.upstream.no_capacity() {
+            return AppError::UpstreamUnavailable {
+                retry_after_ms: (wait.as_millis() as u64).max(1),
+            }
+            .into_response();
+        }
+    }
     let body = concat!(
         r#"{"status":"ok","service":"aoai-fwdproxy","version":""#,
         env!("CARGO_PKG_VERSION"),

@@ -64,11 +64,20 @@ pub enum AppError {
     /// Cosmos DB acknowledgement): the request is not forwarded, and not answered as refused.
     #[error("The request could not be recorded as required; retry later")]
     AuditUnavailable,
-    /// The upstream could not be reached or broke the exchange before answering.
     /// The caller's token budget (`CALLER_TOKEN_LIMITS`) cannot cover this request now;
     /// `retry_after_ms` is when it can (`None`: the request alone is over the per-minute limit).
     #[error("{}", token_budget_message(*retry_after_ms))]
     TokenBudgetExceeded { retry_after_ms: Option<u64> },
+    /// Every AOAI resource of this handler (the primary and its backups) is cooling down after a
+    /// 429; `retry_after_ms` is the shortest of their waits.
+    #[error("Every Azure OpenAI resource behind this proxy is over its rate limit right now; retry after the number of seconds in retry-after (milliseconds in retry-after-ms)")]
+    AllThrottled { retry_after_ms: u64 },
+    /// No AOAI resource can take a request now (each is cooling down or failing, at least one
+    /// failing); `retry_after_ms` is the shortest wait until one may. Also the health route's
+    /// answer with `HEALTH_REFLECTS_CAPACITY`.
+    #[error("No Azure OpenAI resource behind this proxy can take requests right now; retry after the number of seconds in retry-after")]
+    UpstreamUnavailable { retry_after_ms: u64 },
+    /// The upstream could not be reached or broke the exchange before answering.
     #[error("The upstream Azure OpenAI service could not be reached")]
     BadGateway,
     /// The upstream did not answer within the configured time.
@@ -110,9 +119,10 @@ impl AppError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             AppError::TooLongToScreen => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::ScreeningBusy { .. } | AppError::TokenBudgetExceeded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            AppError::ScreeningBusy { .. }
+            | AppError::TokenBudgetExceeded { .. }
+            | AppError::AllThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -147,6 +157,9 @@ impl AppError {
             AppError::Unauthorized => "401",
             AppError::PayloadTooLarge { .. } => "request_too_large",
             AppError::HeadersTooLarge { .. } => "request_headers_too_large",
+            // AOAI's own code for its 429, so clients that match on it match ours
+            AppError::AllThrottled { .. } => "429",
+            AppError::UpstreamUnavailable { .. } => "upstream_unavailable",
             AppError::BadGateway => "upstream_unreachable",
             AppError::GatewayTimeout => "upstream_timeout",
             AppError::RequestTimeout => "request_timeout",
@@ -201,7 +214,9 @@ impl IntoResponse for AppError {
         }
         if let AppError::TokenBudgetExceeded {
             retry_after_ms: Some(ms),
-        } = self
+        }
+        | AppError::AllThrottled { retry_after_ms: ms }
+        | AppError::UpstreamUnavailable { retry_after_ms: ms } = self
         {
             let h = response.headers_mut();
             h.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
@@ -245,6 +260,8 @@ mod tests {
             AppError::TokenBudgetExceeded {
                 retry_after_ms: None,
             },
+            AppError::AllThrottled { retry_after_ms: 1 },
+            AppError::UpstreamUnavailable { retry_after_ms: 1 },
             AppError::BadGateway,
             AppError::GatewayTimeout,
             AppError::RequestTimeout,

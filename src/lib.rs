@@ -5,10 +5,11 @@
 //! # Layout
 //! - [`settings`]: typed settings, parsed once at startup; [`settings::Secret`] never prints.
 //! - [`error`]: the one error type and its AOAI-shaped response.
-//! - [`clients`]: Azure service clients built once (managed identity, Key Vault, Cosmos DB).
+//! - [`clients`]: clients built once: the shared HTTPS client, managed identity, Key Vault,
+//!   Cosmos DB.
 //! - [`app`]: shared state, the layer order of the request path, the server loop.
 //! - [`pipeline`]: one module per stage of the request path (route, auth, policy, batch uploads,
-//!   content safety, audit, budget, forward, meter).
+//!   content safety, audit, budget, forward with its pool of AOAI resources, meter).
 //! - [`telemetry`]: JSON log lines on stdout.
 //!
 //! `src/main.rs` is the deployed `handler` binary; local tooling (simulators, the gateway

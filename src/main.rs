@@ -94,6 +94,23 @@ async fn run() -> ExitCode {
         pending_bytes = report.pending_bytes,
         "abuse log flushed"
     );
+    // Per-resource counters of the forward stage, one line each (the primary first).
+    for (index, u) in state.upstream.stats().iter().enumerate() {
+        tracing::info!(
+            target: "upstream",
+            index,
+            upstream = u.name.as_str(),
+            requests = u.requests,
+            throttled = u.throttled,
+            server_errors = u.server_errors,
+            connect_failures = u.connect_failures,
+            cool_downs = u.cool_downs,
+            circuit_opens = u.circuit_opens,
+            steered_away = u.steered_away,
+            state = u.state,
+            "upstream counters"
+        );
+    }
     match served {
         Ok(()) => {
             tracing::info!("stopped");

@@ -18,6 +18,7 @@ use crate::clients::identity::IdentitySettings;
 use crate::clients::keyvault::KeyVaultSettings;
 use crate::pipeline::audit::AuditSettings;
 use crate::pipeline::content_safety::ContentSafetySettings;
+use crate::pipeline::forward::SpilloverSettings;
 use crate::pipeline::policy::PolicySettings;
 
 /// Default port when `FUNCTIONS_CUSTOMHANDLER_PORT` is unset (the Functions host always sets it;
@@ -102,6 +103,8 @@ pub struct Settings {
     pub keyvault: KeyVaultSettings,
     /// `CALLER_TOKEN_LIMITS`, `BUDGET_DEFAULT_COMPLETION_TOKENS`.
     pub budget: BudgetSettings,
+    /// `AOAI_BACKUPS`, their keys, `HEALTH_REFLECTS_CAPACITY`, `SPILLOVER_*`.
+    pub spillover: SpilloverSettings,
 }
 
 /// Per-caller token budgets (see `pipeline::budget`).
@@ -362,6 +365,7 @@ impl Settings {
         }
 
         let budget = BudgetSettings::from_source(src, &callers)?;
+        let spillover = SpilloverSettings::from_source(src, &aoai_base, aoai_auth)?;
         Ok(Settings {
             port,
             aoai_base,
@@ -379,6 +383,7 @@ impl Settings {
             identity: IdentitySettings::from_source(src)?,
             budget,
             keyvault,
+            spillover,
         })
     }
 }

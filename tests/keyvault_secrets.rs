@@ -296,3 +296,100 @@ async fn a_401_from_aoai_makes_the_app_re_read_the_key_from_key_vault() {
     assert_eq!(vault.served(), 2);
     assert!(!format!("{:?}", seen[1].headers).contains(IN_KEY));
 }
+
+/// Spillover with keys from Key Vault (`AOAI_BACKUP_OUTAPIKEY_SECRET_URIS`): each resource gets
+/// its own vault key, and a 401 from a backup re-reads that backup's key (not the primary's).
+#[tokio::test]
+async fn each_backup_has_its_own_vault_key_re_read_on_its_401() {
+    let vault = KeyVaultStub::start().await;
+    vault.put("primary-key", "primary-vault-key-00000000");
+    vault.put("backup-key", "backup-vault-key-old-000000");
+    let mi = identity("66666666-6666-6666-6666-666666666666");
+    let fetch = |name: &'static str| {
+        let (uri, credential, options) = (uri(&vault, name), mi.credential(), options(&vault));
+        async move {
+            VaultSecret::fetch_with(&uri, credential, options)
+                .await
+                .unwrap()
+        }
+    };
+    let (primary_key, backup_key) = (fetch("primary-key").await, fetch("backup-key").await);
+    backup_key.set_min_refresh_gap(Duration::ZERO);
+
+    let primary = MockAoai::start().await;
+    let backup = MockAoai::start().await;
+    let scratch = Scratch::new("kv-spill");
+    let audit_log = scratch.file("audit.jsonl").display().to_string();
+    let backups = backup.base();
+    let settings = test_settings(
+        &primary.base(),
+        &[
+            ("AOAI_OUTAPIKEY", ""),
+            (
+                "AOAI_OUTAPIKEY_SECRET_URI",
+                "https://v.vault.azure.net/secrets/primary-key",
+            ),
+            ("AOAI_BACKUPS", &backups),
+            (
+                "AOAI_BACKUP_OUTAPIKEY_SECRET_URIS",
+                "https://v.vault.azure.net/secrets/backup-key",
+            ),
+            ("AUDIT_LOG_PATH", &audit_log),
+        ],
+    );
+    let upstream = Upstream::with_backups(
+        &settings,
+        UpstreamAuth::Vault(primary_key.clone()),
+        vec![UpstreamAuth::Vault(backup_key.clone())],
+    )
+    .unwrap();
+    let state = Arc::new(AppState {
+        auth: Authenticator::new(&settings.callers),
+        upstream,
+        registry: Arc::new(UserRegistry::new(settings.policy.registered_users.clone())),
+        content_safety: None,
+        audit: Audit::start(settings.audit.clone(), None).unwrap(),
+        budgets: aoai_fwdproxy::pipeline::budget::Budgets::new(&settings.budget, []),
+        usage: None,
+        settings,
+    });
+    let app = TestApp::with_state(state).await;
+    let url = format!("/api/FwdProxy/openai/deployments/gpt-4o/chatcompletions?{API}");
+    let chat = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+
+    primary.reply(Reply::Fixed(429, vec![("retry-after-ms", "600000")], "{}"));
+    vault.put("backup-key", "backup-vault-key-new-111111");
+    backup.reply(Reply::Fixed(
+        401,
+        vec![],
+        r#"{"error":{"code":"401","message":"no"}}"#,
+    ));
+    let resp = app.post(&url, chat).await;
+    assert_eq!(resp.status(), 401, "a backup's 401 passes through");
+    assert_eq!(
+        primary.only().headers["api-key"],
+        "primary-vault-key-00000000"
+    );
+    assert_eq!(
+        backup.only().headers["api-key"],
+        "backup-vault-key-old-000000"
+    );
+    assert!(
+        eventually(PATIENCE, async || backup_key.current().expose()
+            == "backup-vault-key-new-111111")
+        .await,
+        "the backup's key was not re-read after its 401"
+    );
+    assert_eq!(vault.served(), 3, "two fetches at start, one re-read");
+    assert_eq!(primary_key.current().expose(), "primary-vault-key-00000000");
+
+    backup.reply(Reply::Fixed(200, vec![], "{}"));
+    let resp = app.post(&url, chat).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(primary.seen().len(), 1, "the primary is still cooling down");
+    assert_eq!(
+        backup.seen()[1].headers["api-key"],
+        "backup-vault-key-new-111111"
+    );
+    assert!(!format!("{:?}", backup.seen()[1].headers).contains(IN_KEY));
+}

@@ -16,7 +16,7 @@ const UPSTREAM: &str = "http://127.0.0.1:9";
 const COSMOS: (&str, &str) = ("COSMOS_ENDPOINT", "https://acct.documents.azure.com:443/");
 
 /// Boolean settings and the values that mean true / false.
-const FLAGS: &[&str] = &["AUDIT_CAPTURE_PROMPT"];
+const FLAGS: &[&str] = &["AUDIT_CAPTURE_PROMPT", "HEALTH_REFLECTS_CAPACITY"];
 const TRUE: &[&str] = &["true", "TRUE", "True", "1", "yes", "on", " true "];
 const FALSE: &[&str] = &["false", "FALSE", "0", "no", "off"];
 /// Values that are neither: a typo must never be read as either meaning.
@@ -166,10 +166,55 @@ const NUMBERS: &[(&str, Extra, &[&str], &[&str])] = &[
         &["1", "300"],
         &["0x10", "-1", "five minutes"],
     ),
+    (
+        "SPILLOVER_DEFAULT_COOLDOWN_MS",
+        &[],
+        &["1", "1000", "60000"],
+        &["0", "60001", "soon"],
+    ),
+    (
+        "SPILLOVER_MAX_COOLDOWN_MS",
+        &[],
+        &["1000", "3600000"],
+        &["0", "999", "3600001", "-1"],
+    ),
+    (
+        "SPILLOVER_CIRCUIT_OPEN_MS",
+        &[],
+        &["1", "5000", "3600000"],
+        &["0", "3600001", "5s"],
+    ),
+    (
+        "SPILLOVER_STEER_MS",
+        &[],
+        &["1", "1000"],
+        &["0", "3600001", "1e3"],
+    ),
+    (
+        "SPILLOVER_REPLAY_MAX_BYTES",
+        &[],
+        &["0", "4194304"],
+        &["-1", "4MB"],
+    ),
 ];
 
 /// Other settings with a shape: name, extra settings, a bad value.
 const SHAPED: &[(&str, Extra, &str)] = &[
+    ("AOAI_BACKUPS", &[], "http://b.openai.azure.com"),
+    ("AOAI_BACKUPS", &[], "https://b.openai.azure.com/openai"),
+    ("AOAI_BACKUPS", &[], "http://127.0.0.1:9,http://127.0.0.1:9"),
+    ("AOAI_BACKUPS", &[], UPSTREAM),
+    (
+        "AOAI_BACKUP_OUTAPIKEYS",
+        &[("AOAI_BACKUPS", "b.openai.azure.com")],
+        "k1,k2",
+    ),
+    ("AOAI_BACKUP_OUTAPIKEYS", &[], "k1"),
+    (
+        "AOAI_BACKUP_OUTAPIKEY_SECRET_URIS",
+        &[("AOAI_BACKUPS", "b.openai.azure.com")],
+        "http://v.vault.azure.net/secrets/k",
+    ),
     ("AOAI_HOSTNAME", &[], "http://x.openai.azure.com"),
     ("AOAI_HOSTNAME", &[], "ftp://x.openai.azure.com"),
     ("AOAI_HOSTNAME", &[], "https://x.openai.azure.com/openai"),
@@ -233,14 +278,18 @@ fn accepted(name: &str, extra: &[(&str, &str)], value: &str) -> aoai_fwdproxy::s
 fn booleans_accept_only_true_or_false_words() {
     let mut checked = 0;
     for name in FLAGS {
+        let read = |s: &aoai_fwdproxy::settings::Settings| match *name {
+            "HEALTH_REFLECTS_CAPACITY" => s.spillover.health_reflects_capacity,
+            _ => s.audit.capture_prompt,
+        };
         for v in TRUE {
             let s = accepted(name, &[], v);
-            assert!(s.audit.capture_prompt, "{name}={v:?}");
+            assert!(read(&s), "{name}={v:?}");
             checked += 1;
         }
         for v in FALSE {
             let s = accepted(name, &[], v);
-            assert!(!s.audit.capture_prompt, "{name}={v:?}");
+            assert!(!read(&s), "{name}={v:?}");
             checked += 1;
         }
         for v in NOT_BOOLEAN {

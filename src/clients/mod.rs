@@ -1,6 +1,8 @@
-//! Clients of the Azure services the handler talks to besides AOAI, each built once at startup
-//! and shared by every request.
+//! Clients of the services the handler talks to, each built once at startup and shared by every
+//! request.
 //!
+//! - [`http`]: the one shared HTTPS client (rustls, pooled, no proxy, no redirects) that AOAI
+//!   and Content Safety calls go through ([`http::https_client`]).
 //! - [`identity`]: the managed identity (Functions `IDENTITY_ENDPOINT`/`IDENTITY_HEADER`), as
 //!   an Entra token source with its own cache ([`identity::TokenSource`]) and as the
 //!   `TokenCredential` the Azure SDK clients take.
@@ -14,5 +16,6 @@
 //! header values marked sensitive.
 
 pub mod cosmos;
+pub mod http;
 pub mod identity;
 pub mod keyvault;

@@ -58,6 +58,10 @@ pub enum Reply {
     Gated(Vec<String>),
     /// wait, then 200 `{}`
     Slow(Duration),
+    /// SSE: 200 and its headers, these chunks, then — once the test called
+    /// [`MockAoai::release`] — the connection is cut mid-body (no end of the chunked body): an
+    /// upstream that dies after its first bytes, cut only after the test saw them arrive.
+    Broken(Vec<String>),
     /// A chat/completions SSE stream as AOAI sends it: each chunk (one JSON object) as a
     /// `data:` event, then — only when the request asked with
     /// `"stream_options":{"include_usage":true}` — `"usage":null` in every chunk and a last
@@ -223,6 +227,16 @@ async fn answer(
             // one write per event, as AOAI flushes them
             let events: Vec<String> = text.split_inclusive("\n\n").map(str::to_string).collect();
             sse(paced(events, Duration::ZERO))
+        }
+        Reply::Broken(chunks) => {
+            let sent = futures_util::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from(c))));
+            let cut = futures_util::stream::once(async move {
+                if let Ok(permit) = gate.acquire().await {
+                    permit.forget();
+                }
+                Err(std::io::Error::other("upstream died mid-answer"))
+            });
+            sse(futures_util::StreamExt::chain(sent, cut))
         }
         Reply::Slow(wait) => {
             tokio::time::sleep(wait).await;

@@ -41,8 +41,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use super::forward::{https_client, BoxError, HttpsClient};
 use super::policy::{PromptText, Text};
+use crate::clients::http::{https_client, BoxError, HttpsClient};
 use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
 use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;

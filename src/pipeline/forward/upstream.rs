@@ -1,81 +1,30 @@
-//! Stage 6, **forward**: runs last, for requests every earlier stage let through.
-//!
-//! Calls the real AOAI host with the real key, streaming the request body up and the response
-//! body down as they flow (no buffering: each SSE event reaches the client when AOAI sends it).
-//! AOAI's status and headers pass back unchanged but for hop-by-hop headers.
+//! One AOAI resource and one exchange with it: the URI, the credential, header hygiene, the
+//! request body as it goes up and the answer's body as it comes down.
 //!
 //! Header hygiene: the inbound internal key (`api-key`, `Authorization`), Functions keys
 //! (`x-functions-key`; the `code` query parameter is dropped by the route stage), the Functions
 //! host's own `x-azure-functions-*` headers, hop-by-hop headers and `Host` never reach AOAI.
-//!
-//! Short-circuits with 400 (the client's body broke while streaming up), 413 (body over the
-//! limit), 502 (AOAI unreachable or broke the exchange before answering) and 504 (no answer
-//! within `AOAI_TIMEOUT_MS` of the request's arrival, enforced by the caller's deadline). Adds
-//! the upstream latency (time to AOAI's response headers) to the request context.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Sleep;
+use url::Url;
 
-use super::route::UpstreamTarget;
+use super::pool::Health;
+use crate::clients::http::{BoxError, HttpsClient, UpstreamBody};
 use crate::clients::identity::{TokenSource, COGNITIVE_SERVICES_SCOPE};
 use crate::clients::keyvault::VaultSecret;
 use crate::error::AppError;
-use crate::settings::Settings;
-
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
-pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>;
-
-/// A pooled HTTP/1.1 + HTTP/2 client over rustls with the platform's trust store (what reqwest's
-/// `rustls` feature used), TCP_NODELAY, no proxy from the environment (the key never travels
-/// through a host we don't know) and no redirects (a 3xx goes back to the client as it is).
-///
-/// A bare hyper client rather than reqwest: callers hand it a URI built from parts parsed once
-/// at startup, where reqwest parses the whole URL string (host and IDNA included) on every
-/// request and runs its retry and redirect layers even with redirects off — about a third of
-/// the handler's instructions per request (see docs/benchmarks.md).
-pub(crate) fn https_client(
-    connect_timeout: Duration,
-    max_idle_per_host: usize,
-) -> Result<HttpsClient, BoxError> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls_platform_verifier::BuilderVerifierExt::with_platform_verifier(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?,
-    )?
-    .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https))
-}
+use crate::pipeline::route::UpstreamTarget;
 
 /// Request headers that must never reach AOAI, beyond the hop-by-hop set.
 const STRIP_UP: &[&str] = &[
@@ -86,74 +35,72 @@ const STRIP_UP: &[&str] = &[
     "content-length",
 ];
 
-/// The body to send upstream: the client's stream as it flows, or bytes an earlier stage
-/// buffered to inspect (sent as they are, with their exact length).
-pub enum UpBody {
-    Stream(Body),
-    Full(Bytes),
+/// How the handler authenticates to one AOAI resource.
+#[derive(Clone)]
+pub enum UpstreamAuth {
+    /// `api-key` from `AOAI_OUTAPIKEY` (or one entry of `AOAI_BACKUP_OUTAPIKEYS`), marked
+    /// sensitive so `Debug` never shows it.
+    Key(HeaderValue),
+    /// `api-key` from Key Vault (`AOAI_OUTAPIKEY_SECRET_URI`, or one entry of
+    /// `AOAI_BACKUP_OUTAPIKEY_SECRET_URIS`): read on every call so a rotation applies at once,
+    /// and re-fetched when that resource answers 401.
+    Vault(VaultSecret),
+    /// `Authorization: Bearer` from the managed identity (`AOAI_AUTH=managed_identity`), cached
+    /// and renewed before expiry by [`TokenSource`]; one token serves every resource (its
+    /// audience is Cognitive Services, not one resource).
+    ManagedIdentity(TokenSource),
 }
 
-/// The pooled upstream client and what every call needs, built once at startup.
-pub struct Upstream {
-    client: HttpsClient,
+/// One AOAI resource: where it is, how to authenticate, and its state in the pool.
+pub struct Endpoint {
+    /// Host and port, for log lines and counters (never a key).
+    pub name: Arc<str>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// The base URL's path, no trailing slash (usually empty).
     prefix: String,
     auth: UpstreamAuth,
-    max_body_bytes: u64,
+    pub health: Health,
 }
 
-/// How the handler authenticates to AOAI.
-pub enum UpstreamAuth {
-    /// `api-key` from `AOAI_OUTAPIKEY`, marked sensitive so `Debug` never shows it.
-    Key(HeaderValue),
-    /// `api-key` from Key Vault (`AOAI_OUTAPIKEY_SECRET_URI`): read on every call so a rotation
-    /// applies at once, and re-fetched when AOAI answers 401.
-    Vault(VaultSecret),
-    /// `Authorization: Bearer` from the managed identity (`AOAI_AUTH=managed_identity`), cached
-    /// and renewed before expiry by [`TokenSource`].
-    ManagedIdentity(TokenSource),
+/// Why an exchange got no answer.
+pub enum Failure {
+    /// The client's side: its body went over the limit or broke while streaming up. Never the
+    /// upstream's fault, never retried.
+    Client(AppError),
+    /// The upstream's side (connection refused or reset, TLS, closed before answering).
+    Upstream,
 }
 
-impl Upstream {
-    pub fn new(settings: &Settings, auth: UpstreamAuth) -> Result<Self, BoxError> {
-        let client = https_client(settings.connect_timeout, 256)?;
-        let base = &settings.aoai_base;
+impl Endpoint {
+    pub fn new(base: &Url, auth: UpstreamAuth) -> Result<Self, BoxError> {
         let scheme: http::uri::Scheme = base.scheme().parse()?;
-        let host = base.host_str().ok_or("AOAI_HOSTNAME has no host")?;
+        let host = base.host_str().ok_or("the AOAI base URL has no host")?;
         let authority: http::uri::Authority = match base.port() {
             Some(p) => format!("{host}:{p}").parse()?,
             None => host.parse()?,
         };
-        Ok(Upstream {
-            client,
+        Ok(Endpoint {
+            name: Arc::from(authority.as_str()),
             scheme,
             authority,
             prefix: base.path().trim_end_matches('/').to_string(),
             auth,
-            max_body_bytes: settings.max_body_bytes,
+            health: Health::default(),
         })
     }
 
-    /// Forward one request. `deadline` is `AOAI_TIMEOUT_MS` after the request arrived: the
-    /// caller bounds this call by it (answering 504), and the streamed answer is cut there.
-    /// `latency` receives the time to AOAI's response headers.
-    pub async fn forward(
+    /// One exchange: `headers` are the client's, already cleaned ([`upstream_headers`]); this
+    /// adds the credential and sends. Returns AOAI's answer head and body as they arrive.
+    pub async fn call(
         &self,
+        client: &HttpsClient,
         target: &UpstreamTarget,
-        parts: &http::request::Parts,
-        body: UpBody,
-        request_id: &HeaderValue,
-        deadline: tokio::time::Instant,
-        latency: &mut Option<Duration>,
-    ) -> Result<Response, AppError> {
-        let limit = self.max_body_bytes;
-        let declared = content_length(&parts.headers);
-        if declared.is_some_and(|n| n > limit) {
-            return Err(AppError::PayloadTooLarge { limit });
-        }
-
+        method: &http::Method,
+        mut headers: HeaderMap,
+        body: UpstreamBody,
+        limit: u64,
+    ) -> Result<http::Response<hyper::body::Incoming>, Failure> {
         let mut pq =
             String::with_capacity(self.prefix.len() + target.path.len() + target.query.len() + 1);
         pq.push_str(&self.prefix);
@@ -167,15 +114,14 @@ impl Upstream {
             .authority(self.authority.clone())
             .path_and_query(pq)
             .build()
-            .map_err(|_| AppError::Internal)?;
-
-        let mut headers = upstream_headers(&parts.headers);
+            .map_err(|_| Failure::Client(AppError::Internal))?;
         match &self.auth {
             UpstreamAuth::Key(key) => {
                 headers.insert("api-key", key.clone());
             }
             UpstreamAuth::Vault(secret) => {
-                headers.insert("api-key", sensitive(secret.current().expose())?);
+                let key = sensitive(secret.current().expose()).map_err(Failure::Client)?;
+                headers.insert("api-key", key);
             }
             UpstreamAuth::ManagedIdentity(tokens) => {
                 let bearer = tokens
@@ -183,72 +129,83 @@ impl Upstream {
                     .await
                     .map_err(|e| {
                         tracing::error!(error = %e, "no managed-identity token for AOAI");
-                        AppError::BadGateway
+                        Failure::Client(AppError::BadGateway)
                     })?;
                 headers.insert(header::AUTHORIZATION, bearer);
             }
         }
-        headers.insert("x-request-id", request_id.clone());
-
-        let body: UpstreamBody = match body {
-            // hyper sets Content-Length from the exact size of the bytes.
-            UpBody::Full(bytes) => Full::new(bytes).map_err(|e| match e {}).boxed_unsync(),
-            UpBody::Stream(body) => {
-                if let Some(len) = declared {
-                    // Known length: say it, so AOAI sees the same framing the client used (no
-                    // chunking of multipart uploads); hyper enforces that the body matches it.
-                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                }
-                let bodiless_get = parts.method == http::Method::GET && declared.is_none();
-                if declared == Some(0) || bodiless_get {
-                    Empty::new().map_err(|e| match e {}).boxed_unsync()
-                } else {
-                    Limited {
-                        inner: body,
-                        seen: 0,
-                        limit,
-                    }
-                    .boxed_unsync()
-                }
-            }
-        };
         let mut request = http::Request::new(body);
-        *request.method_mut() = parts.method.clone();
+        *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
 
-        // AOAI_TIMEOUT_MS bounds the whole exchange, streamed answer included; the wait for
-        // the answer's head is bounded by the caller (app::handle), with the same deadline.
-        let started = Instant::now();
-        let upstream = match self.client.request(request).await {
+        let answer = match client.request(request).await {
             Ok(r) => r,
-            Err(e) => return Err(classify(&e, limit)),
+            Err(e) => return Err(classify(&e, limit, &self.name)),
         };
-        *latency = Some(started.elapsed());
-        if upstream.status() == http::StatusCode::UNAUTHORIZED {
+        if answer.status() == http::StatusCode::UNAUTHORIZED {
             if let UpstreamAuth::Vault(secret) = &self.auth {
                 // The key may have been rotated: fetch it again in the background for the next
-                // calls. This answer's 401 passes through (its body was streamed, no replay).
+                // calls. This answer's 401 passes through (no replay of a refused key).
                 let secret = secret.clone();
                 tokio::spawn(async move {
                     if let Err(e) = secret.refresh().await {
-                        tracing::warn!(error = %e, "re-reading the AOAI key from Key Vault failed");
+                        tracing::warn!(error = %e, "re-reading an AOAI key from Key Vault failed");
                     }
                 });
             }
         }
-
-        let (up, incoming) = upstream.into_parts();
-        let mut response = Response::builder().status(up.status);
-        if let Some(h) = response.headers_mut() {
-            copy_response_headers(&up.headers, h);
-        }
-        let body = Body::new(Deadline {
-            inner: incoming,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
-        });
-        response.body(body).map_err(|_| AppError::Internal)
+        Ok(answer)
     }
+}
+
+/// The request body for one exchange. `body` is the client's stream (sent once) or `None` when
+/// the bytes are replayable (`full`); `declared` is the client's `Content-Length`.
+pub fn request_body(
+    full: Option<&Bytes>,
+    stream: Option<Body>,
+    declared: Option<u64>,
+    headers: &mut HeaderMap,
+    limit: u64,
+) -> UpstreamBody {
+    if let Some(bytes) = full {
+        // hyper sets Content-Length from the exact size of the bytes.
+        return Full::new(bytes.clone())
+            .map_err(|e| match e {})
+            .boxed_unsync();
+    }
+    let Some(body) = stream else {
+        return Empty::new().map_err(|e| match e {}).boxed_unsync();
+    };
+    if let Some(len) = declared {
+        // Known length: say it, so AOAI sees the same framing the client used (no chunking of
+        // multipart uploads); hyper enforces that the body matches it.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Limited {
+        inner: body,
+        seen: 0,
+        limit,
+    }
+    .boxed_unsync()
+}
+
+/// AOAI's answer as the client gets it: hop-by-hop headers dropped, the body cut with an error
+/// when `deadline` passes.
+pub fn pass_through(
+    answer: http::Response<hyper::body::Incoming>,
+    deadline: tokio::time::Instant,
+) -> Result<Response, AppError> {
+    let (up, incoming) = answer.into_parts();
+    let mut response = Response::builder().status(up.status);
+    if let Some(h) = response.headers_mut() {
+        copy_response_headers(&up.headers, h);
+    }
+    let body = Body::new(Deadline {
+        inner: incoming,
+        sleep: Box::pin(tokio::time::sleep_until(deadline)),
+    });
+    response.body(body).map_err(|_| AppError::Internal)
 }
 
 /// A header value from a secret, marked sensitive.
@@ -290,7 +247,7 @@ pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
         .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
-fn upstream_headers(inbound: &HeaderMap) -> HeaderMap {
+pub fn upstream_headers(inbound: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(inbound.len());
     for (name, value) in inbound {
         let n = name.as_str();
@@ -314,27 +271,33 @@ fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-/// Map a client error to our status: an over-limit body 413, a client body that could not be
-/// read 400, the rest 502 (timeouts are decided by our own deadline).
-fn classify(e: &hyper_util::client::legacy::Error, limit: u64) -> AppError {
+/// Whose fault a failed exchange was: an over-limit body (413) or a client body that could not
+/// be read (400) is the client's; the rest is the upstream's (timeouts are decided by our own
+/// deadline).
+fn classify(e: &hyper_util::client::legacy::Error, limit: u64, upstream: &str) -> Failure {
     let mut chain = Vec::new();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if s.is::<BodyTooLarge>() {
-            return AppError::PayloadTooLarge { limit };
+            return Failure::Client(AppError::PayloadTooLarge { limit });
         }
         if s.is::<ClientBodyError>() {
-            return AppError::InvalidBody(
+            return Failure::Client(AppError::InvalidBody(
                 "The request body could not be read (malformed chunked encoding or cut short)"
                     .into(),
-            );
+            ));
         }
         chain.push(s.to_string());
         source = s.source();
     }
     // hyper's error messages never carry the URI.
-    tracing::warn!(error = %chain.join(": "), connect = e.is_connect(), "upstream failed");
-    AppError::BadGateway
+    tracing::warn!(
+        upstream,
+        error = %chain.join(": "),
+        connect = e.is_connect(),
+        "upstream failed"
+    );
+    Failure::Upstream
 }
 
 /// The client's body went over `MAX_BODY_BYTES` while streaming (no `Content-Length` given).
