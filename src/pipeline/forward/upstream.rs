@@ -196,16 +196,16 @@ pub fn pass_through(
     answer: http::Response<hyper::body::Incoming>,
     deadline: tokio::time::Instant,
 ) -> Result<Response, AppError> {
-    let (up, incoming) = answer.into_parts();
-    let mut response = Response::builder().status(up.status);
-    if let Some(h) = response.headers_mut() {
-        copy_response_headers(&up.headers, h);
-    }
-    let body = Body::new(Deadline {
+    let (mut up, incoming) = answer.into_parts();
+    // AOAI's header map becomes the client's: hop-by-hop headers removed in place, nothing copied.
+    strip_hop_by_hop(&mut up.headers);
+    let mut response = Response::new(Body::new(Deadline {
         inner: incoming,
         sleep: Box::pin(tokio::time::sleep_until(deadline)),
-    });
-    response.body(body).map_err(|_| AppError::Internal)
+    }));
+    *response.status_mut() = up.status;
+    *response.headers_mut() = up.headers;
+    Ok(response)
 }
 
 /// A header value from a secret, marked sensitive.
@@ -228,23 +228,13 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus any that a `Connection` header of `headers` names.
 /// Shared with the devkit's gateway emulator, which must drop the same set.
 pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    ) || headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    HOP_BY_HOP.contains(&name.as_str())
+        || headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 pub fn upstream_headers(inbound: &HeaderMap) -> HeaderMap {
@@ -263,11 +253,33 @@ pub fn upstream_headers(inbound: &HeaderMap) -> HeaderMap {
     out
 }
 
-fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for (name, value) in from {
-        if !is_hop_by_hop(name, from) {
-            to.append(name.clone(), value.clone());
-        }
+/// The hop-by-hop headers of [`is_hop_by_hop`], as a fixed list.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove from `headers` what [`is_hop_by_hop`] names, reading `Connection` once.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -394,6 +406,41 @@ impl http_body::Body for Deadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_answer_keeps_exactly_what_is_not_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "text/event-stream"),
+            ("connection", "keep-alive, X-Custom-Hop"),
+            ("connection", "upgrade"),
+            ("x-custom-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("upgrade", "h2c"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-connection", "close"),
+            ("x-ratelimit-remaining-tokens", "99"),
+            ("apim-request-id", "a"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let want: Vec<(HeaderName, HeaderValue)> = h
+            .iter()
+            .filter(|(n, _)| !is_hop_by_hop(n, &h))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let mut got = h.clone();
+        strip_hop_by_hop(&mut got);
+        let got: Vec<(HeaderName, HeaderValue)> =
+            got.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 5, "{got:?}");
+    }
 
     #[test]
     fn strips_secrets_and_hop_by_hop() {
