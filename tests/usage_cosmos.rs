@@ -430,3 +430,124 @@ async fn a_usage_outage_journals_and_the_next_start_ships_without_overwriting() 
     );
     app.state.shutdown().await;
 }
+
+/// Measurement (run with `--ignored --nocapture`): abuse records' durability latency with the
+/// usage log idle and with it journaling and shipping summaries in bulk at the same time. The
+/// two logs have separate journals, threads and shippers; the numbers show it. Asserts only that
+/// every record is durable and shipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn abuse_latency_with_and_without_usage_traffic() {
+    use aoai_fwdproxy::pipeline::audit::{AbuseRecord, Audit, AuditSettings, Reason};
+    use aoai_fwdproxy::settings::Source;
+    use std::time::Instant;
+
+    // 0: usage idle; 1: usage journaled only; 2: usage journaled and shipped (the in-process
+    // emulator then serves its upserts on the test's own two runtime threads)
+    for busy in [0u8, 1, 2] {
+        let emu = Emu::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut pairs = emu.pairs();
+        pairs.push((
+            "AUDIT_SPOOL_PATH".into(),
+            dir.path().join("abuse-journal.jsonl").display().to_string(),
+        ));
+        let settings = AuditSettings::from_source(&Source::from_map(pairs)).unwrap();
+        let audit = Arc::new(Audit::start(settings, Some(emu.account(vec![]))).unwrap());
+        let usage = Arc::new(if busy == 1 {
+            aoai_fwdproxy::pipeline::audit::Durable::<UsageSummary>::start(
+                &dir.path().join("usage-journal.jsonl"),
+                "AUDIT_SPOOL_PATH",
+                audit.settings(),
+                None,
+            )
+            .unwrap()
+        } else {
+            audit.companion::<UsageSummary>(USAGE).unwrap().unwrap()
+        });
+        let traffic = (busy > 0).then(|| {
+            let usage = usage.clone();
+            tokio::spawn(async move {
+                for batch in 0..20u64 {
+                    let records: Vec<UsageSummary> = (0..1000u64)
+                        .map(|i| UsageSummary {
+                            id: format!("bench.{batch}.{i}"),
+                            minute: "2026-11-29T00:00:00Z".into(),
+                            day: "2026-11-29".into(),
+                            caller: format!("c{}", i % 10),
+                            user: format!("user-{i}"),
+                            deployment: "gpt-4o".into(),
+                            instance: "bench".into(),
+                            run: "r".into(),
+                            requests: 1,
+                            prompt_tokens: i,
+                            cached_tokens: 0,
+                            completion_tokens: 1,
+                            reasoning_tokens: 0,
+                            total_tokens: i + 1,
+                            requests_without_usage: 0,
+                            estimated_tokens: 0,
+                        })
+                        .collect();
+                    assert_eq!(usage.append_all(records).await, 0);
+                }
+            })
+        });
+        let n = 2000;
+        let mut latencies = Vec::with_capacity(n);
+        let started = Instant::now();
+        for group in (0..n).collect::<Vec<_>>().chunks(200) {
+            let calls: Vec<_> = group
+                .iter()
+                .map(|&i| {
+                    let audit = audit.clone();
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        audit
+                            .record(AbuseRecord {
+                                id: format!("bench-{i}"),
+                                timestamp: "2026-11-29T00:00:00Z".into(),
+                                request_id: format!("bench-{i}"),
+                                caller: "default".into(),
+                                user: format!("u{}", i % 7),
+                                deployment: Some("gpt-4o".into()),
+                                operation: "chat_completions".into(),
+                                reason: Reason::ContentFiltered,
+                                details: serde_json::json!({}),
+                                prompt: Some("x".repeat(200)),
+                                client_ip: None,
+                            })
+                            .await
+                            .unwrap();
+                        t.elapsed()
+                    })
+                })
+                .collect();
+            for c in calls {
+                latencies.push(c.await.unwrap());
+            }
+        }
+        let all = started.elapsed();
+        if let Some(t) = traffic {
+            t.await.unwrap();
+        }
+        assert!(audit.flush(Duration::from_secs(300)).await.completed);
+        assert_eq!(emu.abuse_count().await, n);
+        latencies.sort();
+        let pct = |p: f64| latencies[((n as f64 * p) as usize).min(n - 1)].as_secs_f64() * 1000.0;
+        eprintln!(
+            "usage traffic {busy}: {n} abuse records durable in {:.0} ms ({} fsyncs), record() p50 {:.2} ms p99 {:.2} ms max {:.2} ms; usage {:?}",
+            all.as_secs_f64() * 1000.0,
+            audit.commits(),
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            usage.stats()
+        );
+        if busy > 0 {
+            assert_eq!(usage.stats().journaled, 20_000);
+        }
+        usage.shutdown(Duration::from_secs(5)).await;
+        audit.shutdown(Duration::from_secs(5)).await;
+    }
+}

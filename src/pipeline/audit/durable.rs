@@ -177,38 +177,30 @@ impl<R: Item> Durable<R> {
     }
 
     /// Make many items durable with few group commits (up to 1 MiB of lines per append): for a
-    /// low-rate kind written in bulk (the usage summaries of a minute). Items the journal cannot
-    /// take are written to Cosmos DB directly (with the writer's retries). Returns how many are
-    /// durable nowhere (each named in an error log line).
-    pub async fn append_all(&self, records: &[R]) -> usize {
-        let mut lost = 0;
-        let mut start = 0;
-        while start < records.len() {
-            let mut buf = Vec::new();
-            let mut end = start;
-            while end < records.len() && buf.len() < APPEND_ALL_BYTES {
-                match serde_json::to_vec(&records[end]) {
-                    Ok(mut line) => {
-                        line.push(b'\n');
-                        buf.extend_from_slice(&line);
-                    }
-                    Err(e) => tracing::error!(
-                        target: "audit",
-                        kind = R::KIND,
-                        record_id = %records[end].id(),
-                        error = %e,
-                        "record could not be serialised"
-                    ),
-                }
-                end += 1;
+    /// low-rate kind written in bulk (the usage summaries of a minute). They are serialised on a
+    /// blocking thread, so a large batch takes no time from the request path's runtime threads.
+    /// Items the journal cannot take are written to Cosmos DB directly (with the writer's
+    /// retries). Returns how many are durable nowhere (each named in an error log line).
+    pub async fn append_all(&self, records: Vec<R>) -> usize {
+        let (records, groups) = match tokio::task::spawn_blocking(move || {
+            let groups = serialise_groups(&records);
+            (records, groups)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(target: "audit", kind = R::KIND, error = %e, "records could not be serialised");
+                return 0;
             }
-            let group = &records[start..end];
-            start = end;
-            let n = buf.iter().filter(|&&b| b == b'\n').count() as u64;
-            self.counters.submitted.fetch_add(n, Ordering::Relaxed);
+        };
+        let mut lost = 0;
+        for (range, buf, lines) in groups {
+            let group = &records[range];
+            self.counters.submitted.fetch_add(lines, Ordering::Relaxed);
             let error = match self.journal.append(buf).await {
                 Ok(()) => {
-                    self.counters.journaled.fetch_add(n, Ordering::Relaxed);
+                    self.counters.journaled.fetch_add(lines, Ordering::Relaxed);
                     continue;
                 }
                 Err(e) => e,
@@ -311,6 +303,38 @@ impl<R: Item> Durable<R> {
         );
         report
     }
+}
+
+/// `records` as journal lines in groups of about [`APPEND_ALL_BYTES`]: (the records of the
+/// group, its lines, how many lines).
+fn serialise_groups<R: Item>(records: &[R]) -> Vec<(std::ops::Range<usize>, Vec<u8>, u64)> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    while start < records.len() {
+        let mut buf = Vec::new();
+        let mut lines = 0u64;
+        let mut end = start;
+        while end < records.len() && buf.len() < APPEND_ALL_BYTES {
+            match serde_json::to_vec(&records[end]) {
+                Ok(line) => {
+                    buf.extend_from_slice(&line);
+                    buf.push(b'\n');
+                    lines += 1;
+                }
+                Err(e) => tracing::error!(
+                    target: "audit",
+                    kind = R::KIND,
+                    record_id = %records[end].id(),
+                    error = %e,
+                    "record could not be serialised"
+                ),
+            }
+            end += 1;
+        }
+        groups.push((start..end, buf, lines));
+        start = end;
+    }
+    groups
 }
 
 impl<R> Drop for Durable<R> {

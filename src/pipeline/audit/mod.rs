@@ -124,6 +124,9 @@ pub struct AuditFailed {
     pub error: JournalError,
 }
 
+/// Upserts in flight at most for a companion log ([`Audit::companion`]).
+pub const COMPANION_CONCURRENCY: usize = 4;
+
 /// The abuse log.
 pub struct Audit {
     settings: AuditSettings,
@@ -161,16 +164,22 @@ impl Audit {
 
     /// Another durable log beside the abuse log, of `R` items shipped to `container` of the
     /// same Cosmos DB account: its journal is a sibling of the abuse journal (see
-    /// [`paths::companion`]), with the same settings. `None` without Cosmos DB.
+    /// [`paths::companion`]), with the same settings but at most [`COMPANION_CONCURRENCY`]
+    /// upserts in flight. `None` without Cosmos DB.
     pub fn companion<R: Item>(&self, container: &str) -> Result<Option<Durable<R>>, SettingsError> {
         let Some(account) = &self.account else {
             return Ok(None);
         };
         let path = paths::companion(&self.log.journal_path(), R::KIND);
+        // A companion kind is low-rate and written in bursts (a minute's records at once): a
+        // few upserts in flight ship it within seconds and keep the burst's CPU (request
+        // signing, TLS) from crowding the request path and the abuse log's own shipper.
+        let mut settings = self.settings.clone();
+        settings.concurrency = settings.concurrency.min(COMPANION_CONCURRENCY);
         Durable::start(
             &path,
             "AUDIT_SPOOL_PATH",
-            &self.settings,
+            &settings,
             Some((account.clone(), container.to_string())),
         )
         .map(Some)

@@ -316,10 +316,11 @@ pub fn spawn_flusher(
             if records.is_empty() {
                 continue;
             }
-            let lost = log.append_all(&records).await;
+            let n = records.len();
+            let lost = log.append_all(records).await;
             tracing::debug!(
                 target: "usage",
-                records = records.len(),
+                records = n,
                 lost,
                 "usage summaries of the closed minute journaled"
             );
@@ -331,10 +332,11 @@ pub fn spawn_flusher(
 /// server stopped. Returns how many records were handed.
 pub async fn flush_all(summaries: &Summaries, log: &Durable<UsageSummary>) -> usize {
     let records = summaries.take_all();
-    if !records.is_empty() {
-        log.append_all(&records).await;
+    let n = records.len();
+    if n > 0 {
+        log.append_all(records).await;
     }
-    records.len()
+    n
 }
 
 /// The usage summaries of this process and their durable log (Cosmos DB configured).
