@@ -13,7 +13,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Per-step timing: each step ends with a line `time: <seconds> s wall  <step>` (wall clock, from
+# bash's SECONDS); the last line sums them up. Kept permanently: the suite has a time budget
+# (docs/benchmarks.md, "CI time"), and these lines are how a slow step is found.
+suite_started=$SECONDS
+step_started=$SECONDS
+step_name=""
+step_done() {
+  if [ -n "$step_name" ]; then
+    printf 'time: %4d s wall  %s\n' "$((SECONDS - step_started))" "$step_name"
+  fi
+  step_name=""
+}
+step() {
+  step_done
+  printf '\n==> %s\n' "$*"
+  step_name="$*"
+  step_started=$SECONDS
+}
 trap 'echo "FAILED at: ${current:-setup}" >&2' ERR
 
 # Faster links (scripts/linker.sh uses mold when present, cc otherwise): best effort only.
@@ -39,7 +56,11 @@ if [ ! -f "$req_stamp" ]; then
   touch "$req_stamp"
 fi
 
-current="cargo test (builds the debug binaries too)"
+current="cargo test --no-run (builds the tests and the debug binaries)"
+step "$current"
+cargo test --workspace --locked --no-run
+
+current="cargo test (runs them)"
 step "$current"
 cargo test --workspace --locked
 
@@ -63,4 +84,7 @@ if [ -x infra/tests/check.sh ] || [ -f infra/tests/check.sh ]; then
   bash infra/tests/check.sh
 fi
 
+step_done
+printf 'time: %4d s wall  scripts/test.sh in all\n' "$((SECONDS - suite_started))"
 step "all tests passed"
+step_name=""
