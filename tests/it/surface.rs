@@ -2,7 +2,7 @@
 //! client's path, v1 images and audio, files and batches — for each route what the client got
 //! and what the upstream saw, and batch input files screened at upload.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;
