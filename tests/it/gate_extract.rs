@@ -26,7 +26,13 @@ const V1_CHAT: &str = "/api/FwdProxy/openai/v1/chat/completions";
 /// The flagged word (Violence 6 in the stub).
 const BAD: &str = "bloodbath";
 
-impl Gate {
+/// This module's calls on the shared [`Gate`] (a trait: other test modules add their own).
+trait Calls {
+    async fn send(&self, url: &str, ctype: &str, body: Vec<u8>) -> reqwest::Response;
+    async fn json(&self, url: &str, body: &str) -> reqwest::Response;
+}
+
+impl Calls for Gate {
     async fn send(&self, url: &str, ctype: &str, body: Vec<u8>) -> reqwest::Response {
         self.app
             .client

@@ -20,7 +20,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 #[path = "../support/mod.rs"]
-mod support;
+pub mod support;
 
 mod api;
 mod audit_cosmos;
