@@ -7,6 +7,8 @@
 #   scripts/package.sh --musl          static release build (x86_64-unknown-linux-musl), same outputs
 #   scripts/package.sh --host-glibc    plain `cargo build --release` against this machine's glibc
 #   scripts/package.sh --glibc 2.36    pick another glibc floor for the zig build
+#   scripts/package.sh --tools-only    only install cargo-zigbuild and ziglang when missing
+#                                      (scripts/test.sh runs this in the background early)
 #   scripts/package.sh --local [--release]
 #                                      debug (or release) build for this machine, and dist/local
 #                                      linked up for `func start` (host.json, FwdProxy/, handler,
@@ -29,11 +31,11 @@ LOCAL="$DIST/local"
 GLIBC_FLOOR="${FWDPROXY_GLIBC:-2.31}"
 ZIGBUILD_VERSION="0.24.0"
 ZIGLANG_VERSION="0.17.0"
-MODE="zig"           # zig | host | musl | local
+MODE="zig"           # zig | host | musl | local | tools
 LOCAL_PROFILE="debug"
 INSTALL_TOOLS=1
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -44,6 +46,7 @@ while [[ $# -gt 0 ]]; do
     --local) MODE="local" ;;
     --release) LOCAL_PROFILE="release" ;;
     --no-install) INSTALL_TOOLS=0 ;;
+    --tools-only) MODE="tools" ;;
     -h|--help) usage; exit 0 ;;
     *) echo "package.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -90,24 +93,40 @@ if [[ "$MODE" == "local" ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# cargo-zigbuild: on PATH, or in our venv under target/, or installed there now.
+find_zigbuild() {
+  ZIGBUILD="$(command -v cargo-zigbuild || true)"
+  TOOLS="$TARGET_DIR/package-tools/venv"
+  if [[ -z "$ZIGBUILD" && -x "$TOOLS/bin/cargo-zigbuild" ]]; then
+    ZIGBUILD="$TOOLS/bin/cargo-zigbuild"
+  fi
+  if [[ -z "$ZIGBUILD" ]]; then
+    if [[ "$INSTALL_TOOLS" != 1 ]]; then
+      die "cargo-zigbuild not found. Install it (pip install cargo-zigbuild==$ZIGBUILD_VERSION ziglang==$ZIGLANG_VERSION), drop --no-install, or use --musl / --host-glibc"
+    fi
+    say "installing cargo-zigbuild $ZIGBUILD_VERSION and ziglang $ZIGLANG_VERSION (PyPI) into ${TOOLS#"$ROOT"/}"
+    # Into a fresh directory, moved into place once complete: an interrupted install never
+    # leaves a venv that looks ready.
+    rm -rf "$TOOLS.partial"
+    python3 -m venv "$TOOLS.partial"
+    "$TOOLS.partial/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "cargo-zigbuild==$ZIGBUILD_VERSION" "ziglang==$ZIGLANG_VERSION"
+    rm -rf "$TOOLS"
+    mv "$TOOLS.partial" "$TOOLS"
+    ZIGBUILD="$TOOLS/bin/cargo-zigbuild"
+  fi
+}
+if [[ "$MODE" == "tools" ]]; then
+  find_zigbuild
+  say "cargo-zigbuild: $ZIGBUILD"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Release build of the deployable binary.
 case "$MODE" in
   zig)
-    ZIGBUILD="$(command -v cargo-zigbuild || true)"
-    TOOLS="$TARGET_DIR/package-tools/venv"
-    if [[ -z "$ZIGBUILD" && -x "$TOOLS/bin/cargo-zigbuild" ]]; then
-      ZIGBUILD="$TOOLS/bin/cargo-zigbuild"
-    fi
-    if [[ -z "$ZIGBUILD" ]]; then
-      if [[ "$INSTALL_TOOLS" != 1 ]]; then
-        die "cargo-zigbuild not found. Install it (pip install cargo-zigbuild==$ZIGBUILD_VERSION ziglang==$ZIGLANG_VERSION), drop --no-install, or use --musl / --host-glibc"
-      fi
-      say "installing cargo-zigbuild $ZIGBUILD_VERSION and ziglang $ZIGLANG_VERSION (PyPI) into ${TOOLS#"$ROOT"/}"
-      python3 -m venv "$TOOLS"
-      "$TOOLS/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "cargo-zigbuild==$ZIGBUILD_VERSION" "ziglang==$ZIGLANG_VERSION"
-      ZIGBUILD="$TOOLS/bin/cargo-zigbuild"
-    fi
+    find_zigbuild
     # cargo-zigbuild finds zig as `python3 -m ziglang` when zig is not on PATH: put the venv's
     # python first so it is the one with ziglang installed.
     ZIG_PATH="$(dirname "$ZIGBUILD")"

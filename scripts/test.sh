@@ -4,63 +4,206 @@
 # tests and the end-to-end set against the packaged handler, and the infra checks. Exits non-zero
 # on the first failure, saying which step failed.
 #
+#   scripts/test.sh          the tests
+#   scripts/test.sh --lint   first `cargo fmt --check` and `cargo clippy -D warnings` (.ci/run)
+#
 # Each build happens once: `cargo test --workspace` compiles the dependency tree once, with the
 # test feature set, and builds the debug `handler` and `fwdproxy-dev` binaries the Rust tests
 # and the launcher use (a separate `cargo build --bins` would compile tokio, hyper, reqwest, the
 # Azure SDK ... a second time: dev-dependencies enable more features of the same crates, so the
-# plain binaries resolve a different feature set). The package step builds the release handler
-# that ships, and the SDK and end-to-end tests run exactly that binary.
+# plain binaries resolve a different feature set). The integration tests are one binary per
+# package (tests/it, devkit/tests/it: one link each, not one per file). The package step builds
+# the release handler that ships, and the SDK and end-to-end tests run exactly that binary.
+#
+# What only waits on the network (pip, npm, apt) runs in the background from the start, while
+# cargo keeps both cores busy: the test tools' venv, newman, the packaging tools, checkov. A step
+# that needs one waits for it, and a failed install fails the run with its log.
+#
+# Timing: each step ends with `time: <s> s wall, <s> s cpu  <step>` (cpu = user+sys of the
+# processes the step waited for, a background install counted where it is waited for); the
+# last lines sum up. Kept permanently: the suite has a time budget (docs/benchmarks.md,
+# "CI time"), and these lines are how a slow step is found.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+lint=0
+case "${1:-}" in
+  --lint) lint=1 ;;
+  "") ;;
+  *) echo "test.sh: unknown option $1 (--lint, or nothing)" >&2; exit 2 ;;
+esac
+
+# Scratch for this run: the background installs' logs, the CPU time readings.
+bg_dir="$(mktemp -d "${TMPDIR:-/tmp}/fwdproxy-test.XXXXXX")"
+
+# cpu_now: sets `cpu` to the CPU time (user+sys, ms) of every child process this shell has
+# waited for so far. `times` reads this shell's counters, so it must not run in a subshell
+# (no $(...)): it writes to a file read back here.
+cpu=0
+cpu_now() {
+  local t re='([0-9]+)m([0-9]+)\.([0-9]+)s ([0-9]+)m([0-9]+)\.([0-9]+)s'
+  times >"$bg_dir/times"
+  t="$(tail -n1 "$bg_dir/times")"
+  if [[ "$t" =~ $re ]]; then
+    local r=("${BASH_REMATCH[@]}")
+    cpu=$(( (r[1] * 60 + 10#${r[2]}) * 1000 + 10#${r[3]:0:3} + (r[4] * 60 + 10#${r[5]}) * 1000 + 10#${r[6]:0:3} ))
+  fi
+}
+cpu_now
+suite_started=$SECONDS
+suite_cpu=$cpu
+step_started=$SECONDS
+step_cpu=$cpu
+step_name=""
+step_done() {
+  if [ -n "$step_name" ]; then
+    cpu_now
+    printf 'time: %4d s wall, %4d s cpu  %s\n' "$((SECONDS - step_started))" \
+      "$(((cpu - step_cpu) / 1000))" "$step_name"
+  fi
+  step_name=""
+}
+step() {
+  step_done
+  printf '\n==> %s\n' "$*"
+  step_name="$*"
+  step_started=$SECONDS
+  cpu_now
+  step_cpu=$cpu
+}
+
+# Background installs: `bg NAME command...` starts one (output to a log), `bg_wait NAME` waits
+# for it and fails the run, showing the log, when it failed.
+declare -A bg_pids=()
+bg() {
+  local name="$1"
+  shift
+  # Job control on while starting it: the job gets its own process group, so stopping it early
+  # stops pip/npm/apt under it too.
+  set -m
+  ( t0=$SECONDS; "$@"; echo "time: $((SECONDS - t0)) s wall (background)" ) \
+    </dev/null >"$bg_dir/$name.log" 2>&1 &
+  bg_pids[$name]=$!
+  set +m
+}
+bg_wait() {
+  local name="$1" pid="${bg_pids[$1]:-}"
+  [ -n "$pid" ] || return 0
+  unset "bg_pids[$name]"
+  if wait "$pid"; then
+    printf '%s: %s\n' "$name" "$(tail -n1 "$bg_dir/$name.log")"
+  else
+    echo "$name failed:" >&2
+    sed 's/^/    /' "$bg_dir/$name.log" >&2
+    return 1
+  fi
+}
+on_exit() {
+  local pid
+  # Only the installs this script started, by their ids, when it stops early.
+  for pid in "${bg_pids[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null || true
+  done
+  rm -rf "$bg_dir"
+}
+trap on_exit EXIT
 trap 'echo "FAILED at: ${current:-setup}" >&2' ERR
 
-# Faster links (scripts/linker.sh uses mold when present, cc otherwise): best effort only.
-if ! command -v mold >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  step "mold linker (optional; linking falls back to cc without it)"
-  sudo=""
+# The release build's own target dir (see the package step).
+ship_target="$PWD/target/ship"
+
+current="start the tool installs in the background"
+step "$current"
+# Faster links (scripts/linker.sh uses mold when present, cc otherwise, deciding per link):
+# best effort only.
+install_mold() {
+  local sudo=""
   if [ "$(id -u)" != 0 ]; then sudo="sudo -n"; fi
   if ! { $sudo apt-get install -y -qq mold >/dev/null 2>&1 ||
          { $sudo apt-get update -qq >/dev/null 2>&1 &&
            $sudo apt-get install -y -qq mold >/dev/null 2>&1; }; }; then
     echo "mold could not be installed; linking with cc"
   fi
+}
+if ! command -v mold >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  bg mold install_mold
+fi
+# The OpenAI SDK and pytest (.venv), for the SDK tests and e2e.sh.
+install_venv() {
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  local stamp
+  stamp=".venv/.requirements-$(sha256sum tests/python/requirements.txt | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+    touch "$stamp"
+  fi
+}
+bg venv install_venv
+# newman, pinned in package-lock.json, for e2e.sh.
+if [ ! -x node_modules/.bin/newman ]; then
+  bg newman npm ci --no-audit --no-fund
+fi
+# cargo-zigbuild and ziglang for the package step; checkov and the Bicep grammar for the infra
+# checks.
+bg zigbuild env CARGO_TARGET_DIR="$ship_target" bash scripts/package.sh --tools-only
+bg checkov bash infra/tests/check.sh --install-only
+
+if [ "$lint" = 1 ]; then
+  current="cargo fmt --check"
+  step "$current"
+  cargo fmt --all -- --check
+
+  current="cargo clippy -D warnings"
+  step "$current"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
 
-current="python test environment (.venv)"
+current="cargo test --no-run (builds the tests and the debug binaries)"
 step "$current"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-req_stamp=".venv/.requirements-$(sha256sum tests/python/requirements.txt | cut -c1-16)"
-if [ ! -f "$req_stamp" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
-  touch "$req_stamp"
-fi
+bg_wait mold
+cargo test --workspace --locked --no-run
 
-current="cargo test (builds the debug binaries too)"
+current="release build of the handler that ships (scripts/package.sh), in the background"
+step "$current"
+# The tests mostly wait on sockets and child processes (measured: ~40 s of CPU in ~90 s on 2
+# cores), so the release build runs beside them rather than after them. Its own target dir:
+# nothing is shared with the debug build anyway (other profile, other target triple), and a
+# second cargo never waits for the first one's lock.
+bg_wait zigbuild
+bg package env CARGO_TARGET_DIR="$ship_target" bash scripts/package.sh
+
+current="cargo test (runs them)"
 step "$current"
 cargo test --workspace --locked
 
-current="Function App package checks (builds the release handler that ships)"
+current="Function App package checks (the release handler that ships)"
 step "$current"
-bash scripts/check-package.sh
+bg_wait package
+sed 's/^/    /' "$bg_dir/package.log"
+bash scripts/check-package.sh --no-build
 shipped="$PWD/dist/package/handler"
 [ -x "$shipped" ] || { echo "no packaged handler at $shipped" >&2; false; }
 
 current="OpenAI Python SDK against the packaged handler"
 step "$current"
+bg_wait venv
 FWDPROXY_HANDLER="$shipped" .venv/bin/python -m pytest -q tests/python
 
 current="end-to-end: the local set with the packaged handler, newman and the OpenAI SDK"
 step "$current"
+bg_wait newman
 E2E_PROFILE=debug E2E_NO_BUILD=1 E2E_HANDLER="$shipped" bash scripts/e2e.sh
 
-if [ -x infra/tests/check.sh ] || [ -f infra/tests/check.sh ]; then
-  current="infra checks (structure, Bicep syntax, checkov)"
-  step "$current"
-  bash infra/tests/check.sh
-fi
+current="infra checks (structure, Bicep syntax, checkov)"
+step "$current"
+bg_wait checkov
+bash infra/tests/check.sh
 
+step_done
+cpu_now
+printf 'time: %4d s wall, %4d s cpu  scripts/test.sh in all\n' "$((SECONDS - suite_started))" \
+  "$(((cpu - suite_cpu) / 1000))"
 step "all tests passed"
+step_name=""

@@ -471,7 +471,7 @@ MUST_DENY = [
     "target/release/handler",
     "target/x86_64-unknown-linux-gnu/release/handler",
     "src/main.rs",
-    "tests/api.rs",
+    "tests/it/api.rs",
     "devkit/Cargo.toml",
     "devkit/src/lib.rs",
     "infra/main.bicep",

@@ -12,7 +12,7 @@
 //!   manipulation", so a later rule never sees an earlier rule's rewrite. When two rules set the
 //!   same URL component, the later one wins. Our rule set is written so that at most one rule
 //!   can match any request and no rule matches a rewritten path, which makes the result the
-//!   same under any reading of those details; `tests/rewrite_rules.rs` proves both properties.
+//!   same under any reading of those details; `tests/it/rewrite_rules.rs` proves both properties.
 //! - A rule applies when all of its conditions hold (logical AND). A condition holds when its
 //!   RE2 pattern matches the variable (`ignoreCase` → case-insensitive), inverted by `negate`.
 //!   Patterns are searched, not implicitly anchored: write `^…$` to match a whole value.

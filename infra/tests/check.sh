@@ -14,14 +14,50 @@
 #      cannot parse would otherwise be skipped silently). Deliberate skips live inline in the
 #      Bicep as `//checkov:skip=CKV_...:reason` (a comment: `#checkov` does not compile).
 # checkov and the grammar are installed once into the repo's .venv-infra at the versions pinned
-# in requirements.txt; later runs skip pip entirely.
+# in requirements.txt; later runs skip pip entirely. `check.sh --install-only` does just that
+# install and exits (scripts/test.sh runs it in the background while cargo compiles).
 set -euo pipefail
+
+install_only=0
+case "${1:-}" in
+  --install-only) install_only=1 ;;
+  "") ;;
+  *) echo "check.sh: unknown option $1 (--install-only, or nothing)" >&2; exit 2 ;;
+esac
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 infra="$(cd "$here/.." && pwd)"
 repo="$(cd "$infra/.." && pwd)"
 venv="$repo/.venv-infra"  # its own: checkov pins packaging<24, the test tools want newer
 requirements="$here/requirements.txt"
+
+# Every `name==version` pin of requirements.txt installed at that version, or pip runs.
+install_tools() {
+  local started=$SECONDS
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+  fi
+  if ! "$venv/bin/python" - "$requirements" <<'PY'
+import importlib.metadata as m, re, sys
+for line in open(sys.argv[1]):
+    pin = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line)
+    if pin:
+        try:
+            if m.version(pin.group(1)) != pin.group(2):
+                sys.exit(1)
+        except m.PackageNotFoundError:
+            sys.exit(1)
+PY
+  then
+    echo "installing $(grep -cE '^[A-Za-z].*==' "$requirements") pinned tools into $venv (first run takes a few minutes)"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    echo "installed in $((SECONDS - started)) s"
+  fi
+}
+if [ "$install_only" = 1 ]; then
+  install_tools
+  exit 0
+fi
 
 failed=0
 passed=0
@@ -54,25 +90,7 @@ else
   failed=$((failed + 1))
 fi
 
-# Every `name==version` pin of requirements.txt installed at that version, or pip runs.
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-fi
-if ! "$venv/bin/python" - "$requirements" <<'PY'
-import importlib.metadata as m, re, sys
-for line in open(sys.argv[1]):
-    pin = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line)
-    if pin:
-        try:
-            if m.version(pin.group(1)) != pin.group(2):
-                sys.exit(1)
-        except m.PackageNotFoundError:
-            sys.exit(1)
-PY
-then
-  echo "installing $(grep -cE '^[A-Za-z].*==' "$requirements") pinned tools into $venv (first run takes a few minutes)"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
-fi
+install_tools
 
 echo "== bicep syntax (tree-sitter grammar + the lexer's '#' rule)"
 if "$venv/bin/python" "$here/test_check_bicep.py" && "$venv/bin/python" "$here/check_bicep.py"; then

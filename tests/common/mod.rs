@@ -5,23 +5,9 @@
 //! answers with the [`Reply`] the test scripted, so a test asserts on both what the client got
 //! and what the upstream saw. [`TestApp`] runs the real router and server loop in-process.
 #![allow(dead_code, unused_imports)]
-// A test that also takes the whole `tests/support` (`mod support;`) compiles these files twice,
-// once here: harmless (they hold no process-wide state), and cheaper than the emulator in all.
-#![allow(clippy::duplicate_mod)]
 
-/// The parts of `tests/support` the request-path tests use. The Cosmos DB emulator and the Azure
-/// stubs stay out: compiling the emulator's SDK code into every test binary that takes `common`
-/// cost ~4 s of CPU each; tests that need them take the whole module with `mod support;`.
-#[path = "../support"]
-pub mod support {
-    pub mod aoai;
-    pub mod app;
-    pub mod content_safety;
-    pub mod handler;
-    pub mod logs;
-    pub mod scratch;
-    pub mod wait;
-}
+/// The one test-support module, under the path the older tests use (`common::support::…`).
+pub use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -34,3 +34,25 @@ pub fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
         .finish();
     (captured, tracing::subscriber::set_default(subscriber))
 }
+
+/// Every log line of this test process from the first call on, in one process-wide subscriber
+/// (installed on the first call; the integration tests are one binary, and a process has one
+/// global subscriber). Global rather than per-thread where a test must see lines written on any
+/// thread: tracing caches per-callsite interest across threads, so a thread-local capture can
+/// miss lines while other tests run in parallel. Lines of every test in the process land here:
+/// pick yours by request id; a "never in any log line" check only gets stronger from them.
+pub fn global() -> &'static Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("support::logs::global is the only global subscriber of the test process");
+        captured
+    })
+}

@@ -1,4 +1,5 @@
-//! A simulated AOAI resource on port 0 with a client, shared by the simulator's test files.
+//! A simulated AOAI resource on port 0 with a client, shared by the simulator's test modules
+//! (`devkit/tests/it`).
 #![allow(dead_code)]
 
 use std::sync::Arc;

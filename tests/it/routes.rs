@@ -2,7 +2,7 @@
 //! method or bad path, each checked on both sides — what the client got (status, AOAI-shaped
 //! error code) and what the upstream mock saw (method, path, query), or that it saw nothing.
 
-mod common;
+use crate::common;
 
 use common::support::app::raw_request;
 use common::*;

@@ -1,6 +1,6 @@
 //! The responsible-AI gate, black-box: user check, Content Safety screening, abuse records.
 
-mod common;
+use crate::common;
 
 use common::*;
 
@@ -379,7 +379,7 @@ async fn blocklist_hits_block_and_are_named() {
 #[tokio::test]
 async fn operations_without_prompts_are_not_buffered_or_screened() {
     let g = gate(&[]).await;
-    // (audio transcriptions carry a text `prompt` and go through the gate: tests/gate_extract.rs)
+    // (audio transcriptions carry a text `prompt` and go through the gate: tests/it/gate_extract.rs)
     let resp = g
         .app
         .client

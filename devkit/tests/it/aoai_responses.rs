@@ -1,7 +1,7 @@
 //! The simulator's Responses API, black-box: JSON and SSE answers, the stored response's
 //! routes, background polling and cancel, checked against the shapes the SDKs parse.
 
-mod sim_support;
+use crate::sim_support;
 
 use std::time::{Duration, Instant};
 

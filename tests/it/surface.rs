@@ -2,7 +2,7 @@
 //! client's path, v1 images and audio, files and batches — for each route what the client got
 //! and what the upstream saw, and batch input files screened at upload.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;
@@ -10,7 +10,19 @@ use serde_json::json;
 const P: &str = "/api/FwdProxy/openai";
 const V: &str = "api-version=2025-04-01-preview";
 
-impl Gate {
+/// This module's calls on the shared [`Gate`] (a trait: other test modules add their own).
+trait Calls {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> reqwest::Response;
+    async fn json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response;
+}
+
+impl Calls for Gate {
     async fn send(
         &self,
         method: reqwest::Method,

@@ -4,11 +4,10 @@
 //! Every case asserts what the client got, what Content Safety saw (how many calls per
 //! endpoint) and that the upstream AOAI mock saw nothing when the request was refused.
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
 
 use common::*;
 use support::logs;
@@ -71,21 +70,10 @@ fn failed_open(c: &aoai_fwdproxy::pipeline::content_safety::Counters) -> u64 {
     c.failed_open.load(Ordering::Relaxed)
 }
 
-/// Every log line of this test binary. A process-wide subscriber, not a per-thread one: a
-/// thread-local default races with tracing's callsite-interest cache when tests run in
-/// parallel (a line could go missing). Tests pick their lines by request id.
+/// Every log line of the test process (one process-wide subscriber, shared with the other test
+/// modules). Tests pick their lines by request id.
 fn logs() -> &'static logs::Captured {
-    static LOGS: OnceLock<logs::Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = logs::Captured::default();
-        let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || writer.clone())
-            .init();
-        captured
-    })
+    logs::global()
 }
 
 /// The log lines naming `request_id`.

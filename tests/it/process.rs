@@ -2,7 +2,7 @@
 //! environment, port from `FUNCTIONS_CUSTOMHANDLER_PORT` (0 here: the port is read back from the
 //! ready log line), SIGTERM to stop.
 
-mod common;
+use crate::common;
 
 use common::support::app::base_pairs;
 use common::support::handler::{run_to_exit, Handler};

@@ -1,7 +1,7 @@
 //! The simulator's images, speech and transcriptions, and deployments declared `name=model`:
 //! what each model serves, and AOAI's own errors for what it does not.
 
-mod sim_support;
+use crate::sim_support;
 
 use fwdproxy_devkit::sim::aoai::{parse_deployments, Deployment};
 use serde_json::{json, Value};

@@ -2,7 +2,7 @@
 //! local stub that checks `X-IDENTITY-HEADER` and counts calls), are cached, and are renewed
 //! before they expire, never per request.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

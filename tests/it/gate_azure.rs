@@ -3,8 +3,8 @@
 //! restart. Black-box: the app on port 0; assertions on what the client, AOAI, Content Safety,
 //! the identity endpoint and Cosmos each saw.
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! is refused — through the running app, with a Content Safety stub that flags a word and an AOAI
 //! mock that must see nothing of what was refused and every byte of what was not.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;
@@ -26,7 +26,13 @@ const V1_CHAT: &str = "/api/FwdProxy/openai/v1/chat/completions";
 /// The flagged word (Violence 6 in the stub).
 const BAD: &str = "bloodbath";
 
-impl Gate {
+/// This module's calls on the shared [`Gate`] (a trait: other test modules add their own).
+trait Calls {
+    async fn send(&self, url: &str, ctype: &str, body: Vec<u8>) -> reqwest::Response;
+    async fn json(&self, url: &str, body: &str) -> reqwest::Response;
+}
+
+impl Calls for Gate {
     async fn send(&self, url: &str, ctype: &str, body: Vec<u8>) -> reqwest::Response {
         self.app
             .client
@@ -809,22 +815,9 @@ async fn records_carry_the_prompt_with_field_and_role_and_logs_never_do() {
     }
 }
 
-/// Every log line of this test binary from the first call on. Global rather than per-thread:
-/// tracing caches per-callsite interest across threads, so a thread-local capture misses lines
-/// while other tests run in parallel. Other tests' lines land here too, which only makes the
-/// "no prompt text in logs" check stronger.
+/// Every log line of the test process from the first call on (see `support::logs::global`).
+/// Other tests' lines land here too, which only makes the "no prompt text in logs" check
+/// stronger.
 fn global_logs() -> support::logs::Captured {
-    static LOGS: std::sync::OnceLock<support::logs::Captured> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = support::logs::Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        captured
-    })
-    .clone()
+    support::logs::global().clone()
 }

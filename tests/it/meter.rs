@@ -1,7 +1,7 @@
 //! Usage metering, black-box: the app in-process against the fake AOAI, asserting on what the
 //! client got, what the upstream saw, and the request's log line.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -392,7 +392,7 @@ async fn responses_stream_usage() {
 /// Budget: a client that goes away mid-stream, before any usage arrived, keeps its reservation
 /// charged (AOAI may still bill the tokens it generated), so once its request is over (its log
 /// line is written) the next one does not fit; refunding it would let it through. Here and not
-/// in tests/budget.rs because it waits for a log line: every test of this binary captures logs.
+/// in tests/it/budget.rs because it waits for a log line: every test of this module captures logs.
 #[tokio::test]
 async fn client_gone_mid_stream_keeps_the_charge() {
     let (logs, _guard) = capture();

@@ -1,6 +1,6 @@
 //! Black-box tests of the request path: the app on port 0 against a mock AOAI.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ async fn health_needs_no_key_and_never_calls_aoai() {
     assert!(aoai.seen().is_empty());
 }
 
-// Every route, method and bad path, with what the upstream saw: tests/routes.rs.
+// Every route, method and bad path, with what the upstream saw: tests/it/routes.rs.
 
 #[tokio::test]
 async fn answer_passes_back_unchanged() {

@@ -3,7 +3,7 @@
 //! client library would not send what we need: a whole over-limit body before reading, broken
 //! chunk framing, oversized headers, silence.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! request fits only if the first gave budget back (refill alone needs 42 s), so no assertion
 //! here depends on how fast the machine is.
 
-mod common;
+use crate::common;
 
 use common::support::app::aoai_error;
 use common::*;

@@ -6,10 +6,8 @@
 //! trip ended before the earliest instant the cool-down could end (measured at the client, so a
 //! slow machine makes the check skip, never fail wrongly).
 
-mod common;
-#[allow(dead_code)]
-#[path = "support/mi_stub.rs"]
-mod mi_stub;
+use crate::common;
+use crate::support::mi_stub;
 
 use std::time::{Duration, Instant};
 

@@ -11,8 +11,8 @@
 //! Mounts (read-only app root, a full disk) need root; without the permission those tests say
 //! so loudly and stop.
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! demand (AOAI answered 401) and periodically — against a local HTTPS vault with a CA the test
 //! generates, speaking the 401 challenge and then `{"value","id"}`.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

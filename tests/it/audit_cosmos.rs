@@ -5,7 +5,7 @@
 //! Cosmos are exactly the records made durable. Every `record` call returns only once its
 //! record is on disk (or acknowledged by Cosmos), which is what the client's answer waits for.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -525,7 +525,7 @@ async fn a_401_from_cosmos_re_reads_the_key_from_key_vault() {
     vault.put("cosmos-key", KEY);
     support::mi_stub::stub();
     let mi = TokenSource::managed_identity(&IdentitySettings {
-        client_id: Some("99999999-9999-9999-9999-999999999999".into()),
+        client_id: Some("c05d0000-0000-0000-0000-00000000c05d".into()),
     })
     .unwrap();
     let uri = SecretUri::parse(

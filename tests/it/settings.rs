@@ -4,7 +4,7 @@
 //! on stderr and in the JSON log line). The Content Safety settings have their own tests (the
 //! screening suite).
 
-mod common;
+use crate::common;
 
 use aoai_fwdproxy::pipeline::policy::UserCheck;
 use aoai_fwdproxy::settings::AoaiAuth;
@@ -371,7 +371,7 @@ fn shaped_settings_refuse_what_does_not_fit() {
     assert_eq!(try_settings("", &[]).unwrap_err().name, "AOAI_HOSTNAME");
 }
 
-/// Every setting the code reads (as tests/docs.rs finds them) is exercised by this file or is
+/// Every setting the code reads (as tests/it/docs.rs finds them) is exercised by this file or is
 /// one the screening suite covers: a new setting without a negative test fails here.
 #[test]
 fn every_setting_has_a_row() {

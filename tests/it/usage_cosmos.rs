@@ -4,7 +4,7 @@
 //! `usage` outage keeps the summaries in their journal (and never holds an abuse record back),
 //! and the next start ships them without overwriting what the earlier process wrote.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
