@@ -304,7 +304,7 @@ async fn each_backup_has_its_own_vault_key_re_read_on_its_401() {
     let vault = KeyVaultStub::start().await;
     vault.put("primary-key", "primary-vault-key-00000000");
     vault.put("backup-key", "backup-vault-key-old-000000");
-    let mi = identity("66666666-6666-6666-6666-666666666666");
+    let mi = identity("6b6b6b6b-6b6b-6b6b-6b6b-6b6b6b6b6b6b");
     let fetch = |name: &'static str| {
         let (uri, credential, options) = (uri(&vault, name), mi.credential(), options(&vault));
         async move {

@@ -74,3 +74,74 @@ fn no_test_binary_of_its_own_in_tests() {
         );
     }
 }
+
+/// The managed-identity stub is one per process and counts token requests per client id, so two
+/// tests sharing a client id see each other's requests (a spillover test did, once the tests
+/// became one binary). Every client-id literal (a UUID) belongs to one test function.
+#[test]
+fn each_managed_identity_client_id_belongs_to_one_test() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it");
+    let clashes = shared_ids(rs_files(&dir).into_iter().map(|f| {
+        let text = std::fs::read_to_string(dir.join(&f)).unwrap();
+        (f, text)
+    }));
+    assert!(
+        clashes.is_empty(),
+        "client ids used by more than one test: {clashes:?}"
+    );
+}
+
+/// UUID literals that occur in more than one test function (a test function starts at a
+/// `#[test]`/`#[tokio::test…]` attribute; occurrences before the first one count as their own).
+fn shared_ids(files: impl Iterator<Item = (String, String)>) -> Vec<String> {
+    let mut owner: std::collections::BTreeMap<String, (String, usize)> = Default::default();
+    let mut clashes = BTreeSet::new();
+    for (file, text) in files {
+        let mut test = 0;
+        for line in text.lines() {
+            let t = line.trim_start();
+            if t.starts_with("#[test]") || t.starts_with("#[tokio::test") {
+                test += 1;
+            }
+            for id in uuids(line) {
+                let here = (file.clone(), test);
+                match owner.get(&id) {
+                    Some(first) if *first != here => {
+                        clashes.insert(id);
+                    }
+                    Some(_) => {}
+                    None => {
+                        owner.insert(id, here);
+                    }
+                }
+            }
+        }
+    }
+    clashes.into_iter().collect()
+}
+
+fn uuids(line: &str) -> Vec<String> {
+    let b = line.as_bytes();
+    let shape = |w: &[u8]| {
+        w.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+    };
+    (0..b.len().saturating_sub(35))
+        .filter(|&i| shape(&b[i..i + 36]))
+        .map(|i| line[i..i + 36].to_string())
+        .collect()
+}
+
+#[test]
+fn the_client_id_check_finds_a_shared_id() {
+    let id = "0123abcd-0000-4000-8000-00000000c1d0";
+    let a = format!("#[tokio::test]\nasync fn a() {{ let x = \"{id}\"; let y = \"{id}\"; }}\n");
+    let b = format!("#[test]\nfn b() {{ let z = \"{id}\"; }}\n");
+    assert!(shared_ids([("a.rs".to_string(), a.clone())].into_iter()).is_empty());
+    assert_eq!(
+        shared_ids([("a.rs".to_string(), a), ("b.rs".to_string(), b)].into_iter()),
+        [id]
+    );
+}

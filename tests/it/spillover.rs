@@ -678,7 +678,7 @@ async fn only_replayable_bodies_are_retried() {
 /// With `AOAI_AUTH=managed_identity` the one token serves every resource (fetched once).
 #[tokio::test]
 async fn the_managed_identity_token_serves_every_resource() {
-    let id = "55555555-5555-5555-5555-555555555555";
+    let id = "5b5b5b5b-5b5b-5b5b-5b5b-5b5b5b5b5b5b";
     mi_stub::stub();
     let primary = MockAoai::start().await;
     let backup = MockAoai::start().await;
