@@ -390,6 +390,15 @@ fn rebuild_query(raw: Option<&str>, api_version_required: bool) -> Result<String
     rebuild_parsed(raw, api_version_required)
 }
 
+/// Query keys that never reach AOAI: the Functions key (`code`) and credentials a client may put
+/// in the query (`api-key`, as AOAI itself would accept it, and API Management's
+/// `subscription-key`): the internal key belongs to us, and AOAI gets the real one in a header.
+fn dropped_query_key(key: &str) -> bool {
+    ["code", "api-key", "subscription-key"]
+        .iter()
+        .any(|k| key.eq_ignore_ascii_case(k))
+}
+
 /// [`rebuild_query`] the long way: every pair decoded, checked and encoded again.
 fn rebuild_parsed(raw: Option<&str>, api_version_required: bool) -> Result<String, AppError> {
     let mut out = form_urlencoded::Serializer::new(String::new());
@@ -400,7 +409,7 @@ fn rebuild_parsed(raw: Option<&str>, api_version_required: bool) -> Result<Strin
                 "The query string must not contain control characters".into(),
             ));
         }
-        if key.eq_ignore_ascii_case("code") {
+        if dropped_query_key(&key) {
             continue;
         }
         // AOAI's front end reads query keys regardless of case: `API-VERSION` is another
@@ -450,7 +459,7 @@ fn plain_query(raw: &str, api_version_required: bool) -> Option<String> {
             if key.is_empty() || !plain(key) || !plain(value) {
                 return None;
             }
-            if key.eq_ignore_ascii_case("code") {
+            if dropped_query_key(key) {
                 continue;
             }
             if key.eq_ignore_ascii_case("api-version") {
@@ -484,6 +493,22 @@ mod tests {
     }
 
     const Q: Option<&str> = Some("api-version=2024-10-21");
+
+    #[test]
+    fn credentials_in_the_query_never_reach_aoai() {
+        for raw in [
+            "api-version=2024-10-21&api-key=internal-key-0001&a=b",
+            "API-KEY=internal-key-0001&api-version=2024-10-21&a=b&code=f",
+            "api-version=2024-10-21&Subscription-Key=s%20k&a=b",
+            "api-version=2024-10-21&a=b&api%2Dkey=internal-key-0001",
+        ] {
+            assert_eq!(
+                rebuild_query(Some(raw), true).unwrap(),
+                "api-version=2024-10-21&a=b",
+                "{raw}"
+            );
+        }
+    }
 
     #[test]
     fn short_names_map_to_native_paths() {
@@ -910,6 +935,8 @@ mod tests {
                     Just("code".to_string()),
                     Just("CODE".to_string()),
                     Just("Code".to_string()),
+                    Just("api-key".to_string()),
+                    Just("Subscription-Key".to_string()),
                     "[a-z%&=+-]{0,8}",
                     any::<String>(),
                 ],
@@ -937,6 +964,7 @@ mod tests {
                 Just("API-Version".to_string()),
                 Just("code".to_string()),
                 Just("CoDe".to_string()),
+                Just("API-KEY".to_string()),
                 Just("2024-10-21".to_string()),
                 "[%+~=&;/ a-z0-9_*]{1,4}",
             ];
@@ -1007,7 +1035,7 @@ mod tests {
                     }
                     let pairs: Vec<(String, String)> =
                         form_urlencoded::parse(t.query.as_bytes()).into_owned().collect();
-                    prop_assert!(!pairs.iter().any(|(k, _)| k.eq_ignore_ascii_case("code")), "{}", t.query);
+                    prop_assert!(!pairs.iter().any(|(k, _)| dropped_query_key(k)), "{}", t.query);
                     let versions = pairs.iter().filter(|(k, _)| k == "api-version").count();
                     if t.deployment.is_some() {
                         prop_assert_eq!(versions, 1, "{}", t.query);
@@ -1050,7 +1078,7 @@ mod tests {
             ) {
                 let kept: Vec<(String, String)> = pairs
                     .into_iter()
-                    .filter(|(k, _)| !k.eq_ignore_ascii_case("code") && k != "api-version")
+                    .filter(|(k, _)| !dropped_query_key(k) && k != "api-version")
                     .collect();
                 let mut sent = kept.clone();
                 sent.insert(at.index(sent.len() + 1), ("api-version".into(), "2024-10-21".into()));

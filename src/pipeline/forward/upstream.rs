@@ -32,6 +32,7 @@ const STRIP_UP: &[&str] = &[
     "api-key",
     "authorization",
     "x-functions-key",
+    "ocp-apim-subscription-key",
     "content-length",
 ];
 
@@ -449,6 +450,7 @@ mod tests {
             ("api-key", "in"),
             ("authorization", "Bearer in"),
             ("x-functions-key", "fk"),
+            ("Ocp-Apim-Subscription-Key", "sk"),
             ("host", "proxy"),
             ("connection", "keep-alive, x-custom-hop"),
             ("x-custom-hop", "1"),
