@@ -6,8 +6,11 @@
 //! continuously at limit/60 tokens a second. Admission **reserves** the request's worst case:
 //! the prompt counted with the model family's real tokenizer (`o200k_base`, or `cl100k_base`
 //! for GPT-3.5/GPT-4/`text-embedding-*`; the tables ship inside `tiktoken-rs`, nothing is
-//! downloaded) plus `max_tokens` / `max_completion_tokens` / `max_output_tokens` (times `n`), or
-//! `BUDGET_DEFAULT_COMPLETION_TOKENS` when the request sets none. When the answer ends the
+//! downloaded) plus the largest of `max_tokens` / `max_completion_tokens` / `max_output_tokens`
+//! (times `n`), or `BUDGET_DEFAULT_COMPLETION_TOKENS` when the request sets none. The prompt is
+//! every top-level member but settings ([`count_prompt`]); images and audio count at a fixed
+//! worst case ([`ImageCost`]). The bound on overshoot is per request in flight: each can exceed
+//! its reservation by what the body does not show (`previous_response_id`), charged as debt. When the answer ends the
 //! reservation is **settled** with AOAI's `usage.total_tokens` (the difference is refunded or
 //! charged): by the meter's tap, also when the client disconnects (no usage seen on a successful
 //! answer: the reservation stays charged) or the upstream fails (an error answer or no answer:
