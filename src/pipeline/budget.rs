@@ -743,7 +743,7 @@ mod tests {
             json!({"max_completion_tokens": 1, "max_tokens": 6000}),
             json!({"max_tokens": 6000, "max_completion_tokens": 1}),
             json!({"max_output_tokens": 6000, "max_tokens": 3}),
-            json!({"MAX_COMPLETION_TOKENS": "6000", "max_tokens": 2}),
+            json!({"Max_Completion_TOKENS": "6000", "max_tokens": 2}),
         ] {
             assert_eq!(estimate(&body, Some("gpt-4o"), false, 7), 6000, "{body}");
         }
