@@ -437,8 +437,10 @@ fn count_value(v: &Value, family: Family, images: ImageCost) -> u64 {
 /// which only decoding it would tell (and a URL is fetched by AOAI, not by us), so anything but
 /// `detail: low` reserves the most one image can cost.
 ///
-/// Source: OpenAI "Images and vision" guide, "Calculating costs", and Azure OpenAI "Vision-enabled
-/// chat models", "Image tokens" (learn.microsoft.com/azure/ai-foundry/openai/how-to/gpt-with-vision):
+/// Sources (checked with the search tool): the OpenAI vision pricing rule as quoted in "Azure
+/// OpenAI Essentials" (chapter "Image token cost"), and measured billing per model in
+/// community.openai.com threads 1262691 ("more than one way to send a request", a table of
+/// low/high input tokens per model) and 1281361 (gpt-4.1-mini billed 1536 × 1.62 = 2488):
 /// GPT-4o/GPT-4.1/GPT-4 Turbo: 85 base + 170 per 512-px tile; the image is scaled to fit
 /// 2048 × 2048, then its short side to 768, so at most 2048 × 768 = 4 × 2 tiles: 85 + 8 × 170
 /// = 1445; `low` is the base alone. GPT-4o mini bills 2833 base + 5667 per tile (same dollar price
