@@ -6,8 +6,11 @@
 //! continuously at limit/60 tokens a second. Admission **reserves** the request's worst case:
 //! the prompt counted with the model family's real tokenizer (`o200k_base`, or `cl100k_base`
 //! for GPT-3.5/GPT-4/`text-embedding-*`; the tables ship inside `tiktoken-rs`, nothing is
-//! downloaded) plus `max_tokens` / `max_completion_tokens` / `max_output_tokens` (times `n`), or
-//! `BUDGET_DEFAULT_COMPLETION_TOKENS` when the request sets none. When the answer ends the
+//! downloaded) plus the largest of `max_tokens` / `max_completion_tokens` / `max_output_tokens`
+//! (times `n`), or `BUDGET_DEFAULT_COMPLETION_TOKENS` when the request sets none. The prompt is
+//! every top-level member but settings ([`count_prompt`]); images and audio count at a fixed
+//! worst case ([`ImageCost`]). The bound on overshoot is per request in flight: each can exceed
+//! its reservation by what the body does not show (`previous_response_id`), charged as debt. When the answer ends the
 //! reservation is **settled** with AOAI's `usage.total_tokens` (the difference is refunded or
 //! charged): by the meter's tap, also when the client disconnects (no usage seen on a successful
 //! answer: the reservation stays charged) or the upstream fails (an error answer or no answer:
@@ -257,13 +260,17 @@ pub fn estimate(
         .and_then(Value::as_str)
         .or(deployment)
         .unwrap_or("");
-    let prompt = count_prompt(body, Family::of(model));
+    let prompt = count_prompt(body, model);
     if embeddings {
         return prompt;
     }
+    // Several limits set: reserve the largest. Which one AOAI honours depends on the model and
+    // API version; the largest is the one that cannot be exceeded (red-team finding: the
+    // smallest was reserved).
     let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
         .iter()
-        .find_map(|k| field(body, k).and_then(whole_number))
+        .filter_map(|k| field(body, k).and_then(whole_number))
+        .max()
         .unwrap_or(default_completion);
     let n = ["n", "best_of"]
         .iter()
@@ -346,38 +353,181 @@ pub fn warm_up() {
     let _ = Family::Cl100k.count("warm up");
 }
 
-/// Prompt tokens of a request body: every string the model reads under `messages`, `prompt`,
-/// `input`, `instructions`, `tools` and `functions` (token-id arrays count one per id), plus the
-/// chat format's per-message overhead.
-pub fn count_prompt(body: &Value, family: Family) -> u64 {
+/// Top-level members the model does not read (settings, routing, identity, counts). Every
+/// other member is counted as prompt: a new prompt-bearing field AOAI adds (as `prediction`,
+/// `response_format` and Responses `text.format` were) is then counted without a change here,
+/// and an unknown setting costs only its few tokens of over-reservation.
+const NOT_READ: &[&str] = &[
+    "model",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "metadata",
+    "store",
+    "stream",
+    "stream_options",
+    "n",
+    "best_of",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "parallel_tool_calls",
+    "service_tier",
+    "background",
+    "include",
+    "truncation",
+    "previous_response_id",
+    "encoding_format",
+    "dimensions",
+];
+
+/// Prompt tokens of a request body: every string the model reads, i.e. every top-level member
+/// but the settings in [`NOT_READ`] (`messages`, `prompt`, `input`, `instructions`, `tools`,
+/// `functions`, `response_format` schemas, `prediction`, Responses `text.format`, …; token-id
+/// arrays count one per id), media parts at their worst-case fixed cost ([`media_cost`]), plus
+/// the chat format's per-message overhead.
+pub fn count_prompt(body: &Value, model: &str) -> u64 {
+    let family = Family::of(model);
+    let images = ImageCost::of(model);
     let mut tokens = 0u64;
-    for key in [
-        "messages",
-        "prompt",
-        "input",
-        "instructions",
-        "tools",
-        "functions",
-    ] {
-        if let Some(v) = body.get(key) {
-            tokens = tokens.saturating_add(count_value(v, family));
+    if let Some(map) = body.as_object() {
+        for (key, v) in map {
+            if NOT_READ.iter().any(|n| key.eq_ignore_ascii_case(n)) {
+                continue;
+            }
+            tokens = tokens.saturating_add(count_value(v, family, images));
         }
     }
-    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+    if let Some(messages) = field(body, "messages").and_then(Value::as_array) {
         tokens = tokens
-            .saturating_add(PER_MESSAGE * messages.len() as u64)
+            .saturating_add(PER_MESSAGE.saturating_mul(messages.len() as u64))
             .saturating_add(PER_ANSWER);
     }
     tokens
 }
 
-fn count_value(v: &Value, family: Family) -> u64 {
+fn count_value(v: &Value, family: Family, images: ImageCost) -> u64 {
     match v {
         Value::String(s) => family.count(s),
         Value::Number(_) => 1,
-        Value::Array(items) => items.iter().map(|i| count_value(i, family)).sum(),
-        Value::Object(map) => map.values().map(|i| count_value(i, family)).sum(),
+        Value::Array(items) => items.iter().fold(0u64, |t, i| {
+            t.saturating_add(count_value(i, family, images))
+        }),
+        Value::Object(map) => {
+            if let Some(cost) = media_cost(map, images) {
+                return cost;
+            }
+            map.values().fold(0u64, |t, i| {
+                t.saturating_add(count_value(i, family, images))
+            })
+        }
         Value::Bool(_) | Value::Null => 0,
+    }
+}
+
+/// What one image costs as input, by detail. AOAI bills an image by its size after scaling,
+/// which only decoding it would tell (and a URL is fetched by AOAI, not by us), so anything but
+/// `detail: low` reserves the most one image can cost.
+///
+/// Sources (checked with the search tool): the OpenAI vision pricing rule as quoted in "Azure
+/// OpenAI Essentials" (chapter "Image token cost"), and measured billing per model in
+/// community.openai.com threads 1262691 ("more than one way to send a request", a table of
+/// low/high input tokens per model) and 1281361 (gpt-4.1-mini billed 1536 × 1.62 = 2488):
+/// GPT-4o/GPT-4.1/GPT-4 Turbo: 85 base + 170 per 512-px tile; the image is scaled to fit
+/// 2048 × 2048, then its short side to 768, so at most 2048 × 768 = 4 × 2 tiles: 85 + 8 × 170
+/// = 1445; `low` is the base alone. GPT-4o mini bills 2833 base + 5667 per tile (same dollar price
+/// as GPT-4o), so up to 48,169. The patch-billed models (GPT-4.1 mini/nano, o4-mini) bill at
+/// most 1536 patches times a multiplier (1.62, 2.46, 1.72). o1/o3: 75 + 150 per tile; GPT-5:
+/// 70 + 140 per tile, both below the GPT-4o numbers, which they use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageCost {
+    /// `detail: low`.
+    pub low: u64,
+    /// `high`, `auto` or absent: the most one image can cost.
+    pub most: u64,
+}
+
+impl ImageCost {
+    /// The image cost of a model or deployment name (unknown names: the GPT-4o numbers).
+    pub fn of(model: &str) -> ImageCost {
+        let m = model.to_ascii_lowercase();
+        let patches = |mult: f64| {
+            let most = (1536.0 * mult).ceil() as u64;
+            ImageCost { low: most, most }
+        };
+        if m.contains("4o-mini") || m.contains("4o mini") {
+            ImageCost {
+                low: 2833,
+                most: 2833 + 8 * 5667,
+            }
+        } else if m.contains("4.1-nano") {
+            patches(2.46)
+        } else if m.contains("o4-mini") {
+            patches(1.72)
+        } else if m.contains("4.1-mini") {
+            patches(1.62)
+        } else {
+            ImageCost {
+                low: 85,
+                most: 85 + 8 * 170,
+            }
+        }
+    }
+}
+
+/// Audio input tokens per byte of (decoded) audio: AOAI bills audio input at about 10 tokens a
+/// second (one per 100 ms, OpenAI's realtime/audio pricing notes); the byte rate of the clip is
+/// unknown without decoding, so assume the lowest common one, 8 kbit/s (1000 bytes a second):
+/// one token per 100 bytes. Uncompressed WAV is over-reserved (about 30×) and refunded at
+/// settlement.
+const AUDIO_BYTES_PER_TOKEN: u64 = 100;
+
+/// The fixed cost of a media part (chat `image_url` / `input_audio`, Responses `input_image`),
+/// or `None` when the object is not one. Its URL or base64 data is not text the model reads, so
+/// it is not tokenized.
+fn media_cost(map: &serde_json::Map<String, Value>, images: ImageCost) -> Option<u64> {
+    let kind = map.get("type").and_then(Value::as_str).unwrap_or("");
+    let detail_of = |o: &serde_json::Map<String, Value>| {
+        o.get("detail")
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase)
+    };
+    let image = |detail: Option<String>| {
+        if detail.as_deref() == Some("low") {
+            images.low
+        } else {
+            images.most
+        }
+    };
+    match kind {
+        "image_url" | "input_image" | "image" => {
+            // chat: {"type":"image_url","image_url":{"url","detail"}};
+            // Responses: {"type":"input_image","image_url":"…","detail"}
+            let detail = match map.get("image_url") {
+                Some(Value::Object(inner)) => detail_of(inner).or_else(|| detail_of(map)),
+                _ => detail_of(map),
+            };
+            Some(image(detail))
+        }
+        "input_audio" => {
+            let data_len = map
+                .get("input_audio")
+                .and_then(|a| a.get("data"))
+                .and_then(Value::as_str)
+                .map_or(0, str::len) as u64;
+            // base64: 4 characters carry 3 bytes
+            let bytes = data_len / 4 * 3;
+            Some(bytes.div_ceil(AUDIO_BYTES_PER_TOKEN).max(1))
+        }
+        _ => None,
     }
 }
 
@@ -496,8 +646,113 @@ mod tests {
         assert_eq!(b.estimate(&emb, Some("text-embedding-3-small"), true), 5);
         // a long text counts many tokens, not a byte or word guess
         let long = "tokenizer ".repeat(1000);
-        let n = count_prompt(&json!({ "input": long }), Family::O200k);
+        let n = count_prompt(&json!({ "input": long }), "gpt-4o");
         assert!((1000..=2100).contains(&n), "{n}");
+    }
+
+    /// Every part AOAI bills as input is reserved (red-team round 3, F1): schemas, prediction,
+    /// Responses `text.format` and tools, images at their worst case, audio by size.
+    #[test]
+    fn every_billed_prompt_part_is_reserved() {
+        let big = "schema words ".repeat(2000);
+        let tokens = count_prompt(&json!({ "input": big.clone() }), "gpt-4o");
+        assert!(tokens > 3000, "{tokens}");
+        let base = json!({"messages": [{"role": "user", "content": "hi"}]});
+        let bare = count_prompt(&base, "gpt-4o");
+        for (key, part) in [
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": big}}}),
+            ),
+            ("prediction", json!({"type": "content", "content": big})),
+            (
+                "text",
+                json!({"format": {"type": "json_schema", "schema": {"description": big}}}),
+            ),
+            (
+                "tools",
+                json!([{"type": "function", "function": {"name": "f", "description": big}}]),
+            ),
+            ("functions", json!([{"name": "f", "description": big}])),
+            (
+                "tool_choice",
+                json!({"type": "function", "function": {"name": big}}),
+            ),
+            ("Response_Format", json!({"schema": big})),
+        ] {
+            let mut body = base.clone();
+            body[key] = part;
+            let n = count_prompt(&body, "gpt-4o");
+            assert!(n >= bare + tokens, "{key}: {n} < {bare} + {tokens}");
+        }
+        // settings are not prompt
+        let mut body = base.clone();
+        body["user"] = json!(big);
+        body["metadata"] = json!({ "k": big });
+        assert_eq!(count_prompt(&body, "gpt-4o"), bare);
+    }
+
+    #[test]
+    fn images_reserve_their_worst_case_and_audio_its_size() {
+        let chat = |detail: Option<&str>, url: &str| {
+            let mut img = json!({"url": url});
+            if let Some(d) = detail {
+                img["detail"] = json!(d);
+            }
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": img}
+            ]}]})
+        };
+        let overhead = PER_MESSAGE + PER_ANSWER + 1; // "user"
+        let data = format!("data:image/png;base64,{}", "A".repeat(100_000));
+        for url in ["https://example.com/a.png", data.as_str()] {
+            for (detail, cost) in [
+                (Some("low"), 85),
+                (Some("LOW"), 85),
+                (Some("high"), 1445),
+                (Some("auto"), 1445),
+                (None, 1445),
+            ] {
+                let n = count_prompt(&chat(detail, url), "gpt-4o");
+                assert_eq!(n, cost + overhead, "{detail:?}");
+            }
+        }
+        assert_eq!(
+            count_prompt(&chat(Some("high"), "x"), "gpt-4o-mini"),
+            2833 + 8 * 5667 + overhead
+        );
+        assert!(count_prompt(&chat(None, "x"), "gpt-4.1-nano") > 3700);
+        // Responses: detail beside the URL; several images add up
+        let responses = json!({"input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "https://e/a.png", "detail": "low"},
+            {"type": "input_image", "image_url": "https://e/b.png"},
+            {"type": "input_image", "file_id": "file-1", "detail": "high"}
+        ]}]});
+        assert_eq!(count_prompt(&responses, "gpt-4o"), 1 + 85 + 1445 + 1445);
+        // audio: by the clip's size, one token per 100 bytes
+        let audio = json!({"messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "A".repeat(400_000), "format": "wav"}}
+        ]}]});
+        assert_eq!(
+            count_prompt(&audio, "gpt-4o-audio-preview"),
+            3000 + overhead
+        );
+    }
+
+    #[test]
+    fn the_largest_limit_is_reserved_times_n() {
+        for body in [
+            json!({"max_completion_tokens": 1, "max_tokens": 6000}),
+            json!({"max_tokens": 6000, "max_completion_tokens": 1}),
+            json!({"max_output_tokens": 6000, "max_tokens": 3}),
+            json!({"Max_Completion_TOKENS": "6000", "max_tokens": 2}),
+        ] {
+            assert_eq!(estimate(&body, Some("gpt-4o"), false, 7), 6000, "{body}");
+        }
+        let mut body = json!({"max_completion_tokens": 1, "max_tokens": 6000, "n": 3});
+        assert_eq!(estimate(&body, Some("gpt-4o"), false, 7), 18_000);
+        body["n"] = json!(0);
+        assert_eq!(estimate(&body, Some("gpt-4o"), false, 7), 6000);
     }
 
     #[test]

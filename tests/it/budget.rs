@@ -10,6 +10,7 @@ use crate::common;
 
 use common::support::app::aoai_error;
 use common::*;
+use serde_json::json;
 
 const CHAT: &str = "/api/FwdProxy/openai/deployments/gpt-4o/chat/completions";
 const SMALL: &str = r#"{"messages":[{"role":"user","content":"Hello world"}],"max_tokens":500}"#;
@@ -260,4 +261,151 @@ async fn large_prompt_is_counted_whole() {
     let r = send(&app, IN_KEY, &raw).await;
     assert_eq!(r.status(), 200);
     assert_eq!(remaining(&r), Some(1_000_000 - expected));
+}
+
+/// Red-team round 3, F1: 30 concurrent requests, each with an image part (`detail: high`) and
+/// `max_tokens: 1`, from a caller with 2000 tokens a minute. AOAI bills such a request about
+/// 1491 tokens; each used to reserve about 45, so all 30 were admitted (22× the limit). Now each
+/// reserves the image's worst case (1445) and only one fits: the other 29 are refused and never
+/// forwarded. (Refill is 33 tokens a second and the admitted one settles at 1491, so a second
+/// would need about 28 s: the count does not depend on the machine's speed.)
+#[tokio::test]
+async fn concurrent_image_requests_are_held_to_the_limit() {
+    let aoai = MockAoai::start().await;
+    aoai.reply(answer(1491));
+    for detail in ["high", "auto", ""] {
+        let detail = if detail.is_empty() {
+            String::new()
+        } else {
+            format!(r#","detail":"{detail}""#)
+        };
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"text","text":"describe"}},{{"type":"image_url","image_url":{{"url":"https://example.com/a.png"{detail}}}}}]}}],"max_tokens":1}}"#
+        );
+        let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "default:2000")]).await;
+        let before = aoai.seen().len();
+        let sends = (0..30).map(|_| send(&app, IN_KEY, &body));
+        let answers = futures_util::future::join_all(sends).await;
+        let mut ok = 0;
+        for r in answers {
+            match r.status().as_u16() {
+                200 => {
+                    ok += 1;
+                    let left = remaining(&r).unwrap();
+                    assert!(left <= 2000 - 1445, "{detail}: {left}");
+                    r.bytes().await.unwrap();
+                }
+                429 => {
+                    let code = assert_aoai_error(r, 429).await;
+                    assert_eq!(code, "token_budget_exceeded");
+                }
+                s => panic!("{detail}: status {s}"),
+            }
+        }
+        assert_eq!(ok, 1, "{detail}: one image request fits in 2000 tokens");
+        assert_eq!(
+            aoai.seen().len() - before,
+            1,
+            "{detail}: refused ones not forwarded"
+        );
+    }
+
+    // `detail: low` costs 85: many fit (2000 / (85 + 13) ≈ 20 with their overhead)
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "default:2000")]).await;
+    aoai.reply(answer(20));
+    let low = r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://e/a.png","detail":"low"}}]}],"max_tokens":1}"#;
+    let r = send(&app, IN_KEY, low).await;
+    assert_eq!(r.status(), 200);
+    // 85 + "user" 1 + 4 + 3 + 1
+    assert_eq!(remaining(&r), Some(2000 - 94));
+}
+
+/// The prompt parts the red team found unreserved (F1): a `response_format` JSON schema, a
+/// `prediction`, a Responses `text.format` schema and Responses `tools`. A part of ~3000 tokens
+/// from a caller with 2000 a minute is over the whole limit: refused, never forwarded; the same
+/// request without it goes through.
+#[tokio::test]
+async fn schema_heavy_requests_reserve_their_schema() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "*:2000")]).await;
+    aoai.reply(answer(20));
+    let words = "alpha ".repeat(3000);
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let responses = json!({"input": "hi", "max_output_tokens": 16});
+    let cases = [
+        (
+            CHAT.to_string(),
+            chat.clone(),
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object", "description": words}}}),
+        ),
+        (
+            CHAT.to_string(),
+            chat.clone(),
+            "prediction",
+            json!({"type": "content", "content": words}),
+        ),
+        (
+            "/api/FwdProxy/openai/v1/responses".to_string(),
+            responses.clone(),
+            "text",
+            json!({"format": {"type": "json_schema", "name": "s", "schema": {"description": words}}}),
+        ),
+        (
+            "/api/FwdProxy/openai/v1/responses".to_string(),
+            responses.clone(),
+            "tools",
+            json!([{"type": "function", "name": "f", "parameters": {"description": words}}]),
+        ),
+    ];
+    for (path, base, key, part) in cases {
+        let post = |body: String| {
+            app.client
+                .post(app.url(&format!("{path}?{API}")))
+                .header("api-key", OTHER_KEY)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+        };
+        let mut heavy = base.clone();
+        heavy[key] = part;
+        let before = aoai.seen().len();
+        let r = post(heavy.to_string()).await.unwrap();
+        let (code, _) = aoai_error(r, 429).await;
+        assert_eq!(code, "token_budget_exceeded", "{key}");
+        assert_eq!(aoai.seen().len(), before, "{key}: refused, not forwarded");
+        let r = post(base.to_string()).await.unwrap();
+        assert_eq!(r.status(), 200, "{key}: the light request fits");
+        r.bytes().await.unwrap();
+        assert_eq!(aoai.seen().len(), before + 1);
+    }
+}
+
+/// Red-team F6: with both `max_completion_tokens` and `max_tokens` the larger is reserved.
+#[tokio::test]
+async fn the_larger_of_mixed_limits_is_reserved() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[("CALLER_TOKEN_LIMITS", "*:5000")]).await;
+    aoai.reply(answer(20));
+    let msg = r#""messages":[{"role":"user","content":"hi"}]"#;
+    for mix in [
+        r#""max_completion_tokens":1,"max_tokens":6000"#,
+        r#""max_tokens":6000,"max_completion_tokens":1"#,
+        r#""max_completion_tokens":6000,"max_tokens":1"#,
+        r#""max_completion_tokens":1,"max_tokens":2000,"n":3"#,
+    ] {
+        let r = send(&app, OTHER_KEY, &format!("{{{msg},{mix}}}")).await;
+        let (code, _) = aoai_error(r, 429).await;
+        assert_eq!(code, "token_budget_exceeded", "{mix}");
+    }
+    aoai.assert_untouched("requests over the limit");
+    let r = send(
+        &app,
+        OTHER_KEY,
+        &format!(r#"{{{msg},"max_completion_tokens":1,"max_tokens":100}}"#),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    // "user" 1 + "hi" 1 + 4 + 3 + the larger limit 100
+    assert_eq!(remaining(&r), Some(5000 - 109));
 }
