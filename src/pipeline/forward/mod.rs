@@ -8,8 +8,8 @@
 //! # Spillover
 //! With `AOAI_BACKUPS` the handler has an ordered list of AOAI resources: the primary
 //! (`AOAI_HOSTNAME`) first, then the backups. Each has a state in the [`pool`] fed by what it
-//! answers: a 429 cools the deployment down for its `retry-after-ms`, a 5xx or a failed
-//! connection opens the resource's circuit, low `x-ratelimit-remaining-*` steer requests for the
+//! answers: a 429 cools the deployment down for its `retry-after-ms`, a 5xx fences the deployment
+//! and a failed connection opens the resource's circuit, low `x-ratelimit-remaining-*` steer requests for the
 //! deployment to the next resource early. A request goes to the first usable resource in order
 //! and, when that answers 429 or 5xx or cannot be reached, to the next one — before anything of
 //! the answer went to the client, and at most once per resource. The request body is sent again
@@ -21,9 +21,9 @@
 //!
 //! When no resource is left to try: if every resource is cooling down for this deployment, the
 //! client gets our own 429 (AOAI-shaped, `retry-after` / `retry-after-ms` the shortest wait
-//! among them); otherwise the last answer passes through unchanged (502 when it was no answer).
-//! When none was usable to begin with and not all are cooling down (some circuit open), 503
-//! `upstream_unavailable` with the shortest wait. Without backups none of this applies: every
+//! among them, at least a second); otherwise the last answer passes through unchanged (502 when
+//! it was no answer). When none was usable to begin with and not all are cooling down (some
+//! circuit open), the one whose circuit opened earliest is tried rather than answering 503. Without backups none of this applies: every
 //! request goes to the primary, whatever its state, and its answer passes through.
 //!
 //! Short-circuits with 400 (the client's body broke while streaming up), 413 (body over the

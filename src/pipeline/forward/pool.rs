@@ -7,27 +7,38 @@
 //! measurable gain at AOAI's request rates.
 //!
 //! AOAI's rate limits are per deployment (each has its own tokens- and requests-per-minute), so
-//! cool-downs and remaining readings are kept per deployment name of each resource (the route's
-//! deployment; `""` for routes without one in the path, such as v1, whose deployment is in the
-//! body): a throttled `gpt-4o` does not send `text-embedding-3-large` elsewhere. The circuit is
-//! the resource's own: a 5xx or a failed connection says the resource is in trouble.
+//! cool-downs, remaining readings and 5xx fences are kept per deployment name of each resource
+//! (the route's deployment, or the body's `model` on v1 routes; `""` when neither is known): a
+//! throttled `gpt-4o` does not send `text-embedding-3-large` elsewhere, and a deployment that
+//! answers 500 (or an input AOAI fails on) does not fence the others. The circuit is the
+//! resource's own: only a failed connection says the resource is in trouble.
+//!
+//! Every deployment that answered is tracked, with or without `x-ratelimit-remaining-*`
+//! readings (provisioned deployments send none): a resource is out of capacity only when its
+//! circuit is open or every deployment it has seen is cooling down. What is unknown is never
+//! down.
 //!
 //! # States
 //! - **cooling down** until an instant: AOAI answered 429; the wait is its `retry-after-ms`, else
 //!   `retry-after` (seconds), else [`Tuning::default_cool_down`], at most
 //!   [`Tuning::max_cool_down`]. A later 429 can only lengthen it.
-//! - **circuit open** until an instant: a 500/502/503/504 or a failed exchange (connection
-//!   refused, reset, TLS) opened it for [`Tuning::circuit_open`]. Once that passed it is
-//!   *half-open*: the next request that picks it is the one probe ([`Availability::Probe`]);
-//!   others skip it until the probe's answer closes the circuit (any answer but a 5xx, a 429
-//!   included: the resource is alive) or opens it again.
+//! - **fenced** until an instant: a 500/502/503/504 for this deployment, for
+//!   [`Tuning::circuit_open`] (reported as [`Availability::Open`]); any other answer for the
+//!   deployment lifts it.
+//! - **circuit open** until an instant: a failed exchange (connection refused, reset, TLS) opened
+//!   it for [`Tuning::circuit_open`]. Once that passed it is *half-open*: the next request that
+//!   picks it is the one probe ([`Availability::Probe`]); others skip it until the probe's answer
+//!   closes the circuit (any answer, a 429 or a 5xx included: the resource is reachable) or a
+//!   failure opens it again.
 //! - **low**: its last answer, less than [`Tuning::steer`] ago, said `x-ratelimit-remaining-
 //!   requests: 0` or `x-ratelimit-remaining-tokens` below what this request needs. Such an
 //!   upstream is tried only after every ready one (it is not refused: the numbers are estimates).
 //! - **ready**: none of these.
 //!
 //! The pick is ordered, never round robin: the first ready (or probe-able) upstream in
-//! configuration order, then the first low one; each upstream at most once per request.
+//! configuration order, then the first low one; each upstream at most once per request. When
+//! none is usable and not every one is cooling down, [`fallback`] names the one whose circuit or
+//! fence opened earliest: open circuits alone never refuse a request.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

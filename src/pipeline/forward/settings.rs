@@ -281,8 +281,7 @@ mod tests {
 
     #[test]
     fn loopback_spellings_are_one_host() {
-        let src =
-            |b: &str| Source::from_map([("AOAI_BACKUPS".to_string(), b.to_string())].into_iter());
+        let src = |b: &str| Source::from_map([("AOAI_BACKUPS".to_string(), b.to_string())]);
         let primary = Url::parse("http://127.0.0.1:19501").unwrap();
         for same in [
             "http://localhost:19501",
@@ -302,7 +301,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.backups.len(), 1);
-        for twice in ["http://localhost:9,http://127.0.0.1:9"] {
+        for twice in [
+            "http://localhost:9,http://127.0.0.1:9",
+            "http://[::1]:9;http://LocalHost.:9/",
+        ] {
             let e =
                 SpilloverSettings::from_source(&src(twice), &primary, AoaiAuth::ManagedIdentity)
                     .unwrap_err();
