@@ -806,10 +806,21 @@ async fn pipeline(
         (None, UpBody::Full(bytes)) => bytes.len() as u64 / 4,
         (None, UpBody::Stream(_)) => declared.unwrap_or(0) / 4,
     };
+    // the deployment of a v1 route is the body's `model`: spillover keeps its rate-limit state
+    // per deployment, so one tenant's throttled model does not send another's elsewhere
+    let model = match (&target.deployment, &log.model, &body) {
+        (Some(_), _, _) => None,
+        (None, Some(m), _) => Some(m.clone()),
+        (None, None, UpBody::Full(bytes)) if state.upstream.spills() => {
+            meter::body_facts(bytes).and_then(|f| f.model)
+        }
+        _ => None,
+    };
     let response = state
         .upstream
         .forward(
             &target,
+            model.as_deref(),
             &parts,
             body,
             &log.request_id,

@@ -318,7 +318,7 @@ async fn a_backup_that_is_down_is_skipped_and_its_circuit_opens() {
 /// Every resource fails with a 5xx: the last answer passes through unchanged (not all are
 /// cooling down); then, with every circuit open, the handler answers 503 itself without a call.
 #[tokio::test]
-async fn server_errors_pass_the_last_answer_then_open_every_circuit() {
+async fn server_errors_pass_the_last_answer_then_the_earliest_is_tried_not_refused() {
     let s = Spill::start(1, &[("SPILLOVER_CIRCUIT_OPEN_MS", "600000")]).await;
     s.primary.reply(Reply::Fixed(
         500,
@@ -341,14 +341,21 @@ async fn server_errors_pass_the_last_answer_then_open_every_circuit() {
     assert_eq!(resp.text().await.unwrap(), last);
     assert_eq!(s.counts(), [1, 1]);
 
+    // every circuit open for gpt-4o: not refused, the one that opened first (the primary) is
+    // tried, and its answer passes
     let resp = s.chat().await;
-    assert!(header_ms(&resp, "retry-after-ms") > 0);
-    assert_eq!(aoai_error(resp, 503).await.0, "upstream_unavailable");
-    assert_eq!(s.counts(), [1, 1], "no call while every circuit is open");
+    assert_eq!(resp.status(), 500, "the primary's own answer, not our 503");
+    assert!(resp.headers().get("x-fake").is_none());
+    assert_eq!(s.counts(), [2, 1], "one attempt, on the earliest-opened");
     let stats = s.stats();
+    assert_eq!(
+        stats.iter().map(|u| u.server_errors).collect::<Vec<_>>(),
+        [2, 1]
+    );
+    // a 5xx fences the deployment: the resources themselves stay ready
     assert!(stats
         .iter()
-        .all(|u| u.server_errors == 1 && u.circuit_opens == 1 && u.state == "open"));
+        .all(|u| u.circuit_opens == 1 && u.state == "ready"));
 }
 
 /// A 5xx opens the primary's circuit for `SPILLOVER_CIRCUIT_OPEN_MS`; after it one request
@@ -574,8 +581,13 @@ async fn health_reflects_capacity_only_when_opted_in() {
             200,
             "the backup still has capacity"
         );
-        s.backups[0].reply(Reply::Fixed(500, vec![], "down"));
-        s.chat().await;
+        s.backups[0].reply(throttled("600000"));
+        assert_eq!(s.chat().await.status(), 429);
+        assert_eq!(
+            s.counts(),
+            [1, 2],
+            "the primary still cools down: not asked"
+        );
         let resp = health().await;
         if opted {
             assert!(header_ms(&resp, "retry-after-ms") > 0);
@@ -764,4 +776,223 @@ async fn stored_objects_stay_with_the_primary() {
     }
     s.backups[0].assert_untouched("stored objects are never looked for elsewhere");
     assert_eq!(s.counts()[0], 3);
+}
+
+/// Fetches the health route.
+async fn health(app: &TestApp) -> reqwest::Response {
+    app.client
+        .get(app.url("/api/FwdProxy/openai/deployments/health/check"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Red team F2c: with `HEALTH_REFLECTS_CAPACITY`, a deployment that answered without any
+/// `x-ratelimit-remaining-*` (provisioned deployments send none) counts as seen: a 429 on
+/// another deployment of every resource does not make health 503 while the primary serves.
+/// A fresh handler (nothing known) is healthy too.
+#[tokio::test]
+async fn health_stays_up_while_a_deployment_without_readings_serves() {
+    let s = Spill::start(
+        2,
+        &[
+            ("HEALTH_REFLECTS_CAPACITY", "true"),
+            ("SPILLOVER_MAX_COOLDOWN_MS", "600000"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        health(&s.app).await.status(),
+        200,
+        "fresh: unknown is not down"
+    );
+    s.primary.reply(ok_from("primary"));
+    for _ in 0..3 {
+        assert_eq!(s.chat().await.headers()["x-fake"], "primary");
+    }
+    assert_eq!(health(&s.app).await.status(), 200);
+    for m in std::iter::once(&s.primary).chain(&s.backups) {
+        m.reply(throttled("600000"));
+    }
+    let tiny = format!("/api/FwdProxy/openai/deployments/tiny2/chat/completions?{API}");
+    assert_eq!(s.app.post(&tiny, BODY).await.status(), 429);
+    assert_eq!(s.counts(), [4, 1, 1]);
+    let resp = health(&s.app).await;
+    assert_eq!(resp.status(), 200, "the primary serves gpt-4o");
+    s.primary.reply(ok_from("primary"));
+    assert_eq!(s.chat().await.headers()["x-fake"], "primary");
+    assert_eq!(health(&s.app).await.status(), 200);
+    assert_eq!(s.counts(), [5, 1, 1]);
+    assert_eq!(s.stats()[0].state, "ready");
+}
+
+const V1_CHAT: &str = "/api/FwdProxy/openai/v1/chat/completions";
+
+fn v1_body(model: &str) -> String {
+    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":5}}"#)
+}
+
+/// Red team F2a: on v1 routes the deployment is the body's `model`; a 429 for one model on
+/// every resource makes the handler answer 429 for that model only, and another model still
+/// goes to the primary (AOAI called, not refused), for every spelling of the model's position.
+#[tokio::test]
+async fn v1_models_cool_down_apart() {
+    let s = Spill::start(1, &[("SPILLOVER_MAX_COOLDOWN_MS", "600000")]).await;
+    s.primary.reply(throttled("600000"));
+    s.backups[0].reply(throttled("600000"));
+    let resp = s.app.post(V1_CHAT, &v1_body("tiny-dep")).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(s.counts(), [1, 1]);
+
+    s.primary.reply(ok_from("primary"));
+    s.backups[0].reply(ok_from("backup"));
+    // the model anywhere among the members, or the only member after others
+    for body in [
+        v1_body("gpt-4o"),
+        r#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o"}"#.to_string(),
+        v1_body("other-model"),
+    ] {
+        let resp = s.app.post(V1_CHAT, &body).await;
+        assert_eq!(resp.status(), 200, "{body}");
+        assert_eq!(resp.headers()["x-fake"], "primary", "{body}");
+    }
+    assert_eq!(s.counts(), [4, 1]);
+    assert_eq!(s.primary.seen()[1].path, "/openai/v1/chat/completions");
+    // the throttled model is still cooling everywhere: our 429, no AOAI call
+    let resp = s.app.post(V1_CHAT, &v1_body("tiny-dep")).await;
+    assert!(header_ms(&resp, "retry-after") >= 1);
+    assert_eq!(aoai_error(resp, 429).await.0, "429");
+    assert_eq!(s.counts(), [4, 1]);
+}
+
+/// Red team F2b: a 5xx for one deployment fences that deployment, not the resource: another
+/// deployment is served by the primary at once, and the failing deployment, open everywhere,
+/// is tried on the resource whose circuit opened first instead of answering 503.
+#[tokio::test]
+async fn one_5xx_fences_a_deployment_not_the_resource() {
+    let s = Spill::start(2, &[("SPILLOVER_CIRCUIT_OPEN_MS", "600000")]).await;
+    for status in [500u16, 502, 503, 504] {
+        let s = Spill::start(2, &[("SPILLOVER_CIRCUIT_OPEN_MS", "600000")]).await;
+        for m in std::iter::once(&s.primary).chain(&s.backups) {
+            m.reply(Reply::Fixed(status, vec![], "broken"));
+        }
+        let attacker = format!("/api/FwdProxy/openai/deployments/attacker/chat/completions?{API}");
+        assert_eq!(s.app.post(&attacker, BODY).await.status(), status);
+        assert_eq!(s.counts(), [1, 1, 1], "{status}");
+        s.primary.reply(ok_from("primary"));
+        let resp = s.chat().await;
+        assert_eq!(resp.status(), 200, "{status}: the victim is served");
+        assert_eq!(resp.headers()["x-fake"], "primary");
+        assert_eq!(s.counts(), [2, 1, 1], "{status}");
+        // the attacker's deployment, open on all three: the primary (opened first) is tried
+        let resp = s.app.post(&attacker, BODY).await;
+        assert_eq!(resp.status(), 200, "{status}: tried, not refused");
+        assert_eq!(s.counts(), [3, 1, 1], "{status}");
+    }
+    // every resource still failing the deployment: its own answer, never our 503
+    for m in std::iter::once(&s.primary).chain(&s.backups) {
+        m.reply(Reply::Fixed(500, vec![], "broken"));
+    }
+    for round in 1..=3 {
+        let resp = s.chat().await;
+        assert_eq!(resp.status(), 500, "round {round}");
+    }
+    // all three once, then each time the one whose circuit opened earliest
+    assert_eq!(s.counts(), [2, 2, 1]);
+}
+
+/// A connection failure still opens the resource's circuit: every deployment of a resource
+/// that cannot be reached goes to the next one at once.
+#[tokio::test]
+async fn a_failed_connection_fences_the_whole_resource() {
+    let backup = MockAoai::start().await;
+    backup.reply(ok_from("backup"));
+    let down = refusing_port();
+    let (list, keys) = (backup.base(), BACKUP_KEYS[0]);
+    let app = TestApp::start(
+        &down.url,
+        &[
+            ("AOAI_BACKUPS", list.as_str()),
+            ("AOAI_BACKUP_OUTAPIKEYS", keys),
+            ("SPILLOVER_CIRCUIT_OPEN_MS", "600000"),
+        ],
+    )
+    .await;
+    assert_eq!(app.post(&format!("{CHAT}?{API}"), BODY).await.status(), 200);
+    let embed = format!("/api/FwdProxy/openai/deployments/embed/embeddings?{API}");
+    assert_eq!(app.post(&embed, r#"{"input":"x"}"#).await.status(), 200);
+    let stats = app.state.upstream.stats();
+    assert_eq!(
+        stats[0].connect_failures, 1,
+        "the second skipped the primary"
+    );
+    assert_eq!(stats[0].state, "open");
+    assert_eq!(backup.seen().len(), 2);
+}
+
+/// Red team F7: a `retry-after: 0` / `retry-after-ms: 0` 429 cools the deployment for the
+/// default wait instead of ending it at once, so the handler answers its own 429 with at least
+/// one second rather than passing AOAI's zero on.
+#[tokio::test]
+async fn a_zero_retry_after_is_not_a_hot_loop() {
+    for headers in [
+        vec![("retry-after", "0")],
+        vec![("retry-after-ms", "0")],
+        vec![("retry-after", "0"), ("retry-after-ms", "0")],
+        vec![("retry-after-ms", "0.4")],
+    ] {
+        let s = Spill::start(
+            1,
+            &[
+                ("SPILLOVER_DEFAULT_COOLDOWN_MS", "600000"),
+                ("SPILLOVER_MAX_COOLDOWN_MS", "600000"),
+            ],
+        )
+        .await;
+        let mut h = vec![("content-type", "application/json")];
+        h.extend(headers.iter().copied());
+        for m in [&s.primary, &s.backups[0]] {
+            m.reply(Reply::Fixed(
+                429,
+                h.clone(),
+                r#"{"error":{"code":"429","message":"x"}}"#,
+            ));
+        }
+        let resp = s.chat().await;
+        assert_eq!(s.counts(), [1, 1], "{headers:?}");
+        assert!(header_ms(&resp, "retry-after") >= 1, "{headers:?}");
+        assert!(header_ms(&resp, "retry-after-ms") >= 1000, "{headers:?}");
+        let (code, message) = aoai_error(resp, 429).await;
+        assert_eq!(code, "429");
+        assert!(message.contains("Every"), "{headers:?}: ours, not AOAI's");
+        // still cooling: no AOAI call
+        assert_eq!(s.chat().await.status(), 429);
+        assert_eq!(s.counts(), [1, 1], "{headers:?}");
+    }
+}
+
+/// Red team F4: a backup that names the primary (or another backup) in another spelling stops
+/// the start, naming the setting.
+#[test]
+fn backups_naming_the_primary_in_another_spelling_stop_the_start() {
+    for (primary, backups) in [
+        ("http://127.0.0.1:19501", "http://localhost:19501"),
+        ("http://127.0.0.1:19501", "http://LOCALHOST.:19501/"),
+        ("http://localhost:19501", "http://127.0.0.1:19501"),
+        ("http://127.0.0.1:19501", "http://[::1]:19501"),
+        ("foo.openai.azure.com", "foo.openai.azure.com."),
+        ("foo.openai.azure.com", "https://FOO.openai.azure.com.:443"),
+        (
+            "foo.openai.azure.com",
+            "bar.openai.azure.com,BAR.openai.azure.com.",
+        ),
+        (
+            "http://127.0.0.1:9",
+            "http://localhost:10,http://127.0.0.1:10",
+        ),
+    ] {
+        let e =
+            common::support::app::try_settings(primary, &[("AOAI_BACKUPS", backups)]).unwrap_err();
+        assert_eq!(e.name, "AOAI_BACKUPS", "{primary} / {backups}");
+    }
 }

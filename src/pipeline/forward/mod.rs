@@ -8,8 +8,8 @@
 //! # Spillover
 //! With `AOAI_BACKUPS` the handler has an ordered list of AOAI resources: the primary
 //! (`AOAI_HOSTNAME`) first, then the backups. Each has a state in the [`pool`] fed by what it
-//! answers: a 429 cools the deployment down for its `retry-after-ms`, a 5xx or a failed
-//! connection opens the resource's circuit, low `x-ratelimit-remaining-*` steer requests for the
+//! answers: a 429 cools the deployment down for its `retry-after-ms`, a 5xx fences the deployment
+//! and a failed connection opens the resource's circuit, low `x-ratelimit-remaining-*` steer requests for the
 //! deployment to the next resource early. A request goes to the first usable resource in order
 //! and, when that answers 429 or 5xx or cannot be reached, to the next one — before anything of
 //! the answer went to the client, and at most once per resource. The request body is sent again
@@ -21,9 +21,9 @@
 //!
 //! When no resource is left to try: if every resource is cooling down for this deployment, the
 //! client gets our own 429 (AOAI-shaped, `retry-after` / `retry-after-ms` the shortest wait
-//! among them); otherwise the last answer passes through unchanged (502 when it was no answer).
-//! When none was usable to begin with and not all are cooling down (some circuit open), 503
-//! `upstream_unavailable` with the shortest wait. Without backups none of this applies: every
+//! among them, at least a second); otherwise the last answer passes through unchanged (502 when
+//! it was no answer). When none was usable to begin with and not all are cooling down (some
+//! circuit open), the one whose circuit opened earliest is tried rather than answering 503. Without backups none of this applies: every
 //! request goes to the primary, whatever its state, and its answer passes through.
 //!
 //! Short-circuits with 400 (the client's body broke while streaming up), 413 (body over the
@@ -220,11 +220,14 @@ impl Upstream {
     /// `deadline` is `AOAI_TIMEOUT_MS` after the request arrived: the caller bounds this call by
     /// it (answering 504), and the streamed answer is cut there. `need` is the tokens the request
     /// may use (its budget reservation or a rough estimate; 0 unknown), compared with what each
-    /// resource said it has left.
+    /// resource said it has left. `model` is the body's `model` when an earlier stage read it:
+    /// on routes without a deployment in the path (v1) it names the deployment whose rate
+    /// limits apply.
     #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
         target: &UpstreamTarget,
+        model: Option<&str>,
         parts: &http::request::Parts,
         body: UpBody,
         request_id: &HeaderValue,
@@ -249,8 +252,9 @@ impl Upstream {
         };
         let replayable = stream.is_none();
 
-        // rate limits are per deployment (v1 routes carry it in the body: one key for them all)
-        let key = target.deployment.as_deref().unwrap_or("");
+        // rate limits are per deployment; v1 routes carry it in the body's `model` (`""` when
+        // the body was not read: one key for those)
+        let key = deployment_key(target.deployment.as_deref().or(model));
         // objects stored on one resource (files, batches, stored responses) stay with it
         let n = if pinned(target.operation) {
             1
@@ -275,7 +279,14 @@ impl Upstream {
             } else if !replayable && trace.attempts > 0 {
                 None
             } else {
-                pool::pick(&healths, &tried, now, key, need, &self.tuning)
+                pool::pick(&healths, &tried, now, key, need, &self.tuning).or_else(|| {
+                    // nothing usable before the first attempt, and not every resource cooling
+                    // down: open circuits alone never refuse a client, the one that opened
+                    // earliest is tried
+                    (trace.attempts == 0)
+                        .then(|| pool::fallback(&healths, &tried, now, key, &self.tuning))
+                        .flatten()
+                })
             };
             let Some(pick) = pick else { break };
             tried[pick.index] = true;
@@ -361,7 +372,7 @@ impl Upstream {
         if let Some(wait) = self.all_cooling(key, now).filter(|_| n > 1) {
             // every resource asked for time: say the soonest (only reached with backups)
             return Err(AppError::AllThrottled {
-                retry_after_ms: millis(wait),
+                retry_after_ms: millis(wait).max(MIN_CLIENT_WAIT_MS),
             });
         }
         match last {
@@ -398,6 +409,26 @@ fn soonest(instants: impl Iterator<Item = Option<Instant>>, now: Instant) -> Opt
         first = Some(first.map_or(until, |f| f.min(until)));
     }
     first.map(|f| f.saturating_duration_since(now))
+}
+
+/// The shortest wait the handler's own 429 names: a client told to retry at once would hit
+/// the same cooling resources in a tight loop.
+const MIN_CLIENT_WAIT_MS: u64 = 1000;
+
+/// The longest deployment name kept as a key (names come from clients; AOAI's are far shorter).
+const MAX_KEY_BYTES: usize = 128;
+
+/// The pool's key for a deployment name: cut to [`MAX_KEY_BYTES`] at a character boundary.
+fn deployment_key(name: Option<&str>) -> &str {
+    let name = name.unwrap_or("");
+    if name.len() <= MAX_KEY_BYTES {
+        return name;
+    }
+    let mut end = MAX_KEY_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// A wait in whole milliseconds, at least 1 (a `retry-after-ms: 0` would invite a busy loop).

@@ -7,27 +7,38 @@
 //! measurable gain at AOAI's request rates.
 //!
 //! AOAI's rate limits are per deployment (each has its own tokens- and requests-per-minute), so
-//! cool-downs and remaining readings are kept per deployment name of each resource (the route's
-//! deployment; `""` for routes without one in the path, such as v1, whose deployment is in the
-//! body): a throttled `gpt-4o` does not send `text-embedding-3-large` elsewhere. The circuit is
-//! the resource's own: a 5xx or a failed connection says the resource is in trouble.
+//! cool-downs, remaining readings and 5xx fences are kept per deployment name of each resource
+//! (the route's deployment, or the body's `model` on v1 routes; `""` when neither is known): a
+//! throttled `gpt-4o` does not send `text-embedding-3-large` elsewhere, and a deployment that
+//! answers 500 (or an input AOAI fails on) does not fence the others. The circuit is the
+//! resource's own: only a failed connection says the resource is in trouble.
+//!
+//! Every deployment that answered is tracked, with or without `x-ratelimit-remaining-*`
+//! readings (provisioned deployments send none): a resource is out of capacity only when its
+//! circuit is open or every deployment it has seen is cooling down. What is unknown is never
+//! down.
 //!
 //! # States
 //! - **cooling down** until an instant: AOAI answered 429; the wait is its `retry-after-ms`, else
 //!   `retry-after` (seconds), else [`Tuning::default_cool_down`], at most
 //!   [`Tuning::max_cool_down`]. A later 429 can only lengthen it.
-//! - **circuit open** until an instant: a 500/502/503/504 or a failed exchange (connection
-//!   refused, reset, TLS) opened it for [`Tuning::circuit_open`]. Once that passed it is
-//!   *half-open*: the next request that picks it is the one probe ([`Availability::Probe`]);
-//!   others skip it until the probe's answer closes the circuit (any answer but a 5xx, a 429
-//!   included: the resource is alive) or opens it again.
+//! - **fenced** until an instant: a 500/502/503/504 for this deployment, for
+//!   [`Tuning::circuit_open`] (reported as [`Availability::Open`]); any other answer for the
+//!   deployment lifts it.
+//! - **circuit open** until an instant: a failed exchange (connection refused, reset, TLS) opened
+//!   it for [`Tuning::circuit_open`]. Once that passed it is *half-open*: the next request that
+//!   picks it is the one probe ([`Availability::Probe`]); others skip it until the probe's answer
+//!   closes the circuit (any answer, a 429 or a 5xx included: the resource is reachable) or a
+//!   failure opens it again.
 //! - **low**: its last answer, less than [`Tuning::steer`] ago, said `x-ratelimit-remaining-
 //!   requests: 0` or `x-ratelimit-remaining-tokens` below what this request needs. Such an
 //!   upstream is tried only after every ready one (it is not refused: the numbers are estimates).
 //! - **ready**: none of these.
 //!
 //! The pick is ordered, never round robin: the first ready (or probe-able) upstream in
-//! configuration order, then the first low one; each upstream at most once per request.
+//! configuration order, then the first low one; each upstream at most once per request. When
+//! none is usable and not every one is cooling down, [`fallback`] names the one whose circuit or
+//! fence opened earliest: open circuits alone never refuse a request.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,6 +187,9 @@ const MAX_TRACKED: usize = 256;
 #[derive(Debug, Default, Clone, Copy)]
 struct Quota {
     cool_until: Option<Instant>,
+    /// A 500/502/503/504 for this deployment: not before this instant (a deployment that
+    /// fails does not say the resource's other deployments do).
+    open_until: Option<Instant>,
     remaining: Remaining,
     /// When `remaining` was read.
     seen_at: Option<Instant>,
@@ -186,9 +200,15 @@ impl Quota {
         self.cool_until.filter(|u| *u > now)
     }
 
-    /// Still says something at `now`: cooling down, or a reading younger than `steer`.
+    fn open(&self, now: Instant) -> Option<Instant> {
+        self.open_until.filter(|u| *u > now)
+    }
+
+    /// Still says something at `now`: cooling down or failing, or a reading younger than
+    /// `steer`.
     fn live(&self, now: Instant, steer: Duration) -> bool {
         self.cooling(now).is_some()
+            || self.open(now).is_some()
             || self
                 .seen_at
                 .is_some_and(|at| now.saturating_duration_since(at) < steer)
@@ -325,16 +345,28 @@ impl Health {
     ) {
         let c = &self.counters;
         let mut s = self.lock();
-        if remaining.known() {
+        // Every deployment that answered is tracked (when there is room), readings or not: the
+        // health route calls a resource out of capacity only when every deployment it has seen
+        // is cooling down, and a deployment that answered without `x-ratelimit-remaining-*`
+        // (provisioned ones send none) is one it has seen.
+        if outcome != Outcome::Failed {
             if let Some(q) = s.quota_mut(key, now, tuning) {
-                q.remaining = remaining;
-                q.seen_at = Some(now);
+                if remaining.known() {
+                    q.remaining = remaining;
+                    q.seen_at = Some(now);
+                }
+                if outcome == Outcome::Answered {
+                    q.open_until = None;
+                }
             }
         }
         match outcome {
             Outcome::Throttled(wait) => {
                 c.throttled.fetch_add(1, Ordering::Relaxed);
+                // a wait under a millisecond (`retry-after: 0`) is no wait: take the default,
+                // or every request would hit the throttled deployment again at once
                 let wait = wait
+                    .filter(|w| *w >= Duration::from_millis(1))
                     .unwrap_or(tuning.default_cool_down)
                     .min(tuning.max_cool_down);
                 let until = now + wait;
@@ -348,12 +380,25 @@ impl Health {
                 // it answered: the resource is up
                 s.circuit = Circuit::Closed;
             }
-            Outcome::ServerError | Outcome::Failed => {
-                if outcome == Outcome::ServerError {
-                    c.server_errors.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    c.connect_failures.fetch_add(1, Ordering::Relaxed);
+            Outcome::ServerError => {
+                // the deployment's own: a 500 for one deployment (a bad deployment, or an input
+                // AOAI fails on) must not fence the resource's others
+                c.server_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(q) = s.quota_mut(key, now, tuning) {
+                    if q.open(now).is_none() {
+                        c.circuit_opens.fetch_add(1, Ordering::Relaxed);
+                    }
+                    q.open_until = Some(now + tuning.circuit_open);
                 }
+                // it answered: the resource is reachable
+                if s.circuit == Circuit::Probing
+                    || matches!(s.circuit, Circuit::Open(u) if u <= now)
+                {
+                    s.circuit = Circuit::Closed;
+                }
+            }
+            Outcome::Failed => {
+                c.connect_failures.fetch_add(1, Ordering::Relaxed);
                 let was_open = matches!(s.circuit, Circuit::Open(u) if u > now);
                 if !was_open {
                     c.circuit_opens.fetch_add(1, Ordering::Relaxed);
@@ -445,6 +490,9 @@ fn availability(s: &State, now: Instant, key: &str, need: u64, tuning: &Tuning) 
     if let Some(a) = circuit_availability(s, now) {
         return a;
     }
+    if let Some(until) = quota.open(now) {
+        return Availability::Open(until);
+    }
     let fresh = quota
         .seen_at
         .is_some_and(|at| now.saturating_duration_since(at) < tuning.steer);
@@ -502,6 +550,39 @@ pub fn pick(
         }
     }
     low.first().map(|&index| Pick {
+        index,
+        probe: false,
+    })
+}
+
+/// When [`pick`] found nothing and the request has made no attempt: the untried upstream whose
+/// circuit (the resource's or the deployment's) reopens soonest, i.e. opened earliest, or whose
+/// probe is in flight — tried anyway, as a probe, rather than refusing the client for open
+/// circuits alone (a 5xx a moment ago is no proof of one now). `None` when every untried one is
+/// cooling down for this deployment (then the client gets the 429 with the shortest wait).
+pub fn fallback(
+    pool: &[&Health],
+    tried: &[bool],
+    now: Instant,
+    key: &str,
+    tuning: &Tuning,
+) -> Option<Pick> {
+    let mut best: Option<(Instant, usize)> = None;
+    for (index, h) in pool.iter().enumerate() {
+        if tried.get(index).copied().unwrap_or(false) {
+            continue;
+        }
+        let until = match h.availability(now, key, 0, tuning) {
+            Availability::Open(u) => u,
+            Availability::Probing => now + tuning.circuit_open,
+            Availability::Ready | Availability::Probe | Availability::Low => now,
+            Availability::Cooling(_) => continue,
+        };
+        if best.is_none_or(|(b, _)| until < b) {
+            best = Some((until, index));
+        }
+    }
+    best.map(|(_, index)| Pick {
         index,
         probe: false,
     })
@@ -693,7 +774,7 @@ mod tests {
                 Availability::Open(now + tuning.circuit_open)
             );
         }
-        h.record_k(Outcome::ServerError, Remaining::default(), now, &tuning);
+        h.record_k(Outcome::Failed, Remaining::default(), now, &tuning);
         let later = now + tuning.circuit_open;
         assert_eq!(h.claim(later, K, 1, &tuning), Availability::Probe);
         assert_eq!(
@@ -952,6 +1033,175 @@ mod tests {
             Availability::Open(now + tuning.circuit_open)
         );
         assert_eq!(h.stats("x", now).state, "open");
+    }
+
+    #[test]
+    fn a_5xx_fences_its_deployment_only_and_a_failed_connection_the_resource() {
+        let (h, now, tuning) = (Health::default(), Instant::now(), t());
+        for s in [500u16, 502, 503, 504] {
+            let h = Health::default();
+            let o = Outcome::of(StatusCode::from_u16(s).unwrap(), &HeaderMap::new());
+            h.record(o, "attacker", Remaining::default(), now, &tuning);
+            assert_eq!(
+                h.availability(now, "attacker", 1, &tuning),
+                Availability::Open(now + tuning.circuit_open),
+                "{s}"
+            );
+            for other in ["victim", "", "gpt-4o"] {
+                assert_eq!(
+                    h.availability(now, other, 1, &tuning),
+                    Availability::Ready,
+                    "{s}"
+                );
+            }
+            assert_eq!(h.resource_blocked_until(now), None, "{s}: not the resource");
+            assert_eq!(h.stats("x", now).state, "ready");
+            // reopens for a probe-free retry once the time passed; an answer clears it at once
+            h.record(
+                Outcome::Answered,
+                "attacker",
+                Remaining::default(),
+                now,
+                &tuning,
+            );
+            assert_eq!(
+                h.availability(now, "attacker", 1, &tuning),
+                Availability::Ready
+            );
+        }
+        h.record(
+            Outcome::Failed,
+            "attacker",
+            Remaining::default(),
+            now,
+            &tuning,
+        );
+        for any in ["attacker", "victim"] {
+            assert_eq!(
+                h.availability(now, any, 1, &tuning),
+                Availability::Open(now + tuning.circuit_open)
+            );
+        }
+        assert_eq!(
+            h.resource_blocked_until(now),
+            Some(now + tuning.circuit_open)
+        );
+    }
+
+    #[test]
+    fn a_resource_that_answered_without_readings_is_not_out_of_capacity() {
+        let (h, now, tuning) = (Health::default(), Instant::now(), t());
+        assert_eq!(h.resource_blocked_until(now), None, "fresh is not down");
+        for _ in 0..3 {
+            h.record(
+                Outcome::Answered,
+                "gpt-4o",
+                Remaining::default(),
+                now,
+                &tuning,
+            );
+        }
+        h.record(
+            Outcome::Throttled(Some(Duration::from_secs(60))),
+            "tiny2",
+            Remaining::default(),
+            now,
+            &tuning,
+        );
+        assert_eq!(h.resource_blocked_until(now), None, "gpt-4o serves");
+        assert_eq!(h.stats("x", now).state, "ready");
+        // only when the served one cools down too
+        h.record(
+            Outcome::Throttled(Some(ms(500))),
+            "gpt-4o",
+            Remaining::default(),
+            now,
+            &tuning,
+        );
+        assert_eq!(h.resource_blocked_until(now), Some(now + ms(500)));
+        // a 5xx answer is an answer from a deployment seen: no longer "all cooling"
+        h.record(
+            Outcome::ServerError,
+            "emb",
+            Remaining::default(),
+            now,
+            &tuning,
+        );
+        assert_eq!(h.resource_blocked_until(now), None);
+    }
+
+    #[test]
+    fn a_zero_wait_cools_down_for_the_default() {
+        let (now, tuning) = (Instant::now(), t());
+        for hdr in [
+            ("retry-after", "0"),
+            ("retry-after-ms", "0"),
+            ("retry-after-ms", "0.5"),
+            ("retry-after", "0.0000001"),
+        ] {
+            let h = Health::default();
+            let o = Outcome::of(StatusCode::TOO_MANY_REQUESTS, &headers(&[hdr]));
+            h.record_k(o, Remaining::default(), now, &tuning);
+            assert_eq!(
+                h.cooling_until(K, now),
+                Some(now + tuning.default_cool_down),
+                "{hdr:?}"
+            );
+        }
+        // a real short wait is honoured
+        let h = Health::default();
+        h.record_k(
+            Outcome::Throttled(Some(ms(1))),
+            Remaining::default(),
+            now,
+            &tuning,
+        );
+        assert_eq!(h.cooling_until(K, now), Some(now + ms(1)));
+    }
+
+    #[test]
+    fn fallback_tries_the_circuit_that_opened_earliest_never_a_cooling_one() {
+        let (now, tuning) = (Instant::now(), t());
+        let hs: Vec<Health> = (0..3).map(|_| Health::default()).collect();
+        let pool: Vec<&Health> = hs.iter().collect();
+        hs[0].record_k(
+            Outcome::ServerError,
+            Remaining::default(),
+            now + ms(20),
+            &tuning,
+        );
+        hs[1].record_k(Outcome::Failed, Remaining::default(), now + ms(10), &tuning);
+        hs[2].record_k(
+            Outcome::Throttled(Some(ms(100))),
+            Remaining::default(),
+            now,
+            &tuning,
+        );
+        let at = now + ms(30);
+        assert_eq!(pick(&pool, &[false; 3], at, K, 1, &tuning), None);
+        assert_eq!(
+            fallback(&pool, &[false; 3], at, K, &tuning),
+            Some(Pick {
+                index: 1,
+                probe: false
+            })
+        );
+        assert_eq!(
+            fallback(&pool, &[false, true, false], at, K, &tuning),
+            Some(Pick {
+                index: 0,
+                probe: false
+            })
+        );
+        assert_eq!(fallback(&pool, &[true, true, false], at, K, &tuning), None);
+        // another deployment is not fenced by the 5xx on K
+        assert_eq!(
+            pick(&pool, &[false; 3], at, "other", 1, &tuning),
+            Some(Pick {
+                index: 0,
+                probe: false
+            })
+        );
     }
 
     #[test]

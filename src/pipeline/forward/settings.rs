@@ -173,11 +173,31 @@ impl SpilloverSettings {
     }
 }
 
-/// Same scheme, host and port (the path is empty for every accepted base URL).
+/// Same scheme, host and port (the path is empty for every accepted base URL), whatever the
+/// spelling: case, a trailing dot (the FQDN form), the default port written out, and every name of
+/// the loopback host (`localhost`, `127.0.0.0/8`, `::1`) taken as one.
 fn same_resource(a: &Url, b: &Url) -> bool {
-    a.scheme() == b.scheme()
-        && a.host_str().map(str::to_ascii_lowercase) == b.host_str().map(str::to_ascii_lowercase)
+    a.scheme().eq_ignore_ascii_case(b.scheme())
+        && host_key(a) == host_key(b)
         && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// The host as compared by [`same_resource`].
+fn host_key(u: &Url) -> Option<String> {
+    let host = match u.host()? {
+        url::Host::Domain(d) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            if d == "localhost" || d.ends_with(".localhost") {
+                return Some("loopback".into());
+            }
+            d
+        }
+        url::Host::Ipv4(ip) if ip.is_loopback() => return Some("loopback".into()),
+        url::Host::Ipv6(ip) if ip.is_loopback() => return Some("loopback".into()),
+        url::Host::Ipv4(ip) => ip.to_string(),
+        url::Host::Ipv6(ip) => ip.to_string(),
+    };
+    Some(host)
 }
 
 #[cfg(test)]
@@ -244,9 +264,51 @@ mod tests {
                 "the primary, spelled differently",
             ),
             ("b.openai.azure.com,b.openai.azure.com", "twice"),
+            ("p.openai.azure.com.", "the primary as a trailing-dot FQDN"),
+            (
+                "https://P.OPENAI.AZURE.COM.:443/",
+                "case, dot and port at once",
+            ),
+            (
+                "b.openai.azure.com,B.openai.azure.com.",
+                "twice, spelled differently",
+            ),
         ] {
             let e = parse(&[("AOAI_BACKUPS", value)], AoaiAuth::ManagedIdentity).unwrap_err();
             assert_eq!(e.name, "AOAI_BACKUPS", "{why}");
+        }
+    }
+
+    #[test]
+    fn loopback_spellings_are_one_host() {
+        let src = |b: &str| Source::from_map([("AOAI_BACKUPS".to_string(), b.to_string())]);
+        let primary = Url::parse("http://127.0.0.1:19501").unwrap();
+        for same in [
+            "http://localhost:19501",
+            "http://LOCALHOST.:19501",
+            "http://127.0.0.2:19501",
+            "http://[::1]:19501",
+        ] {
+            let e = SpilloverSettings::from_source(&src(same), &primary, AoaiAuth::ManagedIdentity)
+                .unwrap_err();
+            assert_eq!(e.name, "AOAI_BACKUPS", "{same}");
+        }
+        // another port is another resource
+        let ok = SpilloverSettings::from_source(
+            &src("http://localhost:19502"),
+            &primary,
+            AoaiAuth::ManagedIdentity,
+        )
+        .unwrap();
+        assert_eq!(ok.backups.len(), 1);
+        for twice in [
+            "http://localhost:9,http://127.0.0.1:9",
+            "http://[::1]:9;http://LocalHost.:9/",
+        ] {
+            let e =
+                SpilloverSettings::from_source(&src(twice), &primary, AoaiAuth::ManagedIdentity)
+                    .unwrap_err();
+            assert_eq!(e.name, "AOAI_BACKUPS", "{twice}");
         }
     }
 
