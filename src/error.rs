@@ -72,9 +72,11 @@ pub enum AppError {
     /// 429; `retry_after_ms` is the shortest of their waits.
     #[error("Every Azure OpenAI resource behind this proxy is over its rate limit right now; retry after the number of seconds in retry-after (milliseconds in retry-after-ms)")]
     AllThrottled { retry_after_ms: u64 },
-    /// No AOAI resource can take a request now (each is cooling down or failing, at least one
-    /// failing); `retry_after_ms` is the shortest wait until one may. Also the health route's
-    /// answer with `HEALTH_REFLECTS_CAPACITY`.
+    /// No AOAI resource can take a request now: the health route's answer with
+    /// `HEALTH_REFLECTS_CAPACITY` while every resource is cooling down or unreachable, and a
+    /// forward that found nothing it could even try (with backups, open circuits alone never
+    /// lead here: the earliest-opened one is tried instead). `retry_after_ms` is the shortest
+    /// wait until one may.
     #[error("No Azure OpenAI resource behind this proxy can take requests right now; retry after the number of seconds in retry-after")]
     UpstreamUnavailable { retry_after_ms: u64 },
     /// The upstream could not be reached or broke the exchange before answering.
