@@ -5,7 +5,8 @@
 # on the first failure, saying which step failed.
 #
 #   scripts/test.sh          the tests
-#   scripts/test.sh --lint   first `cargo fmt --check` and `cargo clippy -D warnings` (.ci/run)
+#   scripts/test.sh --lint   also `cargo fmt --check`, and clippy -D warnings on the workspace's
+#                            crates while the tests build (.ci/run)
 #
 # Each build happens once: `cargo test --workspace` compiles the dependency tree once, with the
 # test feature set, and builds the debug `handler` and `fwdproxy-dev` binaries the Rust tests
@@ -155,12 +156,24 @@ if [ "$lint" = 1 ]; then
   step "$current"
   cargo fmt --all -- --check
 
-  current="cargo clippy -D warnings"
-  step "$current"
-  cargo clippy --workspace --all-targets --locked -- -D warnings
+  # clippy rides on the test build instead of a `cargo clippy` pass of its own: `cargo clippy`
+  # is `cargo check` with clippy-driver as RUSTC_WORKSPACE_WRAPPER, which compiles the whole
+  # dependency tree a third way (check metadata, shared with neither the debug nor the release
+  # build). clippy-driver run as the wrapper of a normal build lints the workspace's crates as
+  # it compiles them, with the lints `cargo clippy --all-targets -- -D warnings` applies:
+  # `cargo test --no-run` builds the same targets (libs, bins, unit and integration tests; the
+  # workspace has no benches or examples). Exported, so the test run below sees the same
+  # wrapper and reuses what was built; the release build (package step) drops it.
+  clippy_driver="$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver || true)"
+  [ -x "$clippy_driver" ] || { echo "clippy-driver not found: rustup component add clippy" >&2; false; }
+  export RUSTC_WORKSPACE_WRAPPER="$clippy_driver"
+  export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 fi
 
 current="cargo test --no-run (builds the tests and the debug binaries)"
+if [ "$lint" = 1 ]; then
+  current="cargo test --no-run (builds the tests and the debug binaries; clippy -D warnings)"
+fi
 step "$current"
 bg_wait mold
 cargo test --workspace --locked --no-run
@@ -172,7 +185,8 @@ step "$current"
 # nothing is shared with the debug build anyway (other profile, other target triple), and a
 # second cargo never waits for the first one's lock.
 bg_wait zigbuild
-bg package env CARGO_TARGET_DIR="$ship_target" bash scripts/package.sh
+bg package env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS CARGO_TARGET_DIR="$ship_target" \
+  bash scripts/package.sh
 
 current="cargo test (runs them)"
 step "$current"
