@@ -108,8 +108,7 @@ find_zigbuild() {
     # Into a fresh directory, moved into place once complete: an interrupted install never
     # leaves a venv that looks ready.
     rm -rf "$TOOLS.partial"
-    python3 -m venv "$TOOLS.partial"
-    "$TOOLS.partial/bin/python" -m pip install --quiet --disable-pip-version-check \
+    bash "$ROOT/scripts/pyvenv.sh" "$TOOLS.partial" \
       "cargo-zigbuild==$ZIGBUILD_VERSION" "ziglang==$ZIGLANG_VERSION"
     rm -rf "$TOOLS"
     mv "$TOOLS.partial" "$TOOLS"

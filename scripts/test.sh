@@ -17,8 +17,9 @@
 # the release handler that ships, and the SDK and end-to-end tests run exactly that binary.
 #
 # What only waits on the network (pip, npm, apt) runs in the background from the start, while
-# cargo keeps both cores busy: the test tools' venv, newman, the packaging tools, checkov. A step
-# that needs one waits for it, and a failed install fails the run with its log.
+# cargo keeps both cores busy: the test tools' venv, newman, the packaging tools; and the infra
+# checks, which need no build (checkov's install, then the checks). A step that needs one waits
+# for it, and a failed one fails the run with its log.
 #
 # Timing: each step ends with `time: <s> s wall, <s> s cpu  <step>` (cpu = user+sys of the
 # processes the step waited for, a background install counted where it is waited for); the
@@ -131,13 +132,10 @@ if ! command -v mold >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
 fi
 # The OpenAI SDK and pytest (.venv), for the SDK tests and e2e.sh.
 install_venv() {
-  if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-  fi
   local stamp
   stamp=".venv/.requirements-$(sha256sum tests/python/requirements.txt | cut -c1-16)"
-  if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+  if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ]; then
+    bash scripts/pyvenv.sh .venv -r tests/python/requirements.txt
     touch "$stamp"
   fi
 }
@@ -146,10 +144,20 @@ bg venv install_venv
 if [ ! -x node_modules/.bin/newman ]; then
   bg newman npm ci --no-audit --no-fund
 fi
-# cargo-zigbuild and ziglang for the package step; checkov and the Bicep grammar for the infra
-# checks.
-bg zigbuild env CARGO_TARGET_DIR="$ship_target" bash scripts/package.sh --tools-only
-bg checkov bash infra/tests/check.sh --install-only
+# The release build of the handler that ships (scripts/package.sh: cargo-zigbuild and ziglang
+# when missing, then the zig build), from the start, at the lowest CPU priority: the debug build
+# the tests need keeps both cores, and the release build takes what it leaves (the serial end of
+# the debug build, the test run, which mostly waits on sockets and child processes: ~40 s of
+# CPU in ~90 s). Started after the debug build instead, the whole run waited on its last ~350 s
+# (its thin-LTO end is mostly one core). Its own target dir: nothing is shared with the debug
+# build anyway (other profile, other target triple), and a second cargo never waits for the
+# first one's lock. Without the clippy wrapper (below): the release build is not linted.
+bg package nice -n 19 env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
+  CARGO_TARGET_DIR="$ship_target" bash scripts/package.sh
+# The infra checks need neither build: they run whole in the background (install, then the
+# checks), and the last step shows their output. Off the critical path: they used to take the
+# last ~30 s of the run on one core.
+bg infra nice -n 10 bash infra/tests/check.sh
 
 if [ "$lint" = 1 ]; then
   current="cargo fmt --check"
@@ -163,11 +171,23 @@ if [ "$lint" = 1 ]; then
   # it compiles them, with the lints `cargo clippy --all-targets -- -D warnings` applies:
   # `cargo test --no-run` builds the same targets (libs, bins, unit and integration tests; the
   # workspace has no benches or examples). Exported, so the test run below sees the same
-  # wrapper and reuses what was built; the release build (package step) drops it.
+  # wrapper and reuses what was built; the release build, started before, never sees it.
   clippy_driver="$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver || true)"
   [ -x "$clippy_driver" ] || { echo "clippy-driver not found: rustup component add clippy" >&2; false; }
   export RUSTC_WORKSPACE_WRAPPER="$clippy_driver"
   export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
+  # A lint gate that silently stopped linting would pass everything: a one-line crate with a
+  # clippy finding must fail to build the same way (about a second).
+  probe="$bg_dir/clippy-probe"
+  mkdir -p "$probe/src"
+  printf '[package]\nname = "clippy-probe"\nversion = "0.0.0"\nedition = "2021"\n' >"$probe/Cargo.toml"
+  printf 'pub fn f() -> usize {\n    let v = vec![1, 2];\n    v.len()\n}\n' >"$probe/src/lib.rs"
+  if cargo build -q --offline --manifest-path "$probe/Cargo.toml" --target-dir "$probe/target" \
+      >"$probe/out" 2>&1 || ! grep -q 'clippy::useless.vec' "$probe/out"; then
+    echo "clippy-driver as the workspace wrapper did not refuse a clippy finding:" >&2
+    sed 's/^/    /' "$probe/out" >&2
+    false
+  fi
 fi
 
 current="cargo test --no-run (builds the tests and the debug binaries)"
@@ -177,16 +197,6 @@ fi
 step "$current"
 bg_wait mold
 cargo test --workspace --locked --no-run
-
-current="release build of the handler that ships (scripts/package.sh), in the background"
-step "$current"
-# The tests mostly wait on sockets and child processes (measured: ~40 s of CPU in ~90 s on 2
-# cores), so the release build runs beside them rather than after them. Its own target dir:
-# nothing is shared with the debug build anyway (other profile, other target triple), and a
-# second cargo never waits for the first one's lock.
-bg_wait zigbuild
-bg package env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS CARGO_TARGET_DIR="$ship_target" \
-  bash scripts/package.sh
 
 current="cargo test (runs them)"
 step "$current"
@@ -210,10 +220,10 @@ step "$current"
 bg_wait newman
 E2E_PROFILE=debug E2E_NO_BUILD=1 E2E_HANDLER="$shipped" bash scripts/e2e.sh
 
-current="infra checks (structure, Bicep syntax, checkov)"
+current="infra checks (structure, Bicep syntax, checkov), run in the background"
 step "$current"
-bg_wait checkov
-bash infra/tests/check.sh
+bg_wait infra
+sed 's/^/    /' "$bg_dir/infra.log"
 
 step_done
 cpu_now

@@ -31,13 +31,10 @@ repo="$(cd "$infra/.." && pwd)"
 venv="$repo/.venv-infra"  # its own: checkov pins packaging<24, the test tools want newer
 requirements="$here/requirements.txt"
 
-# Every `name==version` pin of requirements.txt installed at that version, or pip runs.
+# Every `name==version` pin of requirements.txt installed at that version, or the install (scripts/pyvenv.sh) runs.
 install_tools() {
   local started=$SECONDS
-  if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-  fi
-  if ! "$venv/bin/python" - "$requirements" <<'PY'
+  if ! [ -x "$venv/bin/python" ] || ! "$venv/bin/python" - "$requirements" <<'PY'
 import importlib.metadata as m, re, sys
 for line in open(sys.argv[1]):
     pin = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line)
@@ -49,8 +46,8 @@ for line in open(sys.argv[1]):
             sys.exit(1)
 PY
   then
-    echo "installing $(grep -cE '^[A-Za-z].*==' "$requirements") pinned tools into $venv (first run takes a few minutes)"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    echo "installing $(grep -cE '^[A-Za-z].*==' "$requirements") pinned tools into $venv"
+    bash "$repo/scripts/pyvenv.sh" "$venv" -r "$requirements"
     echo "installed in $((SECONDS - started)) s"
   fi
 }
