@@ -178,9 +178,11 @@ if [ "$lint" = 1 ]; then
   export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
   # A lint gate that silently stopped linting would pass everything: a one-line crate with a
   # clippy finding must fail to build the same way (about a second).
+  current="clippy-driver as the workspace wrapper refuses a clippy finding"
   probe="$bg_dir/clippy-probe"
   mkdir -p "$probe/src"
-  printf '[package]\nname = "clippy-probe"\nversion = "0.0.0"\nedition = "2021"\n' >"$probe/Cargo.toml"
+  printf '[package]\nname = "clippy-probe"\nversion = "0.0.0"\nedition = "2021"\n[workspace]\n' \
+    >"$probe/Cargo.toml"
   printf 'pub fn f() -> usize {\n    let v = vec![1, 2];\n    v.len()\n}\n' >"$probe/src/lib.rs"
   if cargo build -q --offline --manifest-path "$probe/Cargo.toml" --target-dir "$probe/target" \
       >"$probe/out" 2>&1 || ! grep -q 'clippy::useless.vec' "$probe/out"; then
