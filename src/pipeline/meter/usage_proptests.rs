@@ -266,6 +266,7 @@ fn equal_to_serde_on_mutated_answers() {
 }
 
 #[test]
+#[allow(clippy::useless_format)] // one spelling for every case of the list
 fn equal_to_serde_on_the_spellings_that_matter() {
     const U: &str = r#"{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}"#;
     let cases = [
