@@ -2,7 +2,8 @@
 //!
 //! Reads `usage` from the bytes as they pass, never holding the answer back:
 //! - JSON answers (chat, completions, embeddings, responses): the chunks are kept by reference
-//!   (`Bytes` clones, no copy) up to [`JSON_KEEP_BYTES`] and parsed once when the body ends;
+//!   (`Bytes` clones, no copy) up to [`JSON_KEEP_BYTES`] and read once when the body ends: one
+//!   validating pass (`scan.rs`) finds the top-level `usage`, and serde_json reads only its value;
 //! - SSE answers: each complete `data:` line is looked at only when it carries `"usage":{` (a
 //!   byte search, no parse), so the one event that matters — the chat/completions usage chunk or
 //!   the Responses `response.completed` event — is the only one parsed. Lines split across
@@ -128,8 +129,9 @@ impl From<RawUsage> for Usage {
 
 /// Usage of a JSON answer or of one SSE event's data, if it reports any: its top-level `usage`,
 /// else `response.usage`; none when `json` is not valid JSON or names either member twice at
-/// top level. One validating pass ([`scan`]) finds the two members; serde_json reads only their
-/// values, or the whole answer when the pass leaves it unsure (exactly [`usage_of_serde`]).
+/// top level. One validating pass (the `scan` module) finds the two members; serde_json reads
+/// only their values, or the whole answer when the pass leaves it unsure (exactly what
+/// `usage_of_serde`, serde_json alone, reads).
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
     match scan::top_level(json) {
         scan::Scan::Members { usage, response } => {
