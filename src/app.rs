@@ -609,7 +609,7 @@ async fn handle(state: Arc<AppState>, mut request: Request) -> Response {
             AppError::Internal.into_response()
         }
     };
-    response.headers_mut().insert("x-request-id", request_id);
+    response.headers_mut().insert(X_REQUEST_ID, request_id);
     if let Some(left) = log.budget_remaining {
         response
             .headers_mut()
@@ -756,10 +756,11 @@ async fn pipeline(
     let mut reservation: Option<Reservation> = None;
     let mut injected = false;
     if let (true, UpBody::Full(bytes)) = (metered, &body) {
-        let facts = meter::body_facts(bytes);
-        log.user = facts.as_ref().and_then(|f| f.user.clone());
+        let mut facts = meter::body_facts(bytes);
+        // moved, not cloned: below only the stream facts are read
+        log.user = facts.as_mut().and_then(|f| f.user.take());
         if target.deployment.is_none() {
-            log.model = facts.as_ref().and_then(|f| f.model.clone());
+            log.model = facts.as_mut().and_then(|f| f.model.take());
         }
         if limited {
             let embeddings = matches!(
@@ -1316,9 +1317,12 @@ fn health(state: &AppState) -> Response {
         .into_response()
 }
 
+/// `x-request-id` as a ready name: a `&str` name is parsed and checked on every lookup.
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// The client's `x-request-id` when it is a sane token, a fresh UUID otherwise.
 pub fn request_id(headers: &http::HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get("x-request-id") {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128

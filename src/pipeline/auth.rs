@@ -52,9 +52,12 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// `api-key` as a ready name (a `&str` name is parsed and checked on every lookup).
+const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
+
 /// `api-key` wins when both are present (AOAI's own precedence for key auth).
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get("api-key") {
+    if let Some(v) = headers.get(API_KEY) {
         let v = v.as_bytes().trim_ascii();
         return (!v.is_empty()).then_some(v);
     }

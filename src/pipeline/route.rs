@@ -242,7 +242,8 @@ pub fn resolve(method: &Method, path: &str, query: Option<&str>) -> Result<Route
             Ok(Route::Upstream(UpstreamTarget {
                 deployment: Some((*deployment).to_string()),
                 operation: *operation,
-                path: format!("/openai/deployments/{deployment}/{upstream_op}"),
+                // concatenated, not `format!`: half the instructions of the formatting machinery
+                path: ["/openai/deployments/", deployment, "/", upstream_op].concat(),
                 query,
             }))
         }

@@ -241,7 +241,7 @@ impl Upstream {
             return Err(AppError::PayloadTooLarge { limit });
         }
         let mut headers = upstream::upstream_headers(&parts.headers);
-        headers.insert("x-request-id", request_id.clone());
+        headers.insert(upstream::X_REQUEST_ID, request_id.clone());
 
         // What can be sent more than once: buffered bytes, or no body at all.
         let bodiless_get = parts.method == http::Method::GET && declared.is_none();

@@ -123,7 +123,10 @@ pub fn retry_wait(headers: &HeaderMap) -> Option<Duration> {
 /// `x-ratelimit-remaining-requests` and `-tokens` of an answer; `-1`, garbage or absent is
 /// unknown.
 pub fn remaining(headers: &HeaderMap) -> Remaining {
-    let read = |name: &str| -> Option<u64> {
+    const REQUESTS: http::HeaderName =
+        http::HeaderName::from_static("x-ratelimit-remaining-requests");
+    const TOKENS: http::HeaderName = http::HeaderName::from_static("x-ratelimit-remaining-tokens");
+    let read = |name: http::HeaderName| -> Option<u64> {
         headers
             .get(name)?
             .to_str()
@@ -135,8 +138,8 @@ pub fn remaining(headers: &HeaderMap) -> Remaining {
             .ok()
     };
     Remaining {
-        requests: read("x-ratelimit-remaining-requests"),
-        tokens: read("x-ratelimit-remaining-tokens"),
+        requests: read(REQUESTS),
+        tokens: read(TOKENS),
     }
 }
 

@@ -58,6 +58,9 @@ pub struct Endpoint {
     pub name: Arc<str>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
+    /// The `Host` header the client would add to every request (`host`, plus `:port` when not
+    /// the scheme's default), built once instead of formatted per request.
+    host: HeaderValue,
     /// The base URL's path, no trailing slash (usually empty).
     prefix: String,
     auth: UpstreamAuth,
@@ -81,8 +84,19 @@ impl Endpoint {
             Some(p) => format!("{host}:{p}").parse()?,
             None => host.parse()?,
         };
+        // hyper-util's rule for the `Host` it adds when a request has none
+        let host = authority.host();
+        let secure = matches!(scheme.as_str(), "https" | "wss");
+        let host = match authority.port() {
+            Some(p) if (p.as_u16() == 443 && secure) || (p.as_u16() == 80 && !secure) => {
+                HeaderValue::from_str(host)?
+            }
+            Some(p) => HeaderValue::from_str(&format!("{host}:{p}"))?,
+            None => HeaderValue::from_str(host)?,
+        };
         Ok(Endpoint {
             name: Arc::from(authority.as_str()),
+            host,
             scheme,
             authority,
             prefix: base.path().trim_end_matches('/').to_string(),
@@ -118,11 +132,11 @@ impl Endpoint {
             .map_err(|_| Failure::Client(AppError::Internal))?;
         match &self.auth {
             UpstreamAuth::Key(key) => {
-                headers.insert("api-key", key.clone());
+                headers.insert(API_KEY, key.clone());
             }
             UpstreamAuth::Vault(secret) => {
                 let key = sensitive(secret.current().expose()).map_err(Failure::Client)?;
-                headers.insert("api-key", key);
+                headers.insert(API_KEY, key);
             }
             UpstreamAuth::ManagedIdentity(tokens) => {
                 let bearer = tokens
@@ -135,6 +149,8 @@ impl Endpoint {
                 headers.insert(header::AUTHORIZATION, bearer);
             }
         }
+        // last, where the client would have appended it: the header order on the wire stays
+        headers.insert(header::HOST, self.host.clone());
         let mut request = http::Request::new(body);
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
@@ -230,22 +246,47 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// Shared with the devkit's gateway emulator, which must drop the same set.
 pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
-        || headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+        || connection_tokens(headers).any(|token| token.eq_ignore_ascii_case(name.as_str()))
 }
+
+/// The header names the `Connection` headers of `headers` list (trimmed; maybe not valid names).
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// `api-key` and `x-request-id` as ready names: a `&str` name is parsed and checked on every use.
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// [`HOP_BY_HOP`] as ready names, for removal from a map.
+const HOP_BY_HOP_NAMES: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
 pub fn upstream_headers(inbound: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(inbound.len());
+    // what the client's `Connection` names, read once (is_hop_by_hop reads it per header)
+    let named: Vec<&str> = connection_tokens(inbound).collect();
     for (name, value) in inbound {
         let n = name.as_str();
         if STRIP_UP.contains(&n)
             || n.starts_with("x-azure-functions-")
             || n == "x-request-id"
-            || is_hop_by_hop(name, inbound)
+            || HOP_BY_HOP.contains(&n)
+            || named.iter().any(|t| t.eq_ignore_ascii_case(n))
         {
             continue;
         }
@@ -269,17 +310,13 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Remove from `headers` what [`is_hop_by_hop`] names, reading `Connection` once.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP_NAMES {
         headers.remove(name);
     }
 }
@@ -407,6 +444,28 @@ impl http_body::Body for Deadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `Host` built once is what hyper-util would have added: the port only when it is not
+    /// the scheme's default.
+    #[test]
+    fn host_is_what_the_client_would_add() {
+        for (base, host) in [
+            ("https://res.openai.azure.com", "res.openai.azure.com"),
+            ("https://res.openai.azure.com:443/", "res.openai.azure.com"),
+            (
+                "https://res.openai.azure.com:8443",
+                "res.openai.azure.com:8443",
+            ),
+            ("http://127.0.0.1:80", "127.0.0.1"),
+            ("http://127.0.0.1:443", "127.0.0.1:443"),
+            ("http://127.0.0.1:41234/prefix/", "127.0.0.1:41234"),
+            ("http://[::1]:8080", "[::1]:8080"),
+        ] {
+            let key = HeaderValue::from_static("k");
+            let e = Endpoint::new(&Url::parse(base).unwrap(), UpstreamAuth::Key(key)).unwrap();
+            assert_eq!(e.host, host, "{base}");
+        }
+    }
 
     #[test]
     fn the_answer_keeps_exactly_what_is_not_hop_by_hop() {

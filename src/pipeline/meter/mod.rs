@@ -2,7 +2,8 @@
 //!
 //! Reads `usage` from the bytes as they pass, never holding the answer back:
 //! - JSON answers (chat, completions, embeddings, responses): the chunks are kept by reference
-//!   (`Bytes` clones, no copy) up to [`JSON_KEEP_BYTES`] and parsed once when the body ends;
+//!   (`Bytes` clones, no copy) up to [`JSON_KEEP_BYTES`] and read once when the body ends: one
+//!   validating pass (`scan.rs`) finds the top-level `usage`, and serde_json reads only its value;
 //! - SSE answers: each complete `data:` line is looked at only when it carries `"usage":{` (a
 //!   byte search, no parse), so the one event that matters — the chat/completions usage chunk or
 //!   the Responses `response.completed` event — is the only one parsed. Lines split across
@@ -29,7 +30,10 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use serde::Deserialize;
 
+mod scan;
 pub mod summary;
+#[cfg(test)]
+mod usage_proptests;
 
 pub use summary::Measured;
 
@@ -115,15 +119,41 @@ impl From<RawUsage> for Usage {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: r.total_tokens.unwrap_or(prompt + completion),
+            // saturating: AOAI's counts are small, but an answer's numbers are not ours to trust
+            total_tokens: r.total_tokens.unwrap_or(prompt.saturating_add(completion)),
             cached_tokens: r.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: r.completion_tokens_details.and_then(|d| d.reasoning_tokens),
         }
     }
 }
 
-/// Usage of a JSON answer or of one SSE event's data, if it reports any.
+/// Usage of a JSON answer or of one SSE event's data, if it reports any: its top-level `usage`,
+/// else `response.usage`; none when `json` is not valid JSON or names either member twice at
+/// top level. One validating pass (the `scan` module) finds the two members; serde_json reads
+/// only their values, or the whole answer when the pass leaves it unsure (exactly what
+/// `usage_of_serde`, serde_json alone, reads).
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
+    match scan::top_level(json) {
+        scan::Scan::Members { usage, response } => {
+            let usage = match usage {
+                Some(v) => serde_json::from_slice::<Option<RawUsage>>(v).ok()?,
+                None => None,
+            };
+            let response = match response {
+                Some(v) => serde_json::from_slice::<Option<Inner>>(v).ok()?,
+                None => None,
+            };
+            usage
+                .or_else(|| response.and_then(|r| r.usage))
+                .map(Usage::from)
+        }
+        scan::Scan::Invalid => None,
+        scan::Scan::Unsure => usage_of_serde(json),
+    }
+}
+
+/// [`usage_of`] by serde_json alone: the definition the scanner is held to.
+fn usage_of_serde(json: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
     struct C {
         #[serde(default)]
@@ -285,15 +315,61 @@ pub struct BodyFacts {
     pub usage: StreamUsage,
 }
 
-/// The members of one JSON object in order (duplicates kept), names unescaped, values borrowed
-/// from the body (so their byte offsets are known).
-struct Members<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+/// A member name once unescaped: borrowed from the body unless it had an escape.
+struct Name<'a>(std::borrow::Cow<'a, str>);
 
-impl<'de> serde::Deserialize<'de> for Members<'de> {
+impl<'de> serde::Deserialize<'de> for Name<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Members<'de>;
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Which members a [`Members`] keeps.
+trait Wanted {
+    /// Names kept, matched regardless of ASCII case (lowercase here).
+    const NAMES: &'static [&'static str];
+}
+
+/// The top level of a request body: what [`body_facts`] reads.
+struct TopLevel;
+impl Wanted for TopLevel {
+    const NAMES: &'static [&'static str] = &["stream", "stream_options", "user", "model"];
+}
+
+/// Inside `stream_options`.
+struct OptionsLevel;
+impl Wanted for OptionsLevel {
+    const NAMES: &'static [&'static str] = &["include_usage"];
+}
+
+/// The members of one JSON object named in `W` (any ASCII case, after unescaping), in order with
+/// duplicates kept, values borrowed from the body (so their byte offsets are known); every other
+/// member is skipped unread, only counted. Read from a `&str`: the body is checked as UTF-8 once,
+/// as a whole (the skipped members are then never checked again).
+struct Members<'a, W> {
+    kept: Vec<(Name<'a>, &'a serde_json::value::RawValue)>,
+    count: usize,
+    wanted: std::marker::PhantomData<W>,
+}
+
+impl<'de, W: Wanted> serde::Deserialize<'de> for Members<'de, W> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<W>(std::marker::PhantomData<W>);
+        impl<'de, W: Wanted> serde::de::Visitor<'de> for V<W> {
+            type Value = Members<'de, W>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
@@ -301,23 +377,33 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
                 self,
                 mut map: A,
             ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    out.push((key, map.next_value::<&'de serde_json::value::RawValue>()?));
+                let mut kept = Vec::new();
+                let mut count = 0;
+                while let Some(key) = map.next_key::<Name<'de>>()? {
+                    count += 1;
+                    if W::NAMES.iter().any(|n| key.0.eq_ignore_ascii_case(n)) {
+                        kept.push((key, map.next_value::<&'de serde_json::value::RawValue>()?));
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
                 }
-                Ok(Members(out))
+                Ok(Members {
+                    kept,
+                    count,
+                    wanted: std::marker::PhantomData,
+                })
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
-impl<'a> Members<'a> {
+impl<'a, W> Members<'a, W> {
     /// The values of the members named `name` regardless of ASCII case.
     fn named(&self, name: &str) -> Vec<&'a serde_json::value::RawValue> {
-        self.0
+        self.kept
             .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .filter(|(k, _)| k.0.eq_ignore_ascii_case(name))
             .map(|(_, v)| *v)
             .collect()
     }
@@ -328,24 +414,36 @@ fn offset_in(whole: &[u8], part: &str) -> usize {
     part.as_ptr() as usize - whole.as_ptr() as usize
 }
 
+/// A JSON string value, at most `max` characters of it (borrowed when it has no escape).
+fn short_string(raw: &serde_json::value::RawValue, max: usize) -> Option<String> {
+    let s: std::borrow::Cow<'_, str> = match serde_json::from_str::<&str>(raw.get()) {
+        Ok(s) => s.into(),
+        Err(_) => serde_json::from_str::<String>(raw.get()).ok()?.into(),
+    };
+    if s.is_empty() {
+        None
+    } else if s.len() <= max {
+        Some(s.into_owned())
+    } else {
+        Some(s.chars().take(max).collect())
+    }
+}
+
 /// Read [`BodyFacts`] from a JSON object body (`None` when it is not one).
 pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
     // Top-level members only, borrowed (no tree), matched regardless of ASCII case as AOAI's
     // front end binds them: `STREAM` is `stream`.
-    let members: Members<'_> = serde_json::from_slice(body).ok()?;
+    let text = std::str::from_utf8(body).ok()?;
+    let members: Members<'_, TopLevel> = serde_json::from_str(text).ok()?;
     let mut facts = BodyFacts::default();
-    for (key, raw) in &members.0 {
-        if key.eq_ignore_ascii_case("user") {
-            if let Ok(u) = serde_json::from_str::<String>(raw.get()) {
-                if !u.is_empty() {
-                    facts.user = Some(u.chars().take(256).collect());
-                }
+    for (key, raw) in &members.kept {
+        if key.0.eq_ignore_ascii_case("user") {
+            if let Some(u) = short_string(raw, 256) {
+                facts.user = Some(u);
             }
-        } else if key.eq_ignore_ascii_case("model") {
-            if let Ok(m) = serde_json::from_str::<String>(raw.get()) {
-                if !m.is_empty() {
-                    facts.model = Some(m.chars().take(64).collect());
-                }
+        } else if key.0.eq_ignore_ascii_case("model") {
+            if let Some(m) = short_string(raw, 64) {
+                facts.model = Some(m);
             }
         }
     }
@@ -363,7 +461,7 @@ pub fn body_facts(body: &[u8]) -> Option<BodyFacts> {
 }
 
 /// [`StreamUsage`] of a body that asks for a stream (see [`inject_include_usage`]).
-fn stream_usage(body: &[u8], top: &Members<'_>) -> StreamUsage {
+fn stream_usage(body: &[u8], top: &Members<'_, TopLevel>) -> StreamUsage {
     let options = top.named("stream_options");
     let Some(raw) = options.first() else {
         // no `stream_options`: added as the first member of the body
@@ -392,7 +490,7 @@ fn stream_usage(body: &[u8], top: &Members<'_>) -> StreamUsage {
     if !value.starts_with('{') {
         return StreamUsage::Cannot;
     }
-    let Ok(inner) = serde_json::from_str::<Members<'_>>(value) else {
+    let Ok(inner) = serde_json::from_str::<Members<'_, OptionsLevel>>(value) else {
         return StreamUsage::Cannot;
     };
     let asked = inner.named("include_usage");
@@ -400,7 +498,7 @@ fn stream_usage(body: &[u8], top: &Members<'_>) -> StreamUsage {
         [] => StreamUsage::Edit {
             at: at + 1,
             remove: 0,
-            insert: if inner.0.is_empty() {
+            insert: if inner.count == 0 {
                 br#""include_usage":true"#
             } else {
                 br#""include_usage":true,"#
