@@ -46,7 +46,7 @@ get_uv() {
 if uv="$(get_uv)" && [ -n "$uv" ]; then
   export UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1
   if [ ! -x "$dir/bin/python" ]; then
-    "$uv" venv --quiet --python "$python" "$dir"
+    "$uv" venv --quiet --clear --python "$python" "$dir"
   fi
   "$uv" pip install --quiet --python "$dir/bin/python" "$@"
 else
