@@ -51,11 +51,8 @@ step "test tools (newman from package-lock.json, .venv from tests/python/require
 if [ ! -x node_modules/.bin/newman ]; then
   npm ci --no-audit --no-fund
 fi
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-if ! .venv/bin/python -c 'import openai, pytest' 2>/dev/null; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+if ! [ -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest' 2>/dev/null; then
+  bash scripts/pyvenv.sh .venv -r tests/python/requirements.txt
 fi
 
 run_dir="$(mktemp -d "${TMPDIR:-/tmp}/fwdproxy-e2e.XXXXXX")"
