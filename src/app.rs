@@ -741,7 +741,8 @@ async fn pipeline(
     }
     let limited = metered && state.budgets.limits(caller);
     let declared = content_length(&parts.headers);
-    let mut body = if target.operation.carries_prompt() && state.inspects() {
+    let gated = target.operation.carries_prompt() && state.inspects();
+    let mut body = if gated {
         UpBody::Full(gate(state, &target, &parts, body, log).await?)
     } else if limited
         || (metered && declared.is_some_and(|n| n <= METER_BUFFER_BYTES))
@@ -763,6 +764,10 @@ async fn pipeline(
             log.model = facts.as_mut().and_then(|f| f.model.take());
         }
         if limited {
+            // the gate, when it read the body, already held it to the same reading
+            if !gated {
+                budget::check_body(bytes)?;
+            }
             let embeddings = matches!(
                 target.operation,
                 route::Operation::Embeddings | route::Operation::V1Embeddings

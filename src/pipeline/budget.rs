@@ -237,6 +237,46 @@ impl Budgets {
 /// 10–50 MB/s, and a large prompt must not stall the other requests of the async thread.
 pub const INLINE_COUNT_BYTES: usize = 64 * 1024;
 
+/// A limited caller's body, read the way AOAI reads it before anything is reserved: strict JSON
+/// (`policy::json`: no duplicate key at any depth, nothing but whitespace after the value, no
+/// byte-order mark, UTF-8), a top-level object, and no two top-level names that differ only in
+/// case (AOAI's binder takes them as one field). With the gate off nothing else reads the body
+/// strictly, and a body the reservation reads differently from AOAI is a budget bypass (red-team
+/// findings: a BOM, a trailing comma, `NaN`, a gzip body or a second `max_tokens` reserved the
+/// default completion while AOAI generated what the body asked for).
+pub fn check_body(bytes: &[u8]) -> Result<(), AppError> {
+    use crate::pipeline::policy::json::{self, Parser, Token};
+    let invalid = |e: json::Error| {
+        AppError::InvalidBody(format!(
+            "The request body is not a valid JSON document: {e}"
+        ))
+    };
+    let mut p = Parser::new(bytes).map_err(invalid)?;
+    if p.next().map_err(invalid)? != Token::ObjStart {
+        json::validate(bytes).map_err(invalid)?;
+        return Err(AppError::InvalidBody(
+            "The request body must be a JSON object".into(),
+        ));
+    }
+    let mut seen: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+    loop {
+        match p.next().map_err(invalid)? {
+            Token::ObjEnd => break,
+            Token::Key(k) => {
+                if seen.iter().any(|s| s.eq_ignore_ascii_case(&k)) {
+                    return Err(AppError::InvalidBody(format!(
+                        "The field '{k}' appears more than once (names are compared ignoring case)"
+                    )));
+                }
+                seen.push(k);
+                p.skip_value().map_err(invalid)?;
+            }
+            _ => unreachable!("the reader yields keys or a closer inside an object"),
+        }
+    }
+    p.finish().map_err(invalid)
+}
+
 /// [`estimate`] from the body's bytes (not a JSON object: only the default completion).
 pub fn estimate_bytes(
     body: &[u8],
@@ -278,7 +318,15 @@ pub fn estimate(
         .max()
         .unwrap_or(1)
         .clamp(1, 128);
-    prompt.saturating_add(max.saturating_mul(n))
+    // completions: a `prompt` array of strings or of token arrays is that many prompts, each
+    // answered `n` times (an array of numbers is one tokenized prompt). A red-team finding: four
+    // prompts reserved one completion.
+    let prompts = match field(body, "prompt").and_then(Value::as_array) {
+        Some(items) if items.iter().any(|i| i.is_string() || i.is_array()) => items.len() as u64,
+        _ => 1,
+    }
+    .max(1);
+    prompt.saturating_add(max.saturating_mul(n).saturating_mul(prompts))
 }
 
 /// A top-level member regardless of ASCII case: AOAI's front end binds `MAX_TOKENS` as
@@ -753,6 +801,63 @@ mod tests {
         assert_eq!(estimate(&body, Some("gpt-4o"), false, 7), 18_000);
         body["n"] = json!(0);
         assert_eq!(estimate(&body, Some("gpt-4o"), false, 7), 6000);
+    }
+
+    #[test]
+    fn every_prompt_of_a_completions_array_is_reserved_its_completion() {
+        let prompt_of = |b: &Value| count_prompt(b, "gpt-35-turbo-instruct");
+        for (body, prompts) in [
+            (
+                json!({"prompt": ["hi", "there", "x", "y"], "max_tokens": 100}),
+                4,
+            ),
+            (
+                json!({"prompt": [[1, 2], [3]], "max_tokens": 100, "n": 2}),
+                2 * 2,
+            ),
+            (json!({"prompt": ["a", 1], "max_tokens": 100}), 2),
+            (json!({"prompt": [1, 2, 3], "max_tokens": 100}), 1),
+            (json!({"prompt": "one", "max_tokens": 100}), 1),
+            (json!({"prompt": [], "max_tokens": 100}), 1),
+        ] {
+            let want = prompt_of(&body) + 100 * prompts;
+            assert_eq!(
+                estimate(&body, Some("gpt-35-turbo-instruct"), false, 7),
+                want,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_limited_body_is_read_as_aoai_reads_it_or_refused() {
+        for ok in [
+            &b"{}"[..],
+            b" {\"max_tokens\": 5, \"messages\": [{\"role\":\"user\",\"content\":\"hi\"}]} \n",
+            b"{\"a\":{\"b\":1},\"A_\":2}",
+        ] {
+            assert!(check_body(ok).is_ok(), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b"\xef\xbb\xbf{\"max_tokens\":5}"[..],
+            b"{\"max_tokens\":5,}",
+            b"{\"max_tokens\":5} x",
+            b"{\"max_tokens\":5}\x00",
+            b"{/*c*/\"max_tokens\":5}",
+            b"{\"max_tokens\":NaN}",
+            b"{\"max_tokens\":5000,\"max_tokens\":1}",
+            b"{\"max_tokens\":5000,\"MAX_TOKENS\":1}",
+            b"{\"max_tokens\":5000,\"max_\\u0074okens\":1}",
+            b"{\"a\":{\"b\":1,\"b\":2}}",
+            b"{\"a\":\"\xff\"}",
+            b"\x1f\x8b\x08\x00\x00\x00\x00\x00",
+            b"[{\"max_tokens\":5}]",
+            b"\"text\"",
+            b"",
+        ] {
+            let e = check_body(bad).expect_err(&String::from_utf8_lossy(bad));
+            assert!(matches!(e, AppError::InvalidBody(_)), "{e:?}");
+        }
     }
 
     #[test]

@@ -409,3 +409,95 @@ async fn the_larger_of_mixed_limits_is_reserved() {
     // "user" 1 + "hi" 1 + 4 + 3 + the larger limit 100
     assert_eq!(remaining(&r), Some(5000 - 109));
 }
+
+async fn send_bytes(app: &TestApp, path: &str, key: &str, body: Vec<u8>) -> reqwest::Response {
+    app.client
+        .post(app.url(&format!("{path}?{API}")))
+        .header("api-key", key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// With the gate off nothing else reads a body strictly, so a limited caller's body is held to
+/// the way AOAI reads it before anything is reserved. A body the reservation would read
+/// differently from AOAI (red team: a byte-order mark, a trailing comma, `NaN`, a comment, a
+/// gzip body, a second `max_tokens`, bytes after the document) is a 400 that never reaches
+/// AOAI and costs nothing; an unlimited caller's body goes up as sent (nothing reserves it).
+#[tokio::test]
+async fn a_limited_body_aoai_could_read_otherwise_is_refused_unsent() {
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+    aoai.reply(answer(510));
+    let big = r#"{"messages":[{"role":"user","content":"Hello world"}],"max_tokens":50000}"#;
+    let mut gzip = vec![0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
+    gzip.extend_from_slice(big.as_bytes());
+    let bodies: Vec<Vec<u8>> = vec![
+        [&b"\xef\xbb\xbf"[..], big.as_bytes()].concat(),
+        big.replace("50000}", "50000,}").into_bytes(),
+        big.replace("50000", "NaN").into_bytes(),
+        big.replace("{\"messages\"", "{/*c*/\"messages\"")
+            .into_bytes(),
+        big.replace("}", ",\"max_tokens\":1}").into_bytes(),
+        big.replace("}", ",\"MAX_TOKENS\":1}").into_bytes(),
+        format!("{big} {{}}").into_bytes(),
+        [big.as_bytes(), b"\0"].concat(),
+        gzip,
+        b"[1]".to_vec(),
+    ];
+    let sent = bodies.len();
+    for body in bodies {
+        let shown = String::from_utf8_lossy(&body).into_owned();
+        let resp = send_bytes(&app, CHAT, IN_KEY, body).await;
+        assert_eq!(remaining(&resp), Some(600), "{shown}");
+        let code = assert_aoai_error(resp, 400).await;
+        assert_eq!(code, "invalid_body", "{shown}");
+    }
+    assert!(aoai.seen().is_empty(), "none of the {sent} reached AOAI");
+
+    // nothing was reserved: a request of 510 still fits, leaving 90
+    let ok = send(&app, IN_KEY, SMALL).await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(remaining(&ok), Some(90));
+    ok.bytes().await.unwrap();
+
+    // an unlimited caller's odd body is not ours to refuse: it reaches AOAI byte for byte
+    let bom = [&b"\xef\xbb\xbf"[..], SMALL.as_bytes()].concat();
+    let other = send_bytes(&app, CHAT, OTHER_KEY, bom.clone()).await;
+    assert_eq!(other.status(), 200);
+    other.bytes().await.unwrap();
+    let seen = aoai.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].body, bom);
+}
+
+/// Completions with a `prompt` array: every prompt is answered `n` times, so each reserves its
+/// completion (red team: four prompts reserved one). 4 × 150 = 600 plus the prompts is over the
+/// 600 limit, so the request is refused unsent; one prompt of 150 fits.
+#[tokio::test]
+async fn a_prompt_array_reserves_a_completion_per_prompt() {
+    const COMPLETIONS: &str = "/api/FwdProxy/openai/deployments/gpt-4o/completions";
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+    aoai.reply(answer(20));
+    let four = br#"{"prompt":["hi","there","x","y"],"max_tokens":150}"#.to_vec();
+    let refused = send_bytes(&app, COMPLETIONS, IN_KEY, four).await;
+    assert_eq!(
+        assert_aoai_error(refused, 429).await,
+        "token_budget_exceeded"
+    );
+    assert!(aoai.seen().is_empty());
+
+    let one = br#"{"prompt":["hi"],"max_tokens":150}"#.to_vec();
+    let ok = send_bytes(&app, COMPLETIONS, IN_KEY, one).await;
+    assert_eq!(ok.status(), 200);
+    let left = remaining(&ok).unwrap();
+    assert!(
+        (440..450).contains(&left),
+        "one prompt of 150 reserved: {left} left"
+    );
+    ok.bytes().await.unwrap();
+    assert_eq!(aoai.seen().len(), 1);
+}
