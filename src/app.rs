@@ -822,6 +822,11 @@ async fn pipeline(
         }
         _ => None,
     };
+    // A client that goes away while the request is with AOAI (this future dropped before the
+    // answer's headers) does not stop AOAI generating and billing it: the reservation stays
+    // charged. An answer or an error returned here settles or refunds it as usual (red team: a
+    // disconnect before the headers gave the whole reservation back).
+    let mut in_flight = KeptIfCancelled(reservation);
     let response = state
         .upstream
         .forward(
@@ -834,7 +839,9 @@ async fn pipeline(
             need,
             &mut log.forwarded,
         )
-        .await?;
+        .await;
+    let reservation = in_flight.0.take();
+    let response = response?;
     if !metered {
         return Ok(response);
     }
@@ -856,6 +863,18 @@ async fn pipeline(
         head.headers.remove(header::CONTENT_LENGTH);
     }
     Ok(Response::from_parts(head, Body::new(tap)))
+}
+
+/// A reservation held while the request is with AOAI: dropped with it (the request future was
+/// cancelled: the client went away), it stays charged instead of being refunded.
+struct KeptIfCancelled(Option<Reservation>);
+
+impl Drop for KeptIfCancelled {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.settle(None);
+        }
+    }
 }
 
 /// A body of a token-metered operation of at most this many declared bytes is buffered even

@@ -296,11 +296,18 @@ pub fn estimate(
     embeddings: bool,
     default_completion: u64,
 ) -> u64 {
-    let model = field(body, "model")
-        .and_then(Value::as_str)
-        .or(deployment)
-        .unwrap_or("");
-    let prompt = count_prompt(body, model);
+    // The tokenizer and image costs follow the model. On a deployment route AOAI ignores the
+    // body's `model`, but the deployment name need not name the model either: when both are
+    // there and differ, the larger count is reserved, so a `model` naming a cheaper family
+    // lowers nothing (red team: `"model":"gpt-4o"` on a gpt-4o-mini deployment cut an image
+    // from 48,169 to 1454 tokens).
+    let named = field(body, "model").and_then(Value::as_str);
+    let prompt = match (named, deployment) {
+        (Some(m), Some(d)) if !m.eq_ignore_ascii_case(d) => {
+            count_prompt(body, m).max(count_prompt(body, d))
+        }
+        (m, d) => count_prompt(body, m.or(d).unwrap_or("")),
+    };
     if embeddings {
         return prompt;
     }
@@ -858,6 +865,29 @@ mod tests {
             let e = check_body(bad).expect_err(&String::from_utf8_lossy(bad));
             assert!(matches!(e, AppError::InvalidBody(_)), "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_model_in_the_body_never_lowers_what_the_deployment_costs() {
+        let image = json!({"type": "image_url", "image_url": {"url": "https://x/i.png"}});
+        let body = |model: Option<&str>| {
+            let mut b = json!({"messages": [{"role": "user", "content": [image.clone()]}], "max_tokens": 1});
+            if let Some(m) = model {
+                b["model"] = json!(m);
+            }
+            b
+        };
+        let mini = estimate(&body(None), Some("gpt-4o-mini"), false, 7);
+        for m in ["gpt-4o", "GPT-4o", "", "gpt-35-turbo"] {
+            assert_eq!(
+                estimate(&body(Some(m)), Some("gpt-4o-mini"), false, 7),
+                mini,
+                "{m}"
+            );
+        }
+        // a body model that costs more than the deployment's name counts
+        let named = estimate(&body(Some("gpt-4o-mini")), Some("my-deployment"), false, 7);
+        assert_eq!(named, mini);
     }
 
     #[test]

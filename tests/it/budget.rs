@@ -501,3 +501,91 @@ async fn a_prompt_array_reserves_a_completion_per_prompt() {
     ok.bytes().await.unwrap();
     assert_eq!(aoai.seen().len(), 1);
 }
+
+/// A stream that ends without usage (edited or not) is charged its reservation, or a token per
+/// event it carried when that is more: AOAI sends at least one token per event (red team: a
+/// stream cut just before its usage chunk carried 3000 tokens against a reservation of 1033).
+/// 700 events against a reservation of 15 leave the caller 100 in debt, so the next request
+/// is refused; charged only the reservation, it would fit.
+#[tokio::test]
+async fn a_stream_without_usage_is_charged_at_least_its_events() {
+    let chunk = r#"data: {"choices":[{"index":0,"delta":{"content":"x"}}]}"#.to_string() + "\n\n";
+    let mut events: Vec<String> = vec![chunk; 700];
+    events.push("data: [DONE]\n\n".into());
+    let small = r#"{"messages":[{"role":"user","content":"Hello world"}],"max_tokens":5}"#;
+    for options in ["", r#","stream_options":{"include_usage":true}"#] {
+        let aoai = MockAoai::start().await;
+        let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+        aoai.reply(Reply::Stream(events.clone(), std::time::Duration::ZERO));
+        let body = small.replace("}", &format!(",\"stream\":true{options}}}"));
+        let resp = send(&app, IN_KEY, &body).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(remaining(&resp), Some(585), "{body}");
+        let text = resp.text().await.unwrap();
+        assert_eq!(text.matches("data: {").count(), 700);
+
+        // settled when the tap drops: an operation the budget does not meter costs nothing and
+        // says what is left (nothing: the caller is in debt)
+        aoai.reply(Reply::Fixed(200, vec![], "{}"));
+        let charged = eventually(PATIENCE, async || {
+            let r = app
+                .client
+                .get(app.url(&format!("/api/FwdProxy/openai/v1/models?{API}")))
+                .header("api-key", IN_KEY)
+                .send()
+                .await
+                .unwrap();
+            remaining(&r) == Some(0)
+        })
+        .await;
+        assert!(charged, "700 events were charged as 15 ({body})");
+        let code = assert_aoai_error(send(&app, IN_KEY, small).await, 429).await;
+        assert_eq!(code, "token_budget_exceeded");
+    }
+}
+
+/// A client that goes away while its request is with AOAI (before the answer's headers) keeps
+/// its reservation charged: AOAI goes on generating and bills it (red team: the whole
+/// reservation came back at once). The request's log line (status 0, abandoned) says the
+/// handler let go; the caller's tokens left are then still short of the reservation.
+#[tokio::test]
+async fn a_client_gone_before_the_answer_keeps_its_reservation_charged() {
+    // every log line of the process: the abandoned request's line is written where the
+    // connection's future is dropped
+    let logs = common::support::logs::global().clone();
+    let aoai = MockAoai::start().await;
+    let app = TestApp::start(&aoai.base(), &[LIMITS]).await;
+    aoai.reply(Reply::Slow(std::time::Duration::from_secs(60)));
+    let id = "gone-before-headers";
+    let request = app
+        .client
+        .post(app.url(&format!("{CHAT}?{API}")))
+        .header("api-key", IN_KEY)
+        .header("x-request-id", id)
+        .body(SMALL);
+    let client = tokio::spawn(request.send());
+    // the client goes away only once the request is with AOAI (no timing involved)
+    let with_aoai = eventually(PATIENCE, async || aoai.seen().len() == 1).await;
+    assert!(with_aoai, "the request reached AOAI");
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+    let logged = eventually(PATIENCE, async || {
+        logs.text()
+            .lines()
+            .any(|l| l.contains(id) && l.contains("\"request\""))
+    })
+    .await;
+    assert!(logged, "the abandoned request's log line");
+
+    aoai.reply(Reply::Fixed(200, vec![], "{}"));
+    let models = app
+        .client
+        .get(app.url(&format!("/api/FwdProxy/openai/v1/models?{API}")))
+        .header("api-key", IN_KEY)
+        .send()
+        .await
+        .unwrap();
+    let left = remaining(&models).unwrap();
+    // 90 left after the reservation of 510, plus the refill since (10 a second)
+    assert!(left < 510, "the reservation came back: {left} left");
+}

@@ -551,6 +551,21 @@ pub struct Meter {
     ended: bool,
     /// The inner body returned its end (it is not polled again).
     inner_done: bool,
+    /// SSE `data:` events passed to the client (not `[DONE]`). AOAI sends at least one token
+    /// per event, so a stream cut before its usage is charged at least this many tokens.
+    events: u64,
+}
+
+/// Whether an SSE line is a `data:` event that carries a token (`[DONE]` does not).
+fn is_data_event(line: &[u8]) -> bool {
+    line.starts_with(b"data:") && trim_data(line) != b"[DONE]"
+}
+
+/// The `data:` events of whole events in `buf` ([`is_data_event`] lines).
+fn data_events(buf: &[u8]) -> u64 {
+    buf.split(|&b| b == b'\n')
+        .filter(|l| is_data_event(strip_cr(l)))
+        .count() as u64
 }
 
 impl Meter {
@@ -587,11 +602,15 @@ impl Meter {
             success: status.is_success(),
             ended: false,
             inner_done: false,
+            events: 0,
         }
     }
 
     /// Look at one complete SSE line (without its line end).
     fn sse_line(&mut self, line: &[u8]) {
+        if is_data_event(line) {
+            self.events += 1;
+        }
         if line.len() > SSE_LINE_MAX || !line.starts_with(b"data:") {
             return;
         }
@@ -632,6 +651,7 @@ impl Meter {
     /// is (no copy).
     fn strip_sse(&mut self, data: Bytes) -> Option<Bytes> {
         if self.partial.is_empty() && ends_event(&data) && find(&data, b"\"usage\"").is_none() {
+            self.events += data_events(&data);
             return Some(data);
         }
         self.partial.extend_from_slice(&data);
@@ -648,6 +668,9 @@ impl Meter {
                 .find(|l| l.starts_with(b"data:"))
             {
                 let json = trim_data(data_line);
+                if is_data_event(data_line) {
+                    self.events += 1;
+                }
                 if has_usage_object(data_line) {
                     if let Some(u) = usage_only_chunk(json) {
                         self.usage = Some(u);
@@ -825,18 +848,24 @@ impl Drop for Meter {
         if !self.ended && http_body::Body::is_end_stream(&self.inner) {
             self.finish();
         }
+        // A stream cut before its usage (the client went away, or a stream not ours to edit) is
+        // charged its reservation, or the events it passed when there were more: AOAI bills
+        // what it generated, at least a token an event (red team: a stream dropped just before
+        // its usage chunk had carried 3000 tokens against a reservation of 1033).
+        let estimate = |r: &Reservation| r.reserved().max(self.events);
         if self.success {
             self.slot.set(match (self.usage, &self.reservation) {
                 (Some(u), _) => Measured::Usage(u),
-                (None, Some(r)) => Measured::Estimate(r.reserved()),
+                (None, Some(r)) => Measured::Estimate(estimate(r)),
                 (None, None) => Measured::Unknown,
             });
         }
         if let Some(r) = self.reservation.take() {
-            let used = if self.success {
-                self.usage.map(|u| u.total_tokens)
-            } else {
-                Some(0)
+            let used = match (self.success, self.usage) {
+                (false, _) => Some(0),
+                (true, Some(u)) => Some(u.total_tokens),
+                (true, None) if self.events > r.reserved() => Some(self.events),
+                (true, None) => None,
             };
             r.settle(used);
         }
