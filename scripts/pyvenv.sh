@@ -43,16 +43,23 @@ get_uv() {
   [ -f "$uv_home/ok" ] && echo "$uv_home/bin/uv"
 }
 
-if uv="$(get_uv)" && [ -n "$uv" ]; then
+with_uv() {
   export UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1
   if [ ! -x "$dir/bin/python" ]; then
-    "$uv" venv --quiet --clear --python "$python" "$dir"
+    "$uv" venv --quiet --clear --python "$python" "$dir" || return 1
   fi
   "$uv" pip install --quiet --python "$dir/bin/python" "$@"
-else
-  echo "pyvenv.sh: uv unavailable, installing with pip" >&2
-  if [ ! -x "$dir/bin/python" ]; then
-    "$python" -m venv "$dir"
-  fi
+}
+with_pip() {
+  # also over a venv uv made (it has no pip): `venv` on an existing one adds pip
+  "$python" -m venv "$dir"
   "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+}
+# uv where it works; pip when uv cannot be had or cannot install (pip's own configuration,
+# e.g. a wheel mirror, is not uv's)
+if uv="$(get_uv)" && [ -n "$uv" ] && with_uv "$@"; then
+  :
+else
+  echo "pyvenv.sh: uv unavailable or failed, installing with pip" >&2
+  with_pip "$@"
 fi
