@@ -8,7 +8,8 @@
 # so the test script's parallel installs share one copy) and installs checkov's hundred pinned
 # packages in about 2 s of CPU where pip takes about 45 s (measured: docs/benchmarks.md, "CI
 # time"). The venv uses this machine's python3 (uv never downloads an interpreter here). When uv
-# cannot be installed (no PyPI, no pip), it falls back to `python3 -m venv` and pip. Either way
+# cannot be installed (no PyPI, no pip) or cannot install the packages, it falls back to
+# `python3 -m venv` and pip. Either way
 # the packages are the same pins; DIR may already exist (packages are added or changed in place).
 set -euo pipefail
 
