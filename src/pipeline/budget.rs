@@ -245,36 +245,8 @@ pub const INLINE_COUNT_BYTES: usize = 64 * 1024;
 /// findings: a BOM, a trailing comma, `NaN`, a gzip body or a second `max_tokens` reserved the
 /// default completion while AOAI generated what the body asked for).
 pub fn check_body(bytes: &[u8]) -> Result<(), AppError> {
-    use crate::pipeline::policy::json::{self, Parser, Token};
-    let invalid = |e: json::Error| {
-        AppError::InvalidBody(format!(
-            "The request body is not a valid JSON document: {e}"
-        ))
-    };
-    let mut p = Parser::new(bytes).map_err(invalid)?;
-    if p.next().map_err(invalid)? != Token::ObjStart {
-        json::validate(bytes).map_err(invalid)?;
-        return Err(AppError::InvalidBody(
-            "The request body must be a JSON object".into(),
-        ));
-    }
-    let mut seen: Vec<std::borrow::Cow<'_, str>> = Vec::new();
-    loop {
-        match p.next().map_err(invalid)? {
-            Token::ObjEnd => break,
-            Token::Key(k) => {
-                if seen.iter().any(|s| s.eq_ignore_ascii_case(&k)) {
-                    return Err(AppError::InvalidBody(format!(
-                        "The field '{k}' appears more than once (names are compared ignoring case)"
-                    )));
-                }
-                seen.push(k);
-                p.skip_value().map_err(invalid)?;
-            }
-            _ => unreachable!("the reader yields keys or a closer inside an object"),
-        }
-    }
-    p.finish().map_err(invalid)
+    crate::pipeline::policy::extract::strict_object(bytes)
+        .map_err(|problem| AppError::InvalidBody(problem.to_string()))
 }
 
 /// [`estimate`] from the body's bytes (not a JSON object: only the default completion).

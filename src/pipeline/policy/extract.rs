@@ -109,6 +109,39 @@ struct Walker<'a> {
     count: usize,
 }
 
+/// `name` unless a top-level name equal to it ignoring ASCII case came before (in `seen`): a
+/// case-insensitive binder takes them as one field.
+fn first_of_its_name<'a>(seen: &mut Vec<Cow<'a, str>>, name: Cow<'a, str>) -> Result<(), Problem> {
+    if seen.iter().any(|s| s.eq_ignore_ascii_case(&name)) {
+        return Err(Problem::DuplicateField(name.into_owned()));
+    }
+    seen.push(name);
+    Ok(())
+}
+
+/// The gate's strict reading of a JSON body without the rest of the gate: strict JSON
+/// ([`json`]), a top-level object, and no two top-level names equal ignoring ASCII case. The
+/// budget holds a limited caller's body to it when the gate is off.
+pub fn strict_object(body: &[u8]) -> Result<(), Problem> {
+    let mut p = Parser::new(body)?;
+    if p.next()? != Token::ObjStart {
+        json::validate(body)?;
+        return Err(Problem::NotAnObject);
+    }
+    let mut seen: Vec<Cow<'_, str>> = Vec::new();
+    loop {
+        match p.next()? {
+            Token::ObjEnd => break,
+            Token::Key(k) => {
+                first_of_its_name(&mut seen, k)?;
+                p.skip_value()?;
+            }
+            _ => unreachable!("the reader yields keys or a closer inside an object"),
+        }
+    }
+    Ok(p.finish()?)
+}
+
 impl<'a> Walker<'a> {
     fn p(&mut self) -> &mut Parser<'a> {
         self.p.as_mut().expect("parser set in run")
@@ -142,10 +175,7 @@ impl<'a> Walker<'a> {
             match self.next()? {
                 Token::ObjEnd => break,
                 Token::Key(k) => {
-                    if seen.iter().any(|s| s.eq_ignore_ascii_case(&k)) {
-                        return Err(Problem::DuplicateField(k.into_owned()));
-                    }
-                    seen.push(k.clone());
+                    first_of_its_name(&mut seen, k.clone())?;
                     self.field(&k, spec.read(&k))?
                 }
                 _ => unreachable!("the reader yields keys or a closer inside an object"),
